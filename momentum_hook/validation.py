@@ -1,0 +1,65 @@
+"""Argument checks shared by the schedule, the EMA and both runner adapters.
+
+Every check raises early with the argument's name and its bad value, and
+never uses ``assert`` (which ``python -O`` removes).
+"""
+import math
+import numbers
+
+__all__ = ['check_momentum', 'check_positive_int', 'check_non_negative_int']
+
+
+def check_momentum(value, name='momentum'):
+    """Return ``value`` as a float after checking it is a real number in [0, 1].
+
+    Args:
+        value: The candidate momentum. ``bool`` is rejected although it is an
+            ``int``: ``True`` as a momentum is always a mistake.
+        name (str): The argument name used in the error message.
+
+    Returns:
+        float: ``value`` converted to a Python float.
+
+    Raises:
+        TypeError: If ``value`` is not a real number (strings, ``None`` and
+            ``bool`` included).
+        ValueError: If ``value`` is NaN or outside [0, 1].
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f'{name} must be a real number in [0, 1], '
+                        f'got {value!r} of type {type(value).__name__}')
+    value = float(value)
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f'{name} must be a real number in [0, 1], '
+                         f'got {value!r}')
+    return value
+
+
+def _check_int(value, name, minimum, wording):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f'{name} must be {wording}, got {value!r} of type '
+                        f'{type(value).__name__}')
+    if value < minimum:
+        raise ValueError(f'{name} must be {wording}, got {value!r}')
+    return int(value)
+
+
+def check_positive_int(value, name):
+    """Return ``value`` as an int after checking it is an integer >= 1.
+
+    Raises:
+        TypeError: If ``value`` is not an integer (``bool`` and ``1.0``
+            included).
+        ValueError: If ``value`` is smaller than 1.
+    """
+    return _check_int(value, name, 1, 'a positive int')
+
+
+def check_non_negative_int(value, name):
+    """Return ``value`` as an int after checking it is an integer >= 0.
+
+    Raises:
+        TypeError: If ``value`` is not an integer (``bool`` included).
+        ValueError: If ``value`` is negative.
+    """
+    return _check_int(value, name, 0, 'a non-negative int')
