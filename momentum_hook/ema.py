@@ -1,0 +1,222 @@
+"""The momentum (EMA) update of a target network, free of any framework.
+
+``target = m * target + (1 - m) * online``, computed in place as
+``target.lerp_(online, 1 - m)``: one read of each network and one write of
+the target, the least memory traffic the update allows.
+
+Speed comes from the layout of the weights, which this module leaves to the
+caller and detects on every call:
+
+- tensors are grouped by device and dtype and each group is updated by one
+  ``torch._foreach_lerp_`` (a few kernel launches for the whole group);
+- a group whose target tensors and online tensors are each laid out back to
+  back in one storage (see :func:`flatten_parameters_`) is updated by a single
+  ``lerp_`` over that flat memory, the bandwidth limit on a GPU.
+
+Nothing here synchronises host and device: the momentum is a Python float.
+"""
+import warnings
+
+import torch
+from torch import nn
+
+from .validation import check_momentum
+
+__all__ = ['BUFFER_POLICIES', 'momentum_update_', 'flatten_parameters_']
+
+#: What :func:`momentum_update_` does with the target module's buffers.
+#:
+#: - ``'keep'``: leave them (MMSelfSup 0.x's BYOL): a target BatchNorm keeps
+#:   the running statistics it gathers in its own forward passes.
+#: - ``'copy'``: copy every buffer from the online module: the target uses the
+#:   online network's running statistics (for SyncBN, the synchronised ones).
+#: - ``'average'``: EMA the floating-point buffers with the same momentum
+#:   (running mean and variance follow the online network slowly).
+#:
+#: Integer buffers (``num_batches_tracked``) are copied under ``'copy'`` and
+#: ``'average'``, never averaged.
+BUFFER_POLICIES = ('keep', 'copy', 'average')
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_warned_dtypes = set()
+
+
+def _as_tensor_list(tensors, name):
+    if isinstance(tensors, nn.Module):
+        return list(tensors.parameters())
+    if isinstance(tensors, torch.Tensor) or not hasattr(tensors, '__iter__'):
+        raise TypeError(f'{name} must be an nn.Module or a sequence of '
+                        f'tensors, got {type(tensors).__name__}')
+    tensors = list(tensors)
+    for index, tensor in enumerate(tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f'{name}[{index}] must be a tensor, got '
+                            f'{type(tensor).__name__}')
+    return tensors
+
+
+def _check_pairs(targets, onlines, what):
+    if len(targets) != len(onlines):
+        raise ValueError(f'target has {len(targets)} {what} but online has '
+                         f'{len(onlines)}: they must be the same network')
+    for index, (target, online) in enumerate(zip(targets, onlines)):
+        if target.shape != online.shape:
+            raise ValueError(
+                f'{what} {index} differs in shape: target '
+                f'{tuple(target.shape)} vs online {tuple(online.shape)}')
+
+
+def _warn_if_lost(dtype, weight):
+    """Warn once per dtype when ``weight`` steps round to nothing in it."""
+    eps = torch.finfo(dtype).eps
+    if 0.0 < weight < eps and dtype not in _warned_dtypes:
+        _warned_dtypes.add(dtype)
+        warnings.warn(
+            f'1 - momentum = {weight:.3g} is below the {dtype} machine epsilon '
+            f'{eps:.3g}: most target updates in {dtype} round to no change. '
+            'Keep the target network in float32 (autocast still computes in '
+            'low precision).', RuntimeWarning, stacklevel=3)
+
+
+def _flat(tensors):
+    """One 1-D view over ``tensors`` if they lie back to back, else None."""
+    first = tensors[0]
+    size = first.element_size()
+    pointer = first.data_ptr()
+    total = 0
+    for tensor in tensors:
+        if tensor.data_ptr() != pointer + total * size or \
+                not tensor.is_contiguous():
+            return None
+        total += tensor.numel()
+    end = (first.storage_offset() + total) * size
+    if end > first.untyped_storage().nbytes():
+        return None  # consecutive addresses, but not one storage
+    return first.as_strided((total, ), (1, ))
+
+
+def _grouped(targets, onlines):
+    groups = {}
+    for target, online in zip(targets, onlines):
+        key = (target.device, target.dtype, online.device, online.dtype)
+        pair = groups.setdefault(key, ([], []))
+        pair[0].append(target)
+        pair[1].append(online)
+    return groups
+
+
+def _lerp_(targets, onlines, weight):
+    for (device, dtype, online_device, online_dtype), (group_t, group_o) in \
+            _grouped(targets, onlines).items():
+        if dtype in _LOW_PRECISION:
+            _warn_if_lost(dtype, weight)
+        if (device, dtype) != (online_device, online_dtype):
+            for target, online in zip(group_t, group_o):
+                target.lerp_(online.to(device=device, dtype=dtype), weight)
+            continue
+        flat_t, flat_o = _flat(group_t), _flat(group_o)
+        if flat_t is not None and flat_o is not None:
+            flat_t.lerp_(flat_o, weight)
+        else:
+            torch._foreach_lerp_(group_t, group_o, weight)
+
+
+def _update_buffers(target, online, momentum, policy):
+    if policy == 'keep':
+        return
+    targets, onlines = list(target.buffers()), list(online.buffers())
+    _check_pairs(targets, onlines, 'buffers')
+    floating = [(t, o) for t, o in zip(targets, onlines)
+                if t.is_floating_point() and o.is_floating_point()]
+    others = [(t, o) for t, o in zip(targets, onlines)
+              if not (t.is_floating_point() and o.is_floating_point())]
+    if policy == 'average' and floating:
+        _lerp_(*zip(*floating), 1.0 - momentum)
+    else:
+        others += floating
+    for target_buffer, online_buffer in others:
+        target_buffer.copy_(online_buffer)
+
+
+@torch.no_grad()
+def momentum_update_(target, online, momentum, buffers='keep'):
+    """In place, ``target = momentum * target + (1 - momentum) * online``.
+
+    Args:
+        target (nn.Module | Sequence[Tensor]): The target network, or its
+            tensors; updated in place.
+        online (nn.Module | Sequence[Tensor]): The online network, or its
+            tensors, in the same order and shapes.
+        momentum (float): The weight of the old target, in [0, 1]: 1 keeps the
+            target, 0 copies the online network.
+        buffers (str): For modules, what to do with the target's buffers, one
+            of :data:`BUFFER_POLICIES`. Defaults to ``'keep'``.
+
+    Raises:
+        TypeError: If ``target``/``online`` are not both modules or both
+            tensor sequences, or ``momentum`` is not a real number.
+        ValueError: If the two differ in count or shape, ``momentum`` is
+            outside [0, 1] or ``buffers`` is unknown.
+
+    Warns:
+        RuntimeWarning: Once per dtype, when the target is float16/bfloat16
+            and ``1 - momentum`` is below that dtype's epsilon, so that most
+            updates round to no change.
+    """
+    momentum = check_momentum(momentum)
+    if buffers not in BUFFER_POLICIES:
+        raise ValueError(f'buffers must be one of {BUFFER_POLICIES}, got '
+                         f'{buffers!r}')
+    modules = isinstance(target, nn.Module), isinstance(online, nn.Module)
+    if modules[0] != modules[1]:
+        raise TypeError('target and online must both be nn.Modules or both '
+                        f'tensor sequences, got {type(target).__name__} and '
+                        f'{type(online).__name__}')
+    if not modules[0] and buffers != 'keep':
+        raise ValueError(f'buffers={buffers!r} needs nn.Modules, got tensor '
+                         'sequences')
+    targets = _as_tensor_list(target, 'target')
+    onlines = _as_tensor_list(online, 'online')
+    _check_pairs(targets, onlines, 'parameters' if modules[0] else 'tensors')
+    if targets:
+        _lerp_(targets, onlines, 1.0 - momentum)
+    if modules[0]:
+        _update_buffers(target, online, momentum, buffers)
+
+
+@torch.no_grad()
+def flatten_parameters_(module):
+    """Lay ``module``'s parameters back to back in one buffer per device/dtype.
+
+    Each parameter keeps its identity (optimizers and DDP hold the same
+    ``Parameter`` objects) and its values; only its ``.data`` becomes a view
+    into the flat buffer, so that :func:`momentum_update_` updates the whole
+    group with one ``lerp_``. In-place writes (``load_state_dict``, optimizer
+    steps) keep the layout; anything that replaces ``.data`` (``.to()``,
+    ``.cuda()``, ``load_state_dict(assign=True)``) breaks it, which
+    :func:`momentum_update_` detects and handles on the slower path until this
+    function is called again. :class:`~momentum_hook.MomentumTargetMixin`
+    calls it again after every device or dtype move.
+
+    Args:
+        module (nn.Module): The module; its parameters' gradients are left
+            alone.
+
+    Returns:
+        nn.Module: ``module``.
+    """
+    groups = {}
+    for param in module.parameters():
+        groups.setdefault((param.device, param.dtype), []).append(param)
+    for (device, dtype), params in groups.items():
+        if _flat([p.data for p in params]) is not None:
+            continue
+        flat = torch.empty(sum(p.numel() for p in params), device=device,
+                           dtype=dtype)
+        offset = 0
+        for param in params:
+            view = flat[offset:offset + param.numel()].view_as(param)
+            view.copy_(param.data)
+            param.data = view
+            offset += param.numel()
+    return module
