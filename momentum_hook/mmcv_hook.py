@@ -1,0 +1,78 @@
+"""The momentum hook for mmcv 1.x runners (``mmcv.runner``).
+
+A thin adapter: it reads the model, ``runner.iter`` and ``runner.max_iters``
+from the runner, lets :class:`~momentum_hook.updater.MomentumUpdater` do the
+work and writes the momentum to ``runner.log_buffer``.
+"""
+from mmcv.parallel import is_module_wrapper
+from mmcv.runner import HOOKS, Hook, OptimizerHook
+
+from .registration import register_hook_class
+from .updater import LOG_KEY, MomentumUpdater
+
+__all__ = ['MomentumUpdateHook', 'BYOLHook']
+
+
+def _unwrap(model):
+    return model.module if is_module_wrapper(model) else model
+
+
+class MomentumUpdateHook(MomentumUpdater, Hook):
+    """Cosine-scheduled momentum (EMA) update of a BYOL / MoCo v3 target.
+
+    A drop-in for MMSelfSup 0.x's ``MomentumUpdateHook`` / ``BYOLHook``: the
+    same config line gives the same momenta, on plain and wrapped models
+    (``MMDataParallel``, ``MMDistributedDataParallel``, torch's ``DataParallel``
+    and ``DistributedDataParallel``). The schedule, the arguments and the
+    model contract are those of
+    :class:`~momentum_hook.updater.MomentumUpdater`; the momentum is logged as
+    ``target_momentum`` on the iterations that set it.
+
+    Before the run it also checks that every ``OptimizerHook`` runs before
+    this hook (so the EMA sees the weights after the optimizer step) and that
+    ``update_interval`` is a multiple of the optimizer hook's accumulation
+    (``cumulative_iters`` of ``GradientCumulativeOptimizerHook``,
+    ``update_interval`` of MMSelfSup's ``DistOptimizerHook``).
+
+    Args:
+        end_momentum (float): The momentum the schedule rises to, in [0, 1].
+            Defaults to 1.
+        update_interval (int): Iterations per target update. Defaults to 1.
+        reach_end_momentum (bool): Use exactly ``end_momentum`` on the run's
+            last update. Defaults to False (MMSelfSup 0.x's sequence).
+    """
+
+    def before_run(self, runner):
+        self.check_run(_unwrap(runner.model),
+                       getattr(runner, 'max_iters', None))
+        mine = next(i for i, hook in enumerate(runner.hooks) if hook is self)
+        for index, hook in enumerate(runner.hooks):
+            if not isinstance(hook, OptimizerHook):
+                continue
+            name = type(hook).__name__
+            if index > mine:
+                raise ValueError(
+                    f'MomentumUpdateHook (priority {self.priority}) runs '
+                    f'before {name} (priority {hook.priority}), so the EMA '
+                    'would see the weights before the optimizer step: give '
+                    'the momentum hook a lower priority, e.g. NORMAL')
+            steps = (getattr(hook, 'cumulative_iters', None)
+                     or getattr(hook, 'update_interval', None) or 1)
+            self.check_accumulation(steps, f'{name} accumulates over {steps}')
+
+    def before_train_iter(self, runner):
+        momentum = self.write_momentum(_unwrap(runner.model), runner.iter,
+                                       runner.max_iters)
+        if momentum is not None:
+            runner.log_buffer.update({LOG_KEY: momentum})
+
+    def after_train_iter(self, runner):
+        self.update_target(_unwrap(runner.model), runner.iter)
+
+
+#: MMSelfSup 0.x's second name for the same hook.
+BYOLHook = MomentumUpdateHook
+
+#: What each plain name resolves to in ``mmcv.runner.HOOKS`` after import.
+REGISTERED = register_hook_class(HOOKS, MomentumUpdateHook,
+                                 ('MomentumUpdateHook', 'BYOLHook'))

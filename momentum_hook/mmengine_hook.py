@@ -1,0 +1,77 @@
+"""The momentum hook for MMEngine's ``Runner`` (MMCV 2.x-era projects).
+
+A thin adapter: it reads the model, ``runner.iter`` and ``runner.max_iters``
+from the runner, lets :class:`~momentum_hook.updater.MomentumUpdater` do the
+work and publishes the momentum through ``runner.message_hub``.
+"""
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+
+from .registration import register_hook_class
+from .updater import LOG_KEY, MomentumUpdater
+
+__all__ = ['MomentumUpdateHook', 'BYOLHook']
+
+
+def _unwrap(model):
+    return model.module if is_model_wrapper(model) else model
+
+
+def _accumulative_counts(optim_wrapper):
+    """``{name: accumulative_counts}`` of an optimizer wrapper (or dict)."""
+    wrappers = (dict(optim_wrapper.items()) if hasattr(optim_wrapper, 'items')
+                else {'optim_wrapper': optim_wrapper})
+    return {name: getattr(wrapper, '_accumulative_counts', 1)
+            for name, wrapper in wrappers.items()}
+
+
+class MomentumUpdateHook(MomentumUpdater, Hook):
+    """Cosine-scheduled momentum (EMA) update of a BYOL / MoCo v3 target.
+
+    The MMEngine counterpart of the mmcv 1.x hook: the same config line, the
+    same schedule, arguments and model contract (see
+    :class:`~momentum_hook.updater.MomentumUpdater`), with ``k`` =
+    ``runner.iter`` and ``K`` = ``runner.max_iters`` for by-epoch and by-iter
+    training loops alike. The momentum is published as the
+    ``train/target_momentum`` scalar of ``runner.message_hub`` on the
+    iterations that set it, so ``LoggerHook`` and the visualizer backends show
+    it.
+
+    Unlike MMEngine's ``CosineEMA``, which averages after every micro-batch,
+    the target follows the optimizer steps: before training the hook checks
+    that ``update_interval`` is a multiple of the optimizer wrapper's
+    ``accumulative_counts``.
+
+    Args:
+        end_momentum (float): The momentum the schedule rises to, in [0, 1].
+            Defaults to 1.
+        update_interval (int): Iterations per target update. Defaults to 1.
+        reach_end_momentum (bool): Use exactly ``end_momentum`` on the run's
+            last update. Defaults to False (MMSelfSup 0.x's sequence).
+    """
+
+    def before_train(self, runner):
+        self.check_run(_unwrap(runner.model),
+                       getattr(runner, 'max_iters', None))
+        for name, counts in _accumulative_counts(runner.optim_wrapper).items():
+            self.check_accumulation(
+                counts, f'{name} has accumulative_counts={counts}')
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        momentum = self.write_momentum(_unwrap(runner.model), runner.iter,
+                                       runner.max_iters)
+        if momentum is not None:
+            runner.message_hub.update_scalar(f'train/{LOG_KEY}', momentum)
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None):
+        self.update_target(_unwrap(runner.model), runner.iter)
+
+
+#: MMSelfSup 0.x's second name for the same hook.
+BYOLHook = MomentumUpdateHook
+
+#: What each plain name resolves to in ``mmengine.registry.HOOKS``.
+REGISTERED = register_hook_class(HOOKS, MomentumUpdateHook,
+                                 ('MomentumUpdateHook', 'BYOLHook'))
