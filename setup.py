@@ -1,0 +1,48 @@
+"""Install momentum_hook; the version is read from momentum_hook/version.py."""
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_version():
+    namespace = {}
+    with open(os.path.join(HERE, 'momentum_hook', 'version.py')) as f:
+        exec(f.read(), namespace)
+    return namespace['__version__']
+
+
+with open(os.path.join(HERE, 'README.md'), encoding='utf-8') as f:
+    long_description = f.read()
+
+setup(
+    name='momentum_hook',
+    version=read_version(),
+    description='Cosine-scheduled momentum (EMA) target update hook for '
+    'BYOL / MoCo v3 on mmcv 1.x and MMEngine runners',
+    long_description=long_description,
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    python_requires='>=3.8',
+    # configs/ ships inside the package as momentum_hook.configs, so that the
+    # demo finds its default config from an installed package too.
+    packages=find_packages(include=['momentum_hook', 'momentum_hook.*']) +
+    ['momentum_hook.configs'],
+    package_dir={'momentum_hook.configs': 'configs'},
+    package_data={'momentum_hook.configs': ['*.py']},
+    install_requires=['torch>=1.8'],
+    extras_require={
+        # mmcv 1.x builds from source and needs pkg_resources at build time:
+        # pip install "setuptools<81" wheel, then --no-build-isolation.
+        'mmcv': ['mmcv>=1.4,<2', 'torchvision'],
+        'mmengine': ['mmengine>=0.7,<1'],
+        'demo': ['scikit-learn>=1.0', 'matplotlib>=3.3'],
+        'tests': ['pytest>=7'],
+    },
+    classifiers=[
+        'Programming Language :: Python :: 3',
+        'License :: OSI Approved :: Apache Software License',
+        'Topic :: Scientific/Engineering :: Artificial Intelligence',
+    ],
+)
