@@ -121,11 +121,7 @@ def _lerp_(targets, onlines, weight):
             torch._foreach_lerp_(group_t, group_o, weight)
 
 
-def _update_buffers(target, online, momentum, policy):
-    if policy == 'keep':
-        return
-    targets, onlines = list(target.buffers()), list(online.buffers())
-    _check_pairs(targets, onlines, 'buffers')
+def _update_buffers(targets, onlines, momentum, policy):
     floating = [(t, o) for t, o in zip(targets, onlines)
                 if t.is_floating_point() and o.is_floating_point()]
     others = [(t, o) for t, o in zip(targets, onlines)
@@ -178,10 +174,14 @@ def momentum_update_(target, online, momentum, buffers='keep'):
     targets = _as_tensor_list(target, 'target')
     onlines = _as_tensor_list(online, 'online')
     _check_pairs(targets, onlines, 'parameters' if modules[0] else 'tensors')
+    if buffers != 'keep':  # checked before anything is written
+        target_buffers = list(target.buffers())
+        online_buffers = list(online.buffers())
+        _check_pairs(target_buffers, online_buffers, 'buffers')
     if targets:
         _lerp_(targets, onlines, 1.0 - momentum)
-    if modules[0]:
-        _update_buffers(target, online, momentum, buffers)
+    if buffers != 'keep':
+        _update_buffers(target_buffers, online_buffers, momentum, buffers)
 
 
 @torch.no_grad()
