@@ -1,0 +1,20 @@
+"""Shared fixtures."""
+import types
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def no_runner_sleeps(monkeypatch):
+    """Skip the 1-2 s ``time.sleep`` calls mmcv 1.x runners make per epoch.
+
+    Only the runner modules' name ``time`` is replaced; nothing under test
+    sleeps, and the runners behave the same without the pauses.
+    """
+    try:
+        from mmcv.runner import epoch_based_runner, iter_based_runner
+    except ImportError:
+        return
+    fake_time = types.SimpleNamespace(sleep=lambda seconds: None)
+    for module in (epoch_based_runner, iter_based_runner):
+        monkeypatch.setattr(module, 'time', fake_time)
