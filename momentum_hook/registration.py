@@ -25,17 +25,19 @@ SCOPE = 'momentum_hook'
 _warned = set()
 
 
-def _warn_taken(registry, name, holder, hook_cls):
-    key = (id(registry), name)
-    if key in _warned:
+def _warn_taken(registry, names, holder, hook_cls):
+    """Warn once per registry and holder that ``names`` build ``holder``."""
+    key = (id(registry), holder)
+    if not names or key in _warned:
         return
     _warned.add(key)
+    quoted = ' and '.join(f"'{name}'" for name in names)
     warnings.warn(
-        f"'{name}' in the {registry.name!r} registry belongs to "
-        f'{holder.__module__}.{holder.__qualname__}, so configs that say '
-        f"type='{name}' build that class; momentum_hook leaves it there. Use "
+        f'{quoted} in the {registry.name!r} registry belong to '
+        f'{holder.__module__}.{holder.__qualname__}, so configs naming them '
+        'build that class; momentum_hook leaves them there. Use '
         f"type='{SCOPE}.{hook_cls.__name__}' to build momentum_hook's hook.",
-        UserWarning, stacklevel=3)
+        UserWarning, stacklevel=4)
 
 
 def _is_ours(module):
@@ -59,13 +61,15 @@ def _yield_soft_names(root, soft_names):
 
     def _register_module(module, module_name=None, force=False):
         names = module_name if module_name is not None else module.__name__
-        for name in [names] if isinstance(names, str) else names:
-            held = root.module_dict.get(name)
-            if (name in root._momentum_hook_soft_names and held is not None
-                    and _is_ours(held) and not _is_ours(module)):
+        names = [names] if isinstance(names, str) else list(names)
+        ours = {name: root.module_dict.get(name) for name in names
+                if name in root._momentum_hook_soft_names}
+        ours = {name: held for name, held in ours.items() if _is_ours(held)}
+        if ours and not _is_ours(module):
+            for name in ours:
                 del root.module_dict[name]
                 root._momentum_hook_soft_names.discard(name)
-                _warn_taken(root, name, module, held)
+            _warn_taken(root, list(ours), module, next(iter(ours.values())))
         return register(module=module, module_name=module_name, force=force)
 
     root._register_module = _register_module
@@ -85,13 +89,15 @@ def register_hook_class(root, hook_cls, names):
     """
     _child_registry(root).register_module(name=list(names), module=hook_cls,
                                            force=True)
-    free = []
+    free, taken = [], {}
     for name in names:
         holder = root.module_dict.get(name)
         if holder is None or _is_ours(holder):
             root.register_module(name=name, module=hook_cls, force=True)
             free.append(name)
         else:
-            _warn_taken(root, name, holder, hook_cls)
+            taken.setdefault(holder, []).append(name)
+    for holder, taken_names in taken.items():
+        _warn_taken(root, taken_names, holder, hook_cls)
     _yield_soft_names(root, free)
     return {name: root.module_dict[name] for name in names}
