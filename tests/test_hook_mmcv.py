@@ -17,7 +17,7 @@ from mmcv.parallel import MMDataParallel
 from mmcv.runner import (HOOKS, EpochBasedRunner,
                          GradientCumulativeOptimizerHook, Hook,
                          IterBasedRunner, build_runner)
-from mmcv.utils import build_from_cfg, get_logger
+from mmcv.utils import Config, build_from_cfg, get_logger
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -347,3 +347,28 @@ def test_runner_built_from_a_config_dict(tmp_path):
     run(runner)
     assert model.momentum == 1. - (1. - BASE) * (
         math.cos(math.pi * 2 / 3.) + 1) / 2
+
+
+CONFIGS = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs')
+
+
+@pytest.mark.parametrize('name', ['mmcv_momentum_hook.py',
+                                  'mmcv_byol_fragment.py'])
+def test_shipped_configs_train(tmp_path, name):
+    cfg = Config.fromfile(osp.join(CONFIGS, name))
+    assert cfg.custom_imports['imports'] == ['momentum_hook']
+    interval = cfg.update_interval
+    runner, model, recorder = make_runner(
+        tmp_path, length=2 * interval,
+        optimizer_config=cfg.get('optimizer_config'))
+    initial = [p.clone() for p in model.target.parameters()]
+    runner.register_training_hooks(
+        lr_config=None, custom_hooks_config=cfg.custom_hooks)
+    run(runner)
+    updates = [k for k in range(2 * interval) if (k + 1) % interval == 0]
+    assert sorted(set(recorder.momenta) - {BASE}) == [
+        1. - (1. - BASE) * (math.cos(math.pi * k / (2. * interval)) + 1) / 2
+        for k in updates if k > 0
+    ]
+    assert_target_equal(model, reference(initial, recorder, 2 * interval,
+                                         interval=interval))

@@ -1,0 +1,15 @@
+# Copy into an mmcv 1.x (MMSelfSup 0.x-style) config to schedule the target
+# momentum of BYOL / MoCo v3. The model must have `base_momentum`, `momentum`
+# and `momentum_update()` (see README, "The contract with the model").
+custom_imports = dict(imports=['momentum_hook'], allow_failed_imports=False)
+
+# Iterations per target update: keep equal to the optimizer's gradient
+# accumulation (1 = update after every iteration).
+update_interval = 1
+
+custom_hooks = [
+    # 'BYOLHook' is the same hook. If MMSelfSup 0.x is imported too, it owns
+    # the plain names; 'momentum_hook.MomentumUpdateHook' is always ours.
+    dict(type='MomentumUpdateHook', end_momentum=1.,
+         update_interval=update_interval)
+]
