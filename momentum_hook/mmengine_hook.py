@@ -38,10 +38,18 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
     iterations that set it, so ``LoggerHook`` and the visualizer backends show
     it.
 
-    Unlike MMEngine's ``CosineEMA``, which averages after every micro-batch,
-    the target follows the optimizer steps: before training the hook checks
-    that ``update_interval`` is a multiple of the optimizer wrapper's
-    ``accumulative_counts``.
+    The target follows the optimizer steps, not the micro-batches (MMEngine's
+    ``EMAHook`` averages after every iteration unless its averaged model is
+    given an ``interval``; mmpretrain's ``CosineEMA`` on every call of the
+    model's loss): before training the hook checks that ``update_interval``
+    is a multiple of the optimizer wrapper's ``accumulative_counts``.
+
+    The hook keeps no state: a resumed run (``resume=True``) takes ``k`` from
+    the restored ``runner.iter`` and the target from the model's checkpoint.
+    With torch >= 2.6, MMEngine 0.10.7 cannot load its own checkpoints
+    (numpy arrays, ``HistoryBuffer``) under ``torch.load``'s
+    ``weights_only=True`` default; for checkpoints you trust, run with
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``.
 
     Args:
         end_momentum (float): The momentum the schedule rises to, in [0, 1].
