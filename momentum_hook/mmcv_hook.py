@@ -13,10 +13,6 @@ from .updater import LOG_KEY, MomentumUpdater
 __all__ = ['MomentumUpdateHook', 'BYOLHook']
 
 
-def _unwrap(model):
-    return model.module if is_module_wrapper(model) else model
-
-
 class MomentumUpdateHook(MomentumUpdater, Hook):
     """Cosine-scheduled momentum (EMA) update of a BYOL / MoCo v3 target.
 
@@ -34,17 +30,17 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
     (``cumulative_iters`` of ``GradientCumulativeOptimizerHook``,
     ``update_interval`` of MMSelfSup's ``DistOptimizerHook``).
 
-    Args:
-        end_momentum (float): The momentum the schedule rises to, in [0, 1].
-            Defaults to 1.
-        update_interval (int): Iterations per target update. Defaults to 1.
-        reach_end_momentum (bool): Use exactly ``end_momentum`` on the run's
-            last update. Defaults to False (MMSelfSup 0.x's sequence).
+    It takes :class:`~momentum_hook.updater.MomentumUpdater`'s arguments:
+    ``end_momentum=1.``, ``update_interval=1``, ``reach_end_momentum=False``.
     """
 
-    def before_run(self, runner):
-        self.check_run(_unwrap(runner.model),
-                       getattr(runner, 'max_iters', None))
+    def unwrap_model(self, model):
+        return model.module if is_module_wrapper(model) else model
+
+    def publish(self, runner, momentum):
+        runner.log_buffer.update({LOG_KEY: momentum})
+
+    def check_optimizer(self, runner):
         mine = next(i for i, hook in enumerate(runner.hooks) if hook is self)
         for index, hook in enumerate(runner.hooks):
             if not isinstance(hook, OptimizerHook):
@@ -60,14 +56,14 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
                      or getattr(hook, 'update_interval', None) or 1)
             self.check_accumulation(steps, f'{name} accumulates over {steps}')
 
+    def before_run(self, runner):
+        self.check_runner(runner)
+
     def before_train_iter(self, runner):
-        momentum = self.write_momentum(_unwrap(runner.model), runner.iter,
-                                       runner.max_iters)
-        if momentum is not None:
-            runner.log_buffer.update({LOG_KEY: momentum})
+        self.on_iter_start(runner)
 
     def after_train_iter(self, runner):
-        self.update_target(_unwrap(runner.model), runner.iter)
+        self.on_iter_end(runner)
 
 
 #: MMSelfSup 0.x's second name for the same hook.

@@ -14,10 +14,6 @@ from .updater import LOG_KEY, MomentumUpdater
 __all__ = ['MomentumUpdateHook', 'BYOLHook']
 
 
-def _unwrap(model):
-    return model.module if is_model_wrapper(model) else model
-
-
 def _accumulative_counts(optim_wrapper):
     """``{name: accumulative_counts}`` of an optimizer wrapper (or dict)."""
     wrappers = (dict(optim_wrapper.items()) if hasattr(optim_wrapper, 'items')
@@ -51,30 +47,30 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
     ``weights_only=True`` default; for checkpoints you trust, run with
     ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``.
 
-    Args:
-        end_momentum (float): The momentum the schedule rises to, in [0, 1].
-            Defaults to 1.
-        update_interval (int): Iterations per target update. Defaults to 1.
-        reach_end_momentum (bool): Use exactly ``end_momentum`` on the run's
-            last update. Defaults to False (MMSelfSup 0.x's sequence).
+    It takes :class:`~momentum_hook.updater.MomentumUpdater`'s arguments:
+    ``end_momentum=1.``, ``update_interval=1``, ``reach_end_momentum=False``.
     """
 
-    def before_train(self, runner):
-        self.check_run(_unwrap(runner.model),
-                       getattr(runner, 'max_iters', None))
+    def unwrap_model(self, model):
+        return model.module if is_model_wrapper(model) else model
+
+    def publish(self, runner, momentum):
+        runner.message_hub.update_scalar(f'train/{LOG_KEY}', momentum)
+
+    def check_optimizer(self, runner):
         for name, counts in _accumulative_counts(runner.optim_wrapper).items():
             self.check_accumulation(
                 counts, f'{name} has accumulative_counts={counts}')
 
+    def before_train(self, runner):
+        self.check_runner(runner)
+
     def before_train_iter(self, runner, batch_idx, data_batch=None):
-        momentum = self.write_momentum(_unwrap(runner.model), runner.iter,
-                                       runner.max_iters)
-        if momentum is not None:
-            runner.message_hub.update_scalar(f'train/{LOG_KEY}', momentum)
+        self.on_iter_start(runner)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None,
                          outputs=None):
-        self.update_target(_unwrap(runner.model), runner.iter)
+        self.on_iter_end(runner)
 
 
 #: MMSelfSup 0.x's second name for the same hook.

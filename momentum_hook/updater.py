@@ -1,11 +1,13 @@
-"""What the hook does, free of any runner: the adapters only translate.
+"""What the hook does, free of any runner framework: the adapters translate.
 
 :class:`MomentumUpdater` holds the hook's options, checks the model's
 contract and, given the unwrapped model, the 0-based iteration ``k`` and the
 run length ``K``, writes the scheduled momentum and calls the model's
-``momentum_update()``. The mmcv 1.x and MMEngine hooks are thin adapters that
-fetch those three values from their runner and publish the momentum to
-their logger.
+``momentum_update()``. Its runner-facing steps read ``runner.model``,
+``runner.iter`` and ``runner.max_iters``, which mmcv 1.x and MMEngine runners
+share; the hooks in :mod:`momentum_hook.mmcv_hook` and
+:mod:`momentum_hook.mmengine_hook` add only how their framework unwraps a
+model, logs a value and accumulates gradients.
 
 The contract with the model (the same as MMSelfSup 0.x):
 
@@ -162,6 +164,38 @@ class MomentumUpdater:
         momentum = self.momentum_at(cur_iter, max_iters, model.base_momentum)
         model.momentum = momentum
         return momentum
+
+    # The runner-facing steps. Adapters override the three framework hooks
+    # below and call the three steps from their hook methods.
+
+    def unwrap_model(self, model):
+        """The model inside a data-parallel wrapper; the framework's rule."""
+        return model
+
+    def publish(self, runner, momentum):
+        """Log ``momentum`` under :data:`LOG_KEY`, the framework's way."""
+
+    def check_optimizer(self, runner):
+        """Check the runner's optimizer set-up, e.g. with
+        :meth:`check_accumulation`."""
+
+    def check_runner(self, runner):
+        """Before the run: the model contract, the run length, the optimizer.
+        """
+        self.check_run(self.unwrap_model(runner.model),
+                       getattr(runner, 'max_iters', None))
+        self.check_optimizer(runner)
+
+    def on_iter_start(self, runner):
+        """Before iteration ``runner.iter``: write and publish the momentum."""
+        momentum = self.write_momentum(self.unwrap_model(runner.model),
+                                       runner.iter, runner.max_iters)
+        if momentum is not None:
+            self.publish(runner, momentum)
+
+    def on_iter_end(self, runner):
+        """After iteration ``runner.iter`` and its optimizer step: the EMA."""
+        self.update_target(self.unwrap_model(runner.model), runner.iter)
 
     def update_target(self, model, cur_iter):
         """Call ``model.momentum_update()`` on update iterations.
