@@ -372,3 +372,11 @@ def test_shipped_configs_train(tmp_path, name):
     ]
     assert_target_equal(model, reference(initial, recorder, 2 * interval,
                                          interval=interval))
+
+
+@pytest.mark.parametrize('wrapper', [nn.DataParallel, MMDataParallel])
+def test_wrappers_are_unwrapped(wrapper):
+    model = ToyBYOL()
+    hook = MomentumUpdateHook()
+    assert hook.unwrap_model(wrapper(model)) is model
+    assert hook.unwrap_model(model) is model
