@@ -1,0 +1,494 @@
+"""momentum_update_ and flatten_parameters_: values, layout, errors, warnings.
+
+Convention: ``target = m * target + (1 - m) * online`` (m weighs the old
+target). Every expected value is computed here, in float64, step by step.
+"""
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from momentum_testing import (assert_all_equal, assert_matches_reference,
+                              cuda_only, ema_step, float64_copy, is_flat,
+                              params, snapshot)
+from torch import nn
+
+import momentum_hook.ema as ema
+from momentum_hook import momentum_update_
+from momentum_hook.ema import flatten_parameters_
+
+#: Integers on purpose at the ends: 0 and 1 are valid momenta too.
+MOMENTA = [0, 0.5, 0.99, 0.996, 1]
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+STEPS = 4
+
+#: (target dtype, online dtype): the same dtype, then the mixes supported
+#: (the online tensor is cast to the target's dtype).
+DTYPE_PAIRS = [
+    (torch.float64, torch.float64),
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.float32, torch.float64),
+    (torch.float64, torch.float32),
+    (torch.bfloat16, torch.float32),
+    (torch.float32, torch.float16),
+]
+
+
+def short(dtype):
+    """A test id: 'float32' for torch.float32."""
+    return str(dtype).replace('torch.', '')
+
+
+#: (target device, online device).
+DEVICE_PAIRS = [
+    ('cpu', 'cpu'),
+    pytest.param('cuda', 'cuda', marks=cuda_only),
+    pytest.param('cpu', 'cuda', marks=cuda_only),
+    pytest.param('cuda', 'cpu', marks=cuda_only),
+]
+
+
+@pytest.fixture(autouse=True)
+def fresh_low_precision_warnings():
+    """Forget which dtypes already warned, so test order does not matter."""
+    ema._warned_dtypes.clear()
+    yield
+    ema._warned_dtypes.clear()
+
+
+def make_pair(form, target_dtype=torch.float32, online_dtype=None,
+              target_device='cpu', online_device=None):
+    """A (target, online) pair that differs, as modules or tensor lists.
+
+    The tensor lists also hold a 0-d and a non-contiguous tensor.
+    """
+    torch.manual_seed(0)
+    online = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4),
+                           nn.Linear(4, 3))
+    target = copy.deepcopy(online)
+    with torch.no_grad():
+        for param in target.parameters():
+            param.add_(torch.randn_like(param))
+    target.to(target_device, target_dtype)
+    online.to(online_device or target_device, online_dtype or target_dtype)
+    if form == 'module':
+        return target, online
+    extras = [torch.randn(()), torch.randn(3, 2).t()]
+    pair = []
+    for module, device, dtype in ((target, target_device, target_dtype),
+                                  (online, online_device, online_dtype)):
+        tensors = snapshot(module.parameters())
+        tensors += [e.to(device or target_device, dtype or target_dtype,
+                         copy=True)
+                    for e in extras]
+        pair.append(tensors)
+    pair[1][-1] = pair[1][-1] + 1  # the extras differ too
+    assert not pair[0][-1].is_contiguous()
+    return tuple(pair)
+
+
+def tensors_of(network):
+    return params(network) if isinstance(network, nn.Module) else network
+
+
+@torch.no_grad()
+def train_(tensors, seed):
+    """Stand-in for an optimizer step: move ``tensors`` in place."""
+    generator = torch.Generator().manual_seed(seed)
+    for tensor in tensors:
+        tensor.add_(torch.randn(tensor.shape, generator=generator).to(tensor),
+                    alpha=0.1)
+
+
+def rounded_to(reference, dtype):
+    """Round ``reference`` to what a tensor stored in ``dtype`` can hold."""
+    if dtype not in LOW_PRECISION:
+        return reference
+    return [ref.to(dtype).double() for ref in reference]
+
+
+@pytest.mark.filterwarnings('ignore:1 - momentum:RuntimeWarning')
+@pytest.mark.parametrize('target_device,online_device', DEVICE_PAIRS)
+@pytest.mark.parametrize('target_dtype,online_dtype', DTYPE_PAIRS, ids=short)
+@pytest.mark.parametrize('momentum', MOMENTA)
+@pytest.mark.parametrize('form', ['module', 'list'])
+def test_matches_float64_reference(form, momentum, target_dtype, online_dtype,
+                                   target_device, online_device):
+    target, online = make_pair(form, target_dtype, online_dtype,
+                               target_device, online_device)
+    targets, onlines = tensors_of(target), tensors_of(online)
+    reference = float64_copy(targets)
+    for step in range(STEPS):
+        train_(onlines, seed=step)
+        momentum_update_(target, online, momentum)
+        # A target stored in low precision is rounded at every step.
+        reference = rounded_to(ema_step(reference, onlines, momentum),
+                               target_dtype)
+    for tensor in targets:
+        assert (tensor.dtype, tensor.device.type) == (target_dtype,
+                                                      target_device)
+    assert_matches_reference(targets, reference, target_dtype)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32,
+                                   torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('form', ['module', 'list'])
+def test_momentum_one_keeps_and_zero_copies_bit_identically(form, dtype):
+    target, online = make_pair(form, dtype)
+    targets, onlines = tensors_of(target), tensors_of(online)
+    before = snapshot(targets)
+    for step in range(STEPS):
+        train_(onlines, seed=step)
+        momentum_update_(target, online, 1)
+        assert_all_equal(targets, before)
+    momentum_update_(target, online, 0.0)
+    assert_all_equal(targets, onlines)
+
+
+@pytest.mark.parametrize('flattened', ['both', 'target only'])
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda',
+                                                        marks=cuda_only)])
+def test_flat_path_matches_per_tensor_path(device, flattened):
+    flat_target, flat_online = make_pair('module', target_device=device)
+    plain_target, plain_online = make_pair('module', target_device=device)
+    flatten_parameters_(flat_target)
+    if flattened == 'both':
+        flatten_parameters_(flat_online)
+    assert is_flat(params(flat_target))
+    assert not is_flat(params(plain_target))
+    for step, momentum in enumerate([0.5, 0.99, 0.996, 0.9]):
+        train_(params(flat_online), seed=step)
+        train_(params(plain_online), seed=step)
+        momentum_update_(flat_target, flat_online, momentum)
+        momentum_update_(plain_target, plain_online, momentum)
+    assert is_flat(params(flat_target))
+    assert is_flat(params(flat_online)) == (flattened == 'both')
+    assert_all_equal(params(flat_target), params(plain_target))
+
+
+LAYOUT_SHAPES = [(3, ), (2, 2), (5, )]
+
+
+def laid_out(arrangement, seed):
+    """Tensors of LAYOUT_SHAPES placed in memory as ``arrangement`` says."""
+    torch.manual_seed(seed)
+    values = [torch.randn(shape) for shape in LAYOUT_SHAPES]
+    if arrangement == 'separate':
+        return values
+    if arrangement == 'separate storages back to back':
+        # Consecutive addresses, but each tensor owns a storage of its own.
+        memory = bytearray(4 * 12)
+        tensors, offset = [], 0
+        for value in values:
+            tensor = torch.frombuffer(memory, dtype=torch.float32,
+                                      count=value.numel(), offset=offset)
+            tensors.append(tensor.view(value.shape))
+            offset += 4 * value.numel()
+    else:
+        starts = {'back to back': [0, 3, 7], 'with a gap': [0, 4, 8],
+                  'out of order': [9, 5, 0]}[arrangement]
+        memory = torch.zeros(13)
+        tensors = [memory[start:start + value.numel()].view(value.shape)
+                   for start, value in zip(starts, values)]
+    for tensor, value in zip(tensors, values):
+        tensor.copy_(value)
+    return tensors
+
+
+ARRANGEMENTS = ['separate', 'back to back', 'with a gap', 'out of order',
+                'separate storages back to back']
+
+
+@pytest.mark.parametrize('online_layout', ARRANGEMENTS)
+@pytest.mark.parametrize('target_layout', ARRANGEMENTS)
+def test_any_memory_layout_gives_the_reference(target_layout, online_layout):
+    targets = laid_out(target_layout, seed=0)
+    onlines = laid_out(online_layout, seed=1)
+    assert is_flat(targets) == (target_layout == 'back to back')
+    reference = ema_step(float64_copy(targets), onlines, 0.9)
+    momentum_update_(targets, onlines, 0.9)
+    assert_matches_reference(targets, reference)
+
+
+def mixed_dtype_module():
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2).double(),
+                           nn.Linear(2, 2))
+    return module
+
+
+def test_flatten_keeps_identity_values_and_makes_one_buffer_per_dtype():
+    module = mixed_dtype_module()
+    module[2].bias.requires_grad_(False)
+    before = params(module)
+    values = snapshot(before)
+    assert flatten_parameters_(module) is module
+    after = params(module)
+    assert all(a is b for a, b in zip(after, before))
+    assert_all_equal(after, values)
+    assert [p.requires_grad for p in after] == [True] * 5 + [False]
+    float32 = [p for p in after if p.dtype == torch.float32]
+    float64 = [p for p in after if p.dtype == torch.float64]
+    assert len(float32) == 4 and len(float64) == 2
+    assert is_flat(float32) and is_flat(float64)
+    # One buffer each, sized to fit its parameters exactly.
+    for group in (float32, float64):
+        assert group[0].untyped_storage().nbytes() == sum(
+            p.numel() * p.element_size() for p in group)
+    pointers = [p.data_ptr() for p in after]
+    flatten_parameters_(module)  # already flat: nothing is reallocated
+    assert [p.data_ptr() for p in params(module)] == pointers
+
+
+def test_flat_layout_survives_training_and_load_state_dict():
+    flat, plain = mixed_dtype_module(), mixed_dtype_module()
+    flatten_parameters_(flat)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+                  for m in (flat, plain)]
+    x = torch.randn(5, 3)
+    for _ in range(2):
+        for module, optimizer in zip((flat, plain), optimizers):
+            optimizer.zero_grad()
+            module[2](module[1](module[0](x).double()).float()).sum() \
+                .backward()
+            optimizer.step()
+    assert_all_equal(params(flat), params(plain))
+    pointers = [p.data_ptr() for p in params(flat)]
+    other = mixed_dtype_module()
+    with torch.no_grad():
+        for param in other.parameters():
+            param.mul_(-2)
+    flat.load_state_dict(other.state_dict())
+    assert_all_equal(params(flat), params(other))
+    assert [p.data_ptr() for p in params(flat)] == pointers
+    assert is_flat(params(flat)[:2] + params(flat)[4:])
+
+
+def test_move_breaks_flat_layout_until_reflattened_and_stays_correct():
+    target, online = make_pair('module')
+    for module in (target, online):
+        flatten_parameters_(module)
+        module.to(torch.float64)
+        assert not is_flat(params(module))  # .to() gave each its own tensor
+    reference = float64_copy(params(target))
+    for step, momentum in enumerate([0.9, 0.99]):
+        train_(params(online), seed=step)
+        momentum_update_(target, online, momentum)
+        reference = ema_step(reference, params(online), momentum)
+    assert_matches_reference(params(target), reference, torch.float64)
+    values = snapshot(params(target))
+    flatten_parameters_(target)
+    assert is_flat(params(target))
+    assert_all_equal(params(target), values)
+
+
+def _tensors(*shapes):
+    return [torch.zeros(shape) for shape in shapes]
+
+
+def _modules_differing_in_count():
+    return nn.Linear(2, 2), nn.Linear(2, 2, bias=False)
+
+
+def _modules_differing_in_buffers():
+    torch.manual_seed(0)
+    online = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    target = nn.Sequential(nn.Linear(2, 3),
+                           nn.BatchNorm1d(3, track_running_stats=False))
+    return target, online
+
+
+# (make (target, online), momentum, buffers, error, message pattern)
+ERROR_CASES = [
+    pytest.param(lambda: (_tensors(3, 4), _tensors(3)), 0.9, 'keep',
+                 ValueError, 'target has 2 tensors but online has 1',
+                 id='tensor-count'),
+    pytest.param(_modules_differing_in_count, 0.9, 'keep', ValueError,
+                 'target has 2 parameters but online has 1',
+                 id='parameter-count'),
+    pytest.param(lambda: (_tensors(3, (2, 5)), _tensors(3, (5, 2))), 0.9,
+                 'keep', ValueError,
+                 r'tensors 1 .*target \(2, 5\) vs online \(5, 2\)',
+                 id='shape'),
+    pytest.param(_modules_differing_in_buffers, 0.9, 'copy', ValueError,
+                 'target has 0 buffers but online has 3',
+                 id='buffer-count'),
+    pytest.param(lambda: (_tensors(3), _tensors(3)), 1.5, 'keep', ValueError,
+                 r'momentum .*\[0, 1\].*1\.5', id='momentum-above-1'),
+    pytest.param(lambda: (_tensors(3), _tensors(3)), -0.1, 'keep',
+                 ValueError, r'got -0\.1', id='momentum-negative'),
+    pytest.param(lambda: (_tensors(3), _tensors(3)), math.nan, 'keep',
+                 ValueError, 'got nan', id='momentum-nan'),
+    pytest.param(lambda: (_tensors(3), _tensors(3)), '0.9', 'keep',
+                 TypeError, r"got '0\.9'", id='momentum-str'),
+    pytest.param(lambda: (_tensors(3), _tensors(3)), True, 'keep', TypeError,
+                 'got True', id='momentum-bool'),
+    pytest.param(lambda: (_tensors(3), _tensors(3)), None, 'keep', TypeError,
+                 'got None', id='momentum-none'),
+    pytest.param(lambda: (_tensors(3), _tensors(3)), torch.tensor(0.9),
+                 'keep', TypeError, r'got tensor\(0\.9', id='momentum-tensor'),
+    pytest.param(lambda: (nn.Linear(2, 2), params(nn.Linear(2, 2))), 0.9,
+                 'keep', TypeError, 'both be nn.Modules or both tensor '
+                 'sequences, got Linear and list', id='module-and-list'),
+    pytest.param(lambda: (params(nn.Linear(2, 2)), nn.Linear(2, 2)), 0.9,
+                 'keep', TypeError, 'got list and Linear',
+                 id='list-and-module'),
+    pytest.param(lambda: (_tensors(3, 3), _tensors(3) + [1.0]), 0.9, 'keep',
+                 TypeError, r'online\[1\] must be a tensor, got float',
+                 id='non-tensor-item'),
+    pytest.param(lambda: (torch.zeros(3), torch.zeros(3)), 0.9, 'keep',
+                 TypeError, 'sequence of tensors, got Tensor',
+                 id='bare-tensor'),
+    pytest.param(lambda: (nn.Linear(2, 2), nn.Linear(2, 2)), 0.9, 'ema',
+                 ValueError, r"one of \('keep', 'copy', 'average'\), "
+                 "got 'ema'", id='unknown-buffer-policy'),
+    pytest.param(lambda: (_tensors(3), _tensors(3)), 0.9, 'average',
+                 ValueError, "buffers='average' needs nn.Modules",
+                 id='buffer-policy-with-tensors'),
+]
+
+
+@pytest.mark.parametrize('make,momentum,buffers,error,match', ERROR_CASES)
+def test_rejects_bad_arguments_before_touching_the_target(
+        make, momentum, buffers, error, match):
+    target, online = make()
+    before = (snapshot(target.state_dict().values())
+              if isinstance(target, nn.Module) else None)
+    with pytest.raises(error, match=match):
+        momentum_update_(target, online, momentum, buffers=buffers)
+    if before is not None:
+        assert_all_equal(target.state_dict().values(), before)
+
+
+def bn_pair():
+    """Modules with BatchNorm whose buffers differ; online saw two batches."""
+    torch.manual_seed(0)
+    online = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    target = copy.deepcopy(online)
+    online(torch.randn(6, 3))
+    online(torch.randn(6, 3) + 1)
+    target(torch.randn(6, 3) * 2)
+    with torch.no_grad():
+        online[0].weight.add_(1)
+    return target, online
+
+
+@pytest.mark.parametrize('momentum', [0.5, 0.99])
+@pytest.mark.parametrize('policy', ['keep', 'copy', 'average'])
+def test_buffer_policies(policy, momentum):
+    target, online = bn_pair()
+    old = {name: b.clone() for name, b in target.named_buffers()}
+    new = dict(online.named_buffers())
+    assert new['1.num_batches_tracked'] == 2
+    assert old['1.num_batches_tracked'] == 1
+    reference = ema_step(float64_copy(params(target)), params(online),
+                         momentum)
+    momentum_update_(target, online, momentum, buffers=policy)
+    assert_matches_reference(params(target), reference)
+    buffers = dict(target.named_buffers())
+    assert buffers['1.num_batches_tracked'].dtype == torch.int64
+    if policy == 'keep':
+        assert_all_equal(buffers.values(), old.values())
+    elif policy == 'copy':
+        assert_all_equal(buffers.values(), new.values())
+    else:
+        for name in ('1.running_mean', '1.running_var'):
+            assert not torch.equal(old[name], new[name])
+            torch.testing.assert_close(
+                buffers[name].double(),
+                momentum * old[name].double()
+                + (1 - momentum) * new[name].double())
+        # The integer buffer is copied, never averaged.
+        assert buffers['1.num_batches_tracked'] == 2
+
+
+def test_average_copies_integer_buffers_of_any_kind():
+    modules = []
+    for value in (3, 8):
+        module = nn.Linear(2, 2)
+        module.register_buffer('steps', torch.tensor(value, dtype=torch.int32))
+        module.register_buffer('scale', torch.tensor(float(value)))
+        modules.append(module)
+    target, online = modules
+    momentum_update_(target, online, 0.5, buffers='average')
+    assert target.steps.dtype == torch.int32 and target.steps == 8
+    assert target.scale == 5.5
+
+
+# (target dtype, online dtype, momentum, form, expect a warning)
+WARNING_CASES = [
+    (torch.bfloat16, torch.bfloat16, 0.999, 'module', True),
+    (torch.bfloat16, torch.bfloat16, 0.999, 'list', True),
+    (torch.float16, torch.float16, 0.9999, 'module', True),
+    (torch.bfloat16, torch.float32, 0.999, 'module', True),
+    (torch.float16, torch.float16, 0.999, 'module', False),  # 1e-3 > eps
+    (torch.bfloat16, torch.bfloat16, 0.9, 'module', False),
+    (torch.bfloat16, torch.bfloat16, 1, 'module', False),  # no update at all
+    (torch.float32, torch.float32, 0.999999, 'module', False),
+    (torch.float32, torch.bfloat16, 0.999, 'module', False),
+]
+
+
+@pytest.mark.parametrize('target_dtype,online_dtype,momentum,form,warns',
+                         WARNING_CASES)
+def test_low_precision_warning_once(target_dtype, online_dtype, momentum,
+                                    form, warns):
+    target, online = make_pair(form, target_dtype, online_dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')  # the once-logic must be our own
+        for _ in range(3):
+            momentum_update_(target, online, momentum)
+    lost = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(lost) == (1 if warns else 0), [str(w.message) for w in lost]
+    if warns:
+        message = str(lost[0].message)
+        assert str(target_dtype) in message
+        assert f'{1 - momentum:.3g}' in message
+        assert 'float32' in message  # it names the fix
+
+
+def test_low_precision_warning_is_per_dtype():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        for dtype in (torch.bfloat16, torch.float16, torch.bfloat16):
+            momentum_update_(*make_pair('list', dtype), 0.99999)
+    messages = [str(w.message) for w in caught
+                if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 2, messages
+    assert 'torch.bfloat16' in messages[0]
+    assert 'torch.float16' in messages[1]
+
+
+@cuda_only
+@pytest.mark.parametrize('flatten', [False, True])
+def test_no_host_device_synchronisation_on_cuda(flatten):
+    target, online = bn_pair()
+    target.cuda()
+    online.cuda()
+    if flatten:
+        flatten_parameters_(target)
+        flatten_parameters_(online)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        for momentum in (0.99, 0.5):
+            for policy in ('keep', 'copy', 'average'):
+                momentum_update_(target, online, momentum, buffers=policy)
+            momentum_update_(params(target), params(online), momentum)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@cuda_only
+def test_module_split_across_devices():
+    target, online = make_pair('module')
+    for module in (target, online):
+        module[0].cuda()
+        flatten_parameters_(module)
+    assert {p.device.type for p in params(target)} == {'cpu', 'cuda'}
+    reference = ema_step(float64_copy(params(target)), params(online), 0.9)
+    momentum_update_(target, online, 0.9)
+    assert_matches_reference(params(target), reference)
