@@ -1,0 +1,312 @@
+"""MomentumTargetMixin: the frozen copy, the contract, the flat layout across
+moves, state_dict and checkpoints, and a real mmcv 1.x runner.
+
+References are float64 EMAs replayed here from recorded online weights, with
+the convention ``target = m * target + (1 - m) * online``.
+"""
+import copy
+import math
+
+import mmcv
+import pytest
+import torch
+from mmcv.runner import Hook, IterBasedRunner
+from momentum_testing import (TinyBYOL, assert_all_equal,
+                              assert_matches_reference, cuda_only, ema_step,
+                              float64_copy, is_flat, params, replay_ema,
+                              snapshot)
+from torch import nn
+from torch.utils.data import DataLoader
+
+import momentum_hook
+from momentum_hook import MomentumTargetMixin
+from momentum_hook.mmcv_hook import MomentumUpdateHook
+
+
+def tiny_model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return TinyBYOL(**kwargs)
+
+
+def assert_both_flat(model):
+    assert is_flat(params(model.online_net))
+    assert is_flat(params(model.target_net))
+
+
+def sgd_step(model, optimizer, seed):
+    """One real training step of the online network."""
+    torch.manual_seed(seed)
+    optimizer.zero_grad()
+    model(torch.randn(4, 4)).backward()
+    optimizer.step()
+
+
+def test_target_is_a_frozen_deep_copy_registered_as_a_submodule():
+    model = tiny_model()
+    online, target = params(model.online_net), params(model.target_net)
+    assert_all_equal(target, online)
+    assert_all_equal(model.target_net.buffers(), model.online_net.buffers())
+    online_storages = {p.untyped_storage().data_ptr() for p in online}
+    assert not online_storages & {
+        p.untyped_storage().data_ptr() for p in target}
+    assert all(p.requires_grad for p in online)
+    assert not any(p.requires_grad for p in target)
+    assert model.target_net in model.children()
+    assert any(k.startswith('target_net.') for k in model.state_dict())
+    # Training the online network leaves the target alone.
+    before = snapshot(target)
+    sgd_step(model, torch.optim.SGD(model.parameters(), lr=0.5), seed=1)
+    assert not torch.equal(online[0], before[0])
+    assert_all_equal(target, before)
+    assert all(p.grad is None for p in target)
+
+
+def test_contract_is_satisfied():
+    model = tiny_model(base_momentum=0.996)
+    momentum_hook.check_momentum_contract(model)
+    assert model.base_momentum == model.momentum == 0.996
+    assert tiny_model().base_momentum == 0.99  # the default
+
+
+@pytest.mark.parametrize('kwargs,error,match', [
+    (dict(base_momentum=1.5), ValueError, r'base_momentum .*got 1\.5'),
+    (dict(base_momentum=-0.5), ValueError, r'base_momentum .*got -0\.5'),
+    (dict(base_momentum='0.99'), TypeError, r"base_momentum .*got '0\.99'"),
+    (dict(buffers='sync'), ValueError, "got 'sync'"),
+])
+def test_bad_arguments_are_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        tiny_model(**kwargs)
+
+
+def test_online_must_be_a_module():
+    class NotAModule(MomentumTargetMixin, nn.Module):
+        pass
+
+    with pytest.raises(TypeError, match='online must be an nn.Module, got '
+                       'list'):
+        NotAModule().init_momentum_target([torch.zeros(2)])
+
+
+def test_momentum_update_before_init_is_refused():
+    class Forgetful(MomentumTargetMixin, nn.Module):
+        base_momentum = momentum = 0.99
+
+    with pytest.raises(RuntimeError,
+                       match=r'Forgetful.momentum_update\(\).*before '
+                       r'init_momentum_target\(\)'):
+        Forgetful().momentum_update()
+
+
+@pytest.mark.parametrize('flatten', [True, False])
+def test_momentum_update_matches_the_reference(flatten):
+    model = tiny_model(flatten=flatten)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    reference = float64_copy(params(model.target_net))
+    for step, momentum in enumerate([0.99, 0.5, 0.9, 0]):
+        sgd_step(model, optimizer, seed=step)
+        model.momentum = momentum
+        model.momentum_update()
+        reference = ema_step(reference, params(model.online_net), momentum)
+    assert_matches_reference(params(model.target_net), reference)
+    assert is_flat(params(model.target_net)) == flatten
+    assert is_flat(params(model.online_net)) == flatten
+
+
+@pytest.mark.parametrize('policy', ['keep', 'copy'])
+def test_buffer_policy_reaches_the_update(policy):
+    model = tiny_model(buffers=policy)
+    model(torch.randn(4, 4))  # moves both networks' running statistics
+    target_before = snapshot(model.target_net.buffers())
+    model.momentum_update()
+    expected = (target_before if policy == 'keep' else
+                list(model.online_net.buffers()))
+    assert_all_equal(model.target_net.buffers(), expected)
+
+
+MOVES = {
+    'to(float64)': lambda model: model.to(torch.float64),
+    'double()': lambda model: model.double(),
+    'to(cpu, float64)': lambda model: model.to('cpu', torch.float64),
+    'cuda()': pytest.param(lambda model: model.cuda(), marks=cuda_only),
+}
+
+
+@pytest.mark.parametrize('move', MOVES.values(), ids=MOVES.keys())
+def test_moves_reflatten_and_keep_values(move):
+    model = tiny_model()
+    model.momentum = 0.5
+    model.momentum_update()  # the target differs from the online network
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    identities = [id(p) for p in model.parameters()]
+    values = snapshot(model.state_dict().values())
+    assert move(model) is model
+    assert_both_flat(model)
+    assert [id(p) for p in model.parameters()] == identities
+    for moved, before in zip(model.state_dict().values(), values):
+        torch.testing.assert_close(moved.cpu(), before.to(moved.dtype),
+                                   rtol=0, atol=0)
+    # An optimizer built before the move still trains the same parameters,
+    # in place: the layout holds and the update still matches.
+    dtype = params(model)[0].dtype
+    reference = float64_copy(params(model.target_net))
+    torch.manual_seed(1)
+    optimizer.zero_grad()
+    model(torch.randn(4, 4, dtype=dtype, device=params(model)[0].device)) \
+        .backward()
+    optimizer.step()
+    model.momentum_update()
+    assert_both_flat(model)
+    reference = ema_step(reference, params(model.online_net), 0.5)
+    assert_matches_reference(params(model.target_net), reference, dtype)
+
+
+def test_load_state_dict_keeps_the_layout_and_loads_values():
+    model, other = tiny_model(seed=0), tiny_model(seed=1)
+    other.momentum = 0.5
+    other(torch.randn(4, 4))
+    other.momentum_update()
+    pointers = [p.data_ptr() for p in model.parameters()]
+    model.load_state_dict(other.state_dict())
+    assert_all_equal(model.state_dict().values(), other.state_dict().values())
+    assert [p.data_ptr() for p in model.parameters()] == pointers
+    assert_both_flat(model)
+
+
+def test_saved_state_dict_round_trip(tmp_path):
+    model = tiny_model(seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(2):
+        sgd_step(model, optimizer, seed=step)
+        model.momentum_update()
+    torch.save(model.state_dict(), tmp_path / 'model.pth')
+    fresh = tiny_model(seed=1)
+    assert not torch.equal(params(fresh.target_net)[0],
+                           params(model.target_net)[0])
+    fresh.load_state_dict(torch.load(tmp_path / 'model.pth'))
+    assert_all_equal(fresh.state_dict().values(), model.state_dict().values())
+    assert_both_flat(fresh)
+    # Both go on identically from there.
+    for each in (model, fresh):
+        each.momentum = 0.9
+        each.momentum_update()
+    assert_all_equal(params(fresh.target_net), params(model.target_net))
+
+
+def test_deep_copy_updates_its_own_networks():
+    model = tiny_model()
+    original_target = snapshot(model.target_net.parameters())
+    duplicate = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in duplicate.online_net.parameters():
+            param.add_(1)
+    duplicate.momentum = 0.5
+    duplicate.momentum_update()
+    assert_all_equal(params(model.target_net), original_target)
+    assert_matches_reference(
+        params(duplicate.target_net),
+        ema_step(float64_copy(original_target),
+                 params(duplicate.online_net), 0.5))
+
+
+class RecordOnline(Hook):
+    """After the optimizer and momentum hooks: the online weights and the
+    model's momentum of each iteration."""
+
+    def __init__(self):
+        self.online, self.momenta = [], []
+
+    def after_train_iter(self, runner):
+        self.online.append(snapshot(runner.model.online_net.parameters()))
+        self.momenta.append(runner.model.momentum)
+
+
+def make_runner(model, work_dir, max_iters):
+    """A real IterBasedRunner: SGD with momentum, the optimizer hook and the
+    momentum hook, as MMSelfSup's BYOL config registers them."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    runner = IterBasedRunner(model, optimizer=optimizer,
+                             work_dir=str(work_dir),
+                             logger=mmcv.utils.get_logger('test_model'),
+                             max_iters=max_iters)
+    runner.register_optimizer_hook(dict(grad_clip=None))
+    runner.register_hook(MomentumUpdateHook(end_momentum=1.))
+    return runner
+
+
+def batches(count=3):
+    """``count`` batches of 4 samples; an epoch of the loader is ``count``
+    iterations, so a run resumed at a multiple of it sees the same data."""
+    torch.manual_seed(123)
+    return DataLoader(list(torch.randn(count, 4, 4)), batch_size=None)
+
+
+def cosine(k, max_iters, base, end=1.):
+    """MMSelfSup 0.x's momentum before iteration ``k``, written out."""
+    return end - (end - base) * (math.cos(math.pi * k / max_iters) + 1) / 2
+
+
+def test_mixin_with_the_hook_on_a_real_runner(tmp_path):
+    model = tiny_model(base_momentum=0.9)
+    initial = snapshot(model.target_net.parameters())
+    runner = make_runner(model, tmp_path, max_iters=5)
+    recorder = RecordOnline()
+    runner.register_hook(recorder, priority='LOWEST')
+    runner.run([batches()], [('train', 5)])
+    momenta = [cosine(k, 5, 0.9) for k in range(5)]
+    assert recorder.momenta == pytest.approx(momenta, abs=1e-12)
+    assert_matches_reference(params(model.target_net),
+                             replay_ema(initial, recorder.online, momenta))
+    assert not torch.equal(params(model.target_net)[0], initial[0])
+    assert_both_flat(model)
+
+
+class Interrupt(Exception):
+    """Stands for a crash."""
+
+
+class InterruptBefore(Hook):
+    """Interrupts a run before iteration ``k``, once ``k`` are done."""
+
+    def __init__(self, k):
+        self.k = k
+
+    def before_train_iter(self, runner):
+        if runner.iter == self.k:
+            raise Interrupt
+
+
+def test_checkpoint_resume_gives_the_uninterrupted_target(tmp_path):
+    whole = tiny_model(seed=0)
+    make_runner(whole, tmp_path / 'whole', max_iters=6).run(
+        [batches()], [('train', 6)])
+
+    # The same run, interrupted after 3 iterations and checkpointed there.
+    # (Not by CheckpointHook: mmcv 1.7.2 saves from after_train_iter with
+    # meta['iter'] one short of the iterations done, so a resume would
+    # repeat one.)
+    interrupted = tiny_model(seed=0)
+    runner = make_runner(interrupted, tmp_path / 'first', max_iters=6)
+    runner.register_hook(InterruptBefore(3), priority='HIGHEST')
+    with pytest.raises(Interrupt):
+        runner.run([batches()], [('train', 6)])
+    runner.save_checkpoint(str(tmp_path / 'first'), 'interrupted.pth')
+
+    resumed = tiny_model(seed=1)  # other weights, all to be overwritten
+    runner = make_runner(resumed, tmp_path / 'resumed', max_iters=6)
+    runner.resume(str(tmp_path / 'first' / 'interrupted.pth'),
+                  map_location='cpu')
+    assert runner.iter == 3
+    assert_all_equal(resumed.state_dict().values(),
+                     interrupted.state_dict().values())
+    assert_both_flat(resumed)
+    runner.run([batches()], [('train', 6)])
+
+    assert_both_flat(resumed)
+    assert not torch.equal(params(resumed.target_net)[0],
+                           params(interrupted.target_net)[0])
+    assert_all_equal(resumed.target_net.state_dict().values(),
+                     whole.target_net.state_dict().values())
+    assert_all_equal(resumed.online_net.state_dict().values(),
+                     whole.online_net.state_dict().values())
+    assert resumed.momentum == whole.momentum
