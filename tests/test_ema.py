@@ -166,7 +166,11 @@ def test_flat_path_matches_per_tensor_path(device, flattened):
         momentum_update_(plain_target, plain_online, momentum)
     assert is_flat(params(flat_target))
     assert is_flat(params(flat_online)) == (flattened == 'both')
-    assert_all_equal(params(flat_target), params(plain_target))
+    if device == 'cpu':  # one lerp kernel for both paths: bit for bit
+        assert_all_equal(params(flat_target), params(plain_target))
+    else:  # CUDA's foreach and plain kernels may contract differently
+        for flat, plain in zip(params(flat_target), params(plain_target)):
+            torch.testing.assert_close(flat, plain, rtol=1e-6, atol=1e-7)
 
 
 LAYOUT_SHAPES = [(3, ), (2, 2), (5, )]
