@@ -28,8 +28,8 @@ class MomentumTargetMixin:
     :func:`~momentum_hook.momentum_update_`. With ``flatten=True`` (the
     default) both networks' parameters are laid out back to back (see
     :func:`~momentum_hook.ema.flatten_parameters_`), again after every
-    ``.to()`` / ``.cuda()`` / ``.half()``, so the update is one ``lerp_`` per
-    device and dtype.
+    ``.to()`` / ``.cuda()`` / ``.half()``, ``copy.deepcopy`` and unpickling,
+    so the update is one ``lerp_`` per device and dtype.
     """
 
     def init_momentum_target(self, online, base_momentum=0.99,
@@ -60,6 +60,10 @@ class MomentumTargetMixin:
         if buffers not in BUFFER_POLICIES:
             raise ValueError(f'buffers must be one of {BUFFER_POLICIES}, got '
                              f'{buffers!r}')
+        if '_momentum_pair' in self.__dict__:
+            raise RuntimeError(
+                f'{type(self).__name__} already has a momentum target: '
+                'init_momentum_target() keeps one (online, target) pair')
         self.base_momentum = check_momentum(base_momentum, 'base_momentum')
         self.momentum = self.base_momentum
         target = copy.deepcopy(online).requires_grad_(False)
@@ -79,6 +83,12 @@ class MomentumTargetMixin:
         if '_momentum_pair' in self.__dict__:
             self._flatten_momentum_pair()
         return result
+
+    def __setstate__(self, state):
+        # copy.deepcopy and pickle rebuild parameters one by one.
+        super().__setstate__(state)
+        if '_momentum_pair' in self.__dict__:
+            self._flatten_momentum_pair()
 
     def momentum_update(self):
         """``target = m * target + (1 - m) * online``, m = ``self.momentum``."""

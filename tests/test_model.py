@@ -6,6 +6,7 @@ the convention ``target = m * target + (1 - m) * online``.
 """
 import copy
 import math
+import pickle
 
 import mmcv
 import pytest
@@ -310,3 +311,20 @@ def test_checkpoint_resume_gives_the_uninterrupted_target(tmp_path):
     assert_all_equal(resumed.online_net.state_dict().values(),
                      whole.online_net.state_dict().values())
     assert resumed.momentum == whole.momentum
+
+
+def test_deepcopy_and_pickle_keep_the_flat_layout():
+    model = TinyBYOL()
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        online, target, _, _ = clone.__dict__['_momentum_pair']
+        assert online is clone.online_net and target is clone.target_net
+        for net, original in ((clone.online_net, model.online_net),
+                              (clone.target_net, model.target_net)):
+            assert is_flat(params(net))
+            assert_all_equal(params(net), params(original))
+
+
+def test_a_second_target_is_refused():
+    model = TinyBYOL()
+    with pytest.raises(RuntimeError, match='already has a momentum target'):
+        model.init_momentum_target(model.online_net)
