@@ -1,0 +1,472 @@
+"""Time every momentum (EMA) update style side by side on the same networks.
+
+``target = m * target + (1 - m) * online`` over the parameters of ResNet-50,
+ViT-B/16 and ViT-L/16 (torchvision, no weights, fp32), by each style people
+use, and by :func:`momentum_hook.momentum_update_`:
+
+- MMSelfSup 0.x's loop, ``param_tgt.data = param_tgt.data * m + ...``;
+- torch ``AveragedModel`` with ``get_ema_multi_avg_fn`` (``update_parameters``);
+- timm ``ModelEmaV3.update`` (re-implemented here when timm is missing);
+- ``torch._foreach_mul_`` + ``torch._foreach_add_``;
+- ``torch._foreach_lerp_``;
+- one ``lerp_`` over two flat buffers (the bandwidth limit, in practice);
+- ours on the networks as built (the ``_foreach_lerp_`` path) and after
+  :func:`momentum_hook.ema.flatten_parameters_` (the layout
+  :class:`momentum_hook.MomentumTargetMixin` keeps, one ``lerp_``).
+
+Each style is first checked once against a float64 reference, so that no
+timing of a wrong update is ever printed. The styles are then timed in
+interleaved rounds (every round runs every style once, in a rotated order) and
+each row is the median over the rounds (``--stat min`` for the fastest round),
+so that machine noise hits all rows alike. The limit of a row is the time to
+move the bytes the update must move (read online, read target, write target:
+``3 * numel * 4`` bytes) at the copy bandwidth measured in the same rounds
+(``flat_dst.copy_(flat_src)``, counted as ``2 * numel * 4`` bytes). On a CPU a
+copy also reads its destination into the cache before writing it, so an
+update can beat this limit there (ratios below 1x); on a GPU it cannot.
+
+On a CPU, every kernel is one parallel region over all torch threads: when
+another process holds a core, each region waits for a descheduled thread, and
+styles that launch one kernel per tensor slow down by far more than one flat
+kernel does. Run on an idle machine, or with ``--threads 1``; the header
+prints the load average.
+
+Usage::
+
+    python benchmarks/bench_momentum_update.py                 # all models
+    python benchmarks/bench_momentum_update.py --device cuda --markdown
+    python benchmarks/bench_momentum_update.py --quick         # smoke run
+"""
+import argparse
+import copy
+import dataclasses
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torchvision
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from momentum_hook import momentum_update_
+from momentum_hook.ema import flatten_parameters_
+
+try:
+    from timm.utils import ModelEmaV3
+    TIMM_LABEL = 'timm ModelEmaV3'
+except ImportError:
+    ModelEmaV3 = None
+    TIMM_LABEL = 'timm ModelEmaV3 (re-implemented)'
+
+MODELS = {
+    'resnet50': 'ResNet-50',
+    'vit_b_16': 'ViT-B/16',
+    'vit_l_16': 'ViT-L/16',
+}
+#: The momentum of every update (BYOL's base momentum in MMSelfSup 0.x's
+#: ImageNet configs is 0.99 to 0.996; the value does not change the cost).
+MOMENTUM = 0.99
+COPY_LABEL = 'copy (bandwidth probe)'
+LOOP_LABEL = 'MMSelfSup 0.x loop'
+FLAT_LABEL = 'one flat lerp_ (reference)'
+STATS = {'median': statistics.median, 'min': min}
+OURS_LABELS = ('ours: momentum_update_, modules as built',
+               'ours: momentum_update_, flattened (MomentumTargetMixin)')
+
+
+@dataclasses.dataclass
+class Style:
+    """One way to do the update.
+
+    Attributes:
+        label (str): The row's name.
+        update (Callable[[], None]): One update, in place.
+        targets (Callable[[], list[Tensor]]): The tensors it updates, in
+            parameter order (read after each update: some styles replace
+            them).
+        onlines (list[Tensor]): The online tensors, in the same order.
+    """
+    label: str
+    update: object
+    targets: object
+    onlines: list
+
+
+class _ModelEmaV3:
+    """timm's ``ModelEmaV3`` update, re-implemented because timm is missing.
+
+    Written from timm's source (``timm/utils/model_ema.py``, 0.9 to 1.0):
+    ``ModelEmaV3.update`` -> ``apply_update_`` with the class defaults
+    (``foreach=True``, ``exclude_buffers=False``, no decay warmup): each call
+    walks both ``state_dict()``, lerps every floating-point entry (BatchNorm
+    running statistics included) with one ``torch._foreach_lerp_`` and copies
+    the others (``num_batches_tracked``).
+    """
+
+    def __init__(self, model, decay):
+        self.module = copy.deepcopy(model).eval()
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model):
+        """EMA ``model`` into ``self.module`` as timm does."""
+        ema_lerp_values, model_lerp_values = [], []
+        for ema_v, model_v in zip(self.module.state_dict().values(),
+                                  model.state_dict().values()):
+            if ema_v.is_floating_point():
+                ema_lerp_values.append(ema_v)
+                model_lerp_values.append(model_v)
+            else:
+                ema_v.copy_(model_v)
+        torch._foreach_lerp_(ema_lerp_values, model_lerp_values,
+                             weight=1. - self.decay)
+
+
+@torch.no_grad()
+def mmselfsup_loop(online, target, momentum):
+    """MMSelfSup 0.x's ``BYOL._momentum_update``, written out as it is."""
+    for param_ol, param_tgt in zip(online.parameters(), target.parameters()):
+        param_tgt.data = param_tgt.data * momentum + param_ol.data * (
+            1. - momentum)
+
+
+def flat_buffer(module):
+    """The one flat buffer behind a module laid out by flatten_parameters_.
+
+    Raises:
+        RuntimeError: If the parameters do not fill one storage back to back.
+    """
+    params = list(module.parameters())
+    first = params[0].data
+    numel = sum(p.numel() for p in params)
+    storage = first.untyped_storage()
+    if storage.nbytes() != numel * first.element_size() or \
+            first.storage_offset() != 0 or any(
+                p.untyped_storage().data_ptr() != storage.data_ptr()
+                for p in params):
+        raise RuntimeError('the parameters are not in one flat buffer')
+    return first.as_strided((numel, ), (1, ), 0)
+
+
+def build_networks(name, device):
+    """Online and target networks, and a flattened copy of each.
+
+    The target starts as a perturbed copy of the online network, so that a
+    style that swapped the roles or skipped the update fails the check.
+
+    Returns:
+        dict[str, nn.Module]: ``online``, ``target``, ``flat_online`` and
+        ``flat_target``; the targets do not require gradients.
+    """
+    with torch.device(device):
+        online = getattr(torchvision.models, name)(weights=None)
+    target = copy.deepcopy(online).requires_grad_(False)
+    generator = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for param in target.parameters():
+            param.add_(torch.randn(param.shape, generator=generator,
+                                   device=device), alpha=0.1)
+    return {
+        'online': online,
+        'target': target,
+        'flat_online': flatten_parameters_(copy.deepcopy(online)),
+        'flat_target': flatten_parameters_(copy.deepcopy(target)),
+    }
+
+
+def make_styles(nets, momentum):
+    """Every update style over ``nets``, the copy probe first.
+
+    The styles that stand for a bare kernel (foreach, flat ``lerp_``) get
+    their tensor lists and flat buffers once, outside the timing; the library
+    styles and ours do all their per-call work inside it.
+    """
+    online, target = nets['online'], nets['target']
+    flat_online, flat_target = nets['flat_online'], nets['flat_target']
+    onlines, targets = list(online.parameters()), list(target.parameters())
+    flat_onlines = list(flat_online.parameters())
+    flat_o, flat_t = flat_buffer(flat_online), flat_buffer(flat_target)
+    weight = 1. - momentum
+
+    averaged = AveragedModel(target,
+                             multi_avg_fn=get_ema_multi_avg_fn(momentum))
+    averaged.n_averaged.fill_(1)  # past the first call, which only copies
+    ema = (ModelEmaV3 or _ModelEmaV3)(target, decay=momentum)
+
+    def foreach_mul_add():
+        torch._foreach_mul_(targets, momentum)
+        torch._foreach_add_(targets, onlines, alpha=weight)
+
+    return [
+        Style(COPY_LABEL, lambda: flat_t.copy_(flat_o), lambda: [], []),
+        Style(LOOP_LABEL, lambda: mmselfsup_loop(online, target, momentum),
+              target.parameters, onlines),
+        Style('torch AveragedModel + get_ema_multi_avg_fn',
+              lambda: averaged.update_parameters(online),
+              averaged.module.parameters, onlines),
+        Style(TIMM_LABEL, lambda: ema.update(online), ema.module.parameters,
+              onlines),
+        Style('foreach mul_ + add_', foreach_mul_add, target.parameters,
+              onlines),
+        Style('torch._foreach_lerp_',
+              lambda: torch._foreach_lerp_(targets, onlines, weight),
+              target.parameters, onlines),
+        Style(FLAT_LABEL, lambda: flat_t.lerp_(flat_o, weight),
+              flat_target.parameters, flat_onlines),
+        Style(OURS_LABELS[0], lambda: momentum_update_(target, online,
+                                                       momentum),
+              target.parameters, onlines),
+        Style(OURS_LABELS[1], lambda: momentum_update_(flat_target,
+                                                       flat_online, momentum),
+              flat_target.parameters, flat_onlines),
+    ]
+
+
+@torch.no_grad()
+def check_style(style, momentum):
+    """Run one update and compare it with a float64 reference.
+
+    Raises:
+        AssertionError: If any target tensor is off by more than the float32
+            tolerance of ``torch.testing.assert_close``.
+    """
+    before = [t.detach().clone() for t in style.targets()]
+    style.update()
+    after = list(style.targets())
+    if len(after) != len(style.onlines) or len(before) != len(after):
+        raise AssertionError(f'{style.label}: tensor count changed')
+    for index, (new, old, online) in enumerate(zip(after, before,
+                                                   style.onlines)):
+        expected = old.double() * momentum + online.double() * (1 - momentum)
+        torch.testing.assert_close(
+            new, expected.float(),
+            msg=lambda text, i=index: f'{style.label}, tensor {i}: {text}')
+
+
+def time_block(fn, number, device):
+    """Milliseconds per call of ``fn`` over ``number`` back-to-back calls."""
+    if device.type == 'cuda':
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        torch.cuda.synchronize(device)
+        start.record()
+        for _ in range(number):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / number
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - start) * 1e3 / number
+
+
+@torch.no_grad()
+def time_styles(styles, rounds, warmup, number, device):
+    """Milliseconds per update of each style, over interleaved rounds.
+
+    Every round times each style once (``number`` calls), starting one style
+    further along the list than the round before.
+
+    Returns:
+        dict[str, list[float]]: Label to one time per timed round.
+    """
+    samples = {style.label: [] for style in styles}
+    for index in range(warmup + rounds):
+        shift = index % len(styles)
+        for style in styles[shift:] + styles[:shift]:
+            elapsed = time_block(style.update, number, device)
+            if index >= warmup:
+                samples[style.label].append(elapsed)
+    return samples
+
+
+def summarize(name, nets, samples, stat):
+    """The rows of one model, with the limit and ours' speed-ups.
+
+    Args:
+        name (str): The model's torchvision name.
+        nets (dict[str, nn.Module]): The networks timed.
+        samples (dict[str, list[float]]): The times of each style.
+        stat (str): ``'median'`` or ``'min'``: which statistic of each
+            style's times the rows, the limit and the ratios use.
+    """
+    params = list(nets['online'].parameters())
+    numel = sum(p.numel() for p in params)
+    element = params[0].element_size()
+    pick = STATS[stat]
+    times = {label: pick(ms) for label, ms in samples.items()}
+    copy_ms = times.pop(COPY_LABEL)
+    bandwidth = 2 * numel * element / (copy_ms * 1e-3)
+    limit_ms = 3 * numel * element / bandwidth * 1e3
+    return {
+        'model': name,
+        'tensors': len(params),
+        'numel': numel,
+        'stat': stat,
+        'copy_bandwidth_GBps': bandwidth / 1e9,
+        'limit_ms': limit_ms,
+        'rows': [{'style': label, 'ms': ms, 'x_limit': ms / limit_ms,
+                  'ms_median': statistics.median(samples[label]),
+                  'ms_min': min(samples[label])}
+                 for label, ms in times.items()],
+        'ours_speedup_over_loop': {
+            label: times[LOOP_LABEL] / times[label] for label in OURS_LABELS},
+        'ours_over_flat_lerp': {
+            label: times[label] / times[FLAT_LABEL] for label in OURS_LABELS},
+    }
+
+
+def bench_model(name, args, device):
+    """Build, check and time every style on one model; return its summary."""
+    nets = build_networks(name, device)
+    styles = make_styles(nets, MOMENTUM)
+    for style in styles[1:]:
+        check_style(style, MOMENTUM)
+    samples = time_styles(styles, args.repeats, args.warmup, args.number,
+                          device)
+    return summarize(name, nets, samples, args.stat)
+
+
+def fmt_ms(ms):
+    """Milliseconds with about three significant digits."""
+    return f'{ms:.0f}' if ms >= 100 else f'{ms:.3g}'
+
+
+def fmt_ratio(ratio):
+    """A ratio as ``93x`` or ``1.2x``."""
+    return f'{ratio:.0f}x' if ratio >= 10 else f'{ratio:.1f}x'
+
+
+def model_title(result):
+    """``ResNet-50 (161 tensors, 25.6M)``."""
+    return (f"{MODELS[result['model']]} ({result['tensors']} tensors, "
+            f"{result['numel'] / 1e6:.1f}M)")
+
+
+def print_text(result):
+    """One model's rows as an aligned text table."""
+    print(f"\n{model_title(result)}: copy bandwidth "
+          f"{result['copy_bandwidth_GBps']:.1f} GB/s, limit "
+          f"{fmt_ms(result['limit_ms'])} ms")
+    width = max(len(row['style']) for row in result['rows'])
+    for row in result['rows']:
+        print(f"  {row['style']:<{width}}  {fmt_ms(row['ms']):>7} ms  "
+              f"{fmt_ratio(row['x_limit']):>6} limit")
+    for label in OURS_LABELS:
+        print(f"  {label}: "
+              f"{result['ours_speedup_over_loop'][label]:.1f}x faster than "
+              f"the loop, {result['ours_over_flat_lerp'][label]:.2f}x the "
+              'flat lerp_')
+
+
+def markdown_table(results, machine):
+    """All models in one Markdown table, as in the issue."""
+    lines = [f'{machine}, fp32, momentum {MOMENTUM}, {results[0]["stat"]} '
+             'ms per update (x the bandwidth limit).', '',
+             '| update style | ' + ' | '.join(map(model_title, results)) +
+             ' |', '|---' * (len(results) + 1) + '|']
+    for index, row in enumerate(results[0]['rows']):
+        cells = [f"{fmt_ms(r['rows'][index]['ms'])} ms "
+                 f"({fmt_ratio(r['rows'][index]['x_limit'])})"
+                 for r in results]
+        lines.append(f"| {row['style']} | " + ' | '.join(cells) + ' |')
+    extra = [('limit (3 x 4 bytes x numel / copy bandwidth)',
+              lambda r: f"{fmt_ms(r['limit_ms'])} ms"),
+             ('measured copy bandwidth',
+              lambda r: f"{r['copy_bandwidth_GBps']:.1f} GB/s")]
+    for label in OURS_LABELS:
+        extra.append((f'{label}: speed-up over the loop / x flat lerp_',
+                      lambda r, k=label: (
+                          f"{r['ours_speedup_over_loop'][k]:.1f}x / "
+                          f"{r['ours_over_flat_lerp'][k]:.2f}x")))
+    for label, cell in extra:
+        lines.append(f'| {label} | ' + ' | '.join(map(cell, results)) + ' |')
+    return '\n'.join(lines)
+
+
+def machine_name(device):
+    """The GPU's name, or the CPU model with its core and thread counts."""
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or 'CPU'
+    try:
+        with open('/proc/cpuinfo') as cpuinfo:
+            model = next(line.split(':', 1)[1].strip() for line in cpuinfo
+                         if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    return (f'{model} ({os.cpu_count()} cores, {torch.get_num_threads()} '
+            'torch threads)')
+
+
+def parse_args(argv=None):
+    """The command line, with the device-dependent defaults filled in."""
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--device', choices=('cpu', 'cuda'),
+                        default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--models', nargs='+', choices=tuple(MODELS),
+                        default=list(MODELS))
+    parser.add_argument('--repeats', type=int,
+                        help='timed rounds (default: 30 on CUDA, 7 on CPU)')
+    parser.add_argument('--warmup', type=int,
+                        help='untimed rounds first (default: 5 / 1)')
+    parser.add_argument('--number', type=int,
+                        help='back-to-back updates per timed block '
+                        '(default: 10 / 1)')
+    parser.add_argument('--stat', choices=tuple(STATS), default='median',
+                        help='statistic of the rounds that the rows show; min '
+                        'resists other load on a shared machine')
+    parser.add_argument('--threads', type=int,
+                        help='CPU threads for torch (default: torch\'s own)')
+    parser.add_argument('--quick', action='store_true',
+                        help='smoke run: ResNet-50, 3 rounds, 1 warm-up')
+    parser.add_argument('--markdown', action='store_true',
+                        help='also print one Markdown table')
+    parser.add_argument('--json', metavar='PATH', help='write the results')
+    args = parser.parse_args(argv)
+    cuda = args.device == 'cuda'
+    if args.quick:
+        args.models, args.repeats, args.warmup = ['resnet50'], 3, 1
+    for name, on_cuda, on_cpu in (('repeats', 30, 7), ('warmup', 5, 1),
+                                  ('number', 10, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, on_cuda if cuda else on_cpu)
+    return args
+
+
+def main(argv=None):
+    """Run the benchmark and print (and optionally save) its tables."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    machine = machine_name(device)
+    print(f'{machine}; torch {torch.__version__}, torchvision '
+          f'{torchvision.__version__}; {args.repeats} rounds after '
+          f'{args.warmup} warm-up, {args.number} update(s) per block; '
+          f'load average {os.getloadavg()[0]:.1f}')
+    results = []
+    for name in args.models:
+        start = time.perf_counter()
+        results.append(bench_model(name, args, device))
+        results[-1]['load_average'] = os.getloadavg()[0]
+        print_text(results[-1])
+        print(f'  ({time.perf_counter() - start:.0f} s, load average '
+              f"{results[-1]['load_average']:.1f})")
+        gc.collect()
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+    if args.markdown:
+        print('\n' + markdown_table(results, machine))
+    if args.json:
+        with open(args.json, 'w') as out:
+            json.dump({'machine': machine, 'torch': torch.__version__,
+                       'momentum': MOMENTUM, 'args': vars(args),
+                       'results': results}, out, indent=2)
+
+
+if __name__ == '__main__':
+    main()
