@@ -198,8 +198,7 @@ def build_train_loader(dataset, cfg, seed, distributed):
 def _wrap(model, device, distributed):
     if distributed:
         ids = [torch.cuda.current_device()] if device == 'cuda' else None
-        return MMDistributedDataParallel(model.to(device), device_ids=ids,
-                                         broadcast_buffers=False)
+        return MMDistributedDataParallel(model.to(device), device_ids=ids)
     if device == 'cuda':
         return MMDataParallel(model.cuda(),
                               device_ids=[torch.cuda.current_device()])
