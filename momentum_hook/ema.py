@@ -22,7 +22,10 @@ from torch import nn
 
 from .validation import check_momentum
 
-__all__ = ['BUFFER_POLICIES', 'momentum_update_', 'flatten_parameters_']
+__all__ = [
+    'BUFFER_POLICIES', 'momentum_update_', 'flatten_parameters_',
+    'ModuleUpdatePlan'
+]
 
 #: What :func:`momentum_update_` does with the target module's buffers.
 #:
@@ -42,8 +45,6 @@ _warned_dtypes = set()
 
 
 def _as_tensor_list(tensors, name):
-    if isinstance(tensors, nn.Module):
-        return list(tensors.parameters())
     if isinstance(tensors, torch.Tensor) or not hasattr(tensors, '__iter__'):
         raise TypeError(f'{name} must be an nn.Module or a sequence of '
                         f'tensors, got {type(tensors).__name__}')
@@ -105,20 +106,41 @@ def _grouped(targets, onlines):
     return groups
 
 
-def _lerp_(targets, onlines, weight):
+def _plan_lerp(targets, onlines):
+    """The kernels that lerp ``targets`` towards ``onlines``, as a list.
+
+    One entry per device/dtype group: ``(kind, targets, onlines, dtype)``
+    with kind ``'flat'`` (one ``lerp_`` over the group's flat memory),
+    ``'foreach'`` (one ``_foreach_lerp_``) or ``'cast'`` (online tensors on
+    another device or dtype, converted one by one).
+    """
+    steps = []
     for (device, dtype, online_device, online_dtype), (group_t, group_o) in \
             _grouped(targets, onlines).items():
-        if dtype in _LOW_PRECISION:
-            _warn_if_lost(dtype, weight)
         if (device, dtype) != (online_device, online_dtype):
-            for target, online in zip(group_t, group_o):
-                target.lerp_(online.to(device=device, dtype=dtype), weight)
+            steps.append(('cast', group_t, group_o, dtype))
             continue
         flat_t, flat_o = _flat(group_t), _flat(group_o)
         if flat_t is not None and flat_o is not None:
-            flat_t.lerp_(flat_o, weight)
+            steps.append(('flat', flat_t, flat_o, dtype))
         else:
-            torch._foreach_lerp_(group_t, group_o, weight)
+            steps.append(('foreach', group_t, group_o, dtype))
+    return steps
+
+
+def _run_lerp(steps, weight):
+    for kind, target, online, dtype in steps:
+        if dtype in _LOW_PRECISION:
+            _warn_if_lost(dtype, weight)
+        if kind == 'flat':
+            target.lerp_(online, weight)
+        elif kind == 'foreach':
+            torch._foreach_lerp_(target, online, weight)
+        else:
+            for target_tensor, online_tensor in zip(target, online):
+                target_tensor.lerp_(
+                    online_tensor.to(device=target_tensor.device, dtype=dtype),
+                    weight)
 
 
 def _update_buffers(targets, onlines, momentum, policy):
@@ -127,11 +149,85 @@ def _update_buffers(targets, onlines, momentum, policy):
     others = [(t, o) for t, o in zip(targets, onlines)
               if not (t.is_floating_point() and o.is_floating_point())]
     if policy == 'average' and floating:
-        _lerp_(*zip(*floating), 1.0 - momentum)
+        _run_lerp(_plan_lerp(*zip(*floating)), 1.0 - momentum)
     else:
         others += floating
     for target_buffer, online_buffer in others:
         target_buffer.copy_(online_buffer)
+
+
+def _check_buffers_policy(buffers):
+    if buffers not in BUFFER_POLICIES:
+        raise ValueError(f'buffers must be one of {BUFFER_POLICIES}, got '
+                         f'{buffers!r}')
+
+
+# Counts parameter, buffer and submodule (re)assignments on any module, so
+# that a ModuleUpdatePlan notices one without walking its modules again.
+_registrations = [0]
+
+
+def _count_registration(module, name, value):
+    _registrations[0] += 1
+
+
+for _register in (
+        nn.modules.module.register_module_parameter_registration_hook,
+        nn.modules.module.register_module_buffer_registration_hook,
+        nn.modules.module.register_module_module_registration_hook):
+    _register(_count_registration)
+
+
+class ModuleUpdatePlan:
+    """:func:`momentum_update_` for one (target, online) module pair, planned.
+
+    Planning walks both modules, checks them, groups their tensors and finds
+    the flat ones; :meth:`update_` then only launches the planned kernels.
+    :meth:`is_current` says, cheaply, whether the plan still describes the
+    modules: no parameter, buffer or submodule was assigned on any module
+    since (``module.x = ...``, ``load_state_dict(assign=True)``) and every
+    parameter still has the storage address it was planned with (a
+    ``.to()``, ``.cuda()`` or ``.data = ...`` moves it). Storage moves that
+    keep parameter objects and addresses are undetectable here; callers that
+    move modules (``.to()`` with buffers) make a new plan, as
+    :class:`~momentum_hook.MomentumTargetMixin` does in ``_apply``.
+
+    Args:
+        target (nn.Module): The target network.
+        online (nn.Module): The online network, the same architecture.
+        buffers (str): One of :data:`BUFFER_POLICIES`.
+
+    Raises:
+        ValueError: If the modules differ in parameter or (for ``'copy'`` and
+            ``'average'``) buffer count or shapes.
+    """
+
+    def __init__(self, target, online, buffers='keep'):
+        _check_buffers_policy(buffers)
+        self.buffers = buffers
+        self.registrations = _registrations[0]
+        targets, onlines = list(target.parameters()), list(online.parameters())
+        _check_pairs(targets, onlines, 'parameters')
+        self.buffer_pairs = None
+        if buffers != 'keep':  # checked before anything is written
+            self.buffer_pairs = (list(target.buffers()), list(online.buffers()))
+            _check_pairs(*self.buffer_pairs, 'buffers')
+        self.params = targets + onlines
+        self.addresses = [param.data_ptr() for param in self.params]
+        self.steps = _plan_lerp(targets, onlines)
+
+    def is_current(self):
+        """Whether the plan still matches the modules (see the class doc)."""
+        return (self.registrations == _registrations[0] and
+                [param.data_ptr() for param in self.params] == self.addresses)
+
+    @torch.no_grad()
+    def update_(self, momentum):
+        """``target = momentum * target + (1 - momentum) * online``."""
+        momentum = check_momentum(momentum)
+        _run_lerp(self.steps, 1.0 - momentum)
+        if self.buffer_pairs is not None:
+            _update_buffers(*self.buffer_pairs, momentum, self.buffers)
 
 
 @torch.no_grad()
@@ -160,28 +256,22 @@ def momentum_update_(target, online, momentum, buffers='keep'):
             updates round to no change.
     """
     momentum = check_momentum(momentum)
-    if buffers not in BUFFER_POLICIES:
-        raise ValueError(f'buffers must be one of {BUFFER_POLICIES}, got '
-                         f'{buffers!r}')
+    _check_buffers_policy(buffers)
     modules = isinstance(target, nn.Module), isinstance(online, nn.Module)
     if modules[0] != modules[1]:
         raise TypeError('target and online must both be nn.Modules or both '
                         f'tensor sequences, got {type(target).__name__} and '
                         f'{type(online).__name__}')
-    if not modules[0] and buffers != 'keep':
+    if modules[0]:
+        ModuleUpdatePlan(target, online, buffers).update_(momentum)
+        return
+    if buffers != 'keep':
         raise ValueError(f'buffers={buffers!r} needs nn.Modules, got tensor '
                          'sequences')
     targets = _as_tensor_list(target, 'target')
     onlines = _as_tensor_list(online, 'online')
-    _check_pairs(targets, onlines, 'parameters' if modules[0] else 'tensors')
-    if buffers != 'keep':  # checked before anything is written
-        target_buffers = list(target.buffers())
-        online_buffers = list(online.buffers())
-        _check_pairs(target_buffers, online_buffers, 'buffers')
-    if targets:
-        _lerp_(targets, onlines, 1.0 - momentum)
-    if buffers != 'keep':
-        _update_buffers(target_buffers, online_buffers, momentum, buffers)
+    _check_pairs(targets, onlines, 'tensors')
+    _run_lerp(_plan_lerp(targets, onlines), 1.0 - momentum)
 
 
 @torch.no_grad()

@@ -328,3 +328,54 @@ def test_a_second_target_is_refused():
     model = TinyBYOL()
     with pytest.raises(RuntimeError, match='already has a momentum target'):
         model.init_momentum_target(model.online_net)
+
+
+def _replace_parameter(model):
+    layer = model.online_net[0]
+    layer.weight = nn.Parameter(torch.full_like(layer.weight, 2.))
+
+
+def _replace_data(model):
+    layer = model.online_net[0]
+    layer.weight.data = torch.full_like(layer.weight, 3.)
+
+
+def _replace_layer(model):
+    torch.manual_seed(7)
+    model.online_net[3] = nn.Linear(3, 2)
+
+
+def _assign_state(model):
+    state = {k: v + 1 for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+
+
+def _to_float64(model):
+    model.double()
+
+
+@pytest.mark.parametrize('change', [_replace_parameter, _replace_data,
+                                    _replace_layer, _assign_state,
+                                    _to_float64])
+def test_planned_update_follows_changes_to_the_networks(change):
+    """The mixin reuses its plan between calls; no change may make it stale.
+
+    After each change the next update must use the networks' current
+    parameters, exactly as the stateless momentum_update_ does.
+    """
+    model = tiny_model()
+    model.momentum = 0.9
+    model.momentum_update()  # makes the plan
+    plan = model.__dict__['_momentum_plan']
+    assert plan.is_current()
+    model.momentum_update()
+    assert model.__dict__['_momentum_plan'] is plan  # reused
+
+    change(model)
+    expected = copy.deepcopy(model)
+    momentum_hook.momentum_update_(expected.target_net, expected.online_net,
+                                   0.5)
+    model.momentum = 0.5
+    model.momentum_update()
+    assert_all_equal(params(model.target_net), params(expected.target_net))
+    assert model.__dict__['_momentum_plan'] is not plan
