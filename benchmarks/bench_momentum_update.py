@@ -10,9 +10,11 @@ use, and by :func:`momentum_hook.momentum_update_`:
 - ``torch._foreach_mul_`` + ``torch._foreach_add_``;
 - ``torch._foreach_lerp_``;
 - one ``lerp_`` over two flat buffers (the bandwidth limit, in practice);
-- ours on the networks as built (the ``_foreach_lerp_`` path) and after
-  :func:`momentum_hook.ema.flatten_parameters_` (the layout
-  :class:`momentum_hook.MomentumTargetMixin` keeps, one ``lerp_``).
+- ours: :func:`momentum_hook.momentum_update_` on the networks as built
+  (the ``_foreach_lerp_`` path) and on the flat layout that
+  :class:`momentum_hook.MomentumTargetMixin` keeps (one ``lerp_``, after a
+  walk of both networks per call), and the mixin's ``momentum_update()``,
+  which reuses its plan (one ``lerp_`` and an address check per call).
 
 Each style is first checked once against a float64 reference, so that no
 timing of a wrong update is ever printed. The styles are then timed in
@@ -51,8 +53,9 @@ import torch
 import torchvision
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from momentum_hook import momentum_update_
-from momentum_hook.ema import flatten_parameters_
+from torch import nn
+
+from momentum_hook import MomentumTargetMixin, momentum_update_
 
 try:
     from timm.utils import ModelEmaV3
@@ -74,7 +77,8 @@ LOOP_LABEL = 'MMSelfSup 0.x loop'
 FLAT_LABEL = 'one flat lerp_ (reference)'
 STATS = {'median': statistics.median, 'min': min}
 OURS_LABELS = ('ours: momentum_update_, modules as built',
-               'ours: momentum_update_, flattened (MomentumTargetMixin)')
+               'ours: momentum_update_, flattened modules',
+               'ours: MomentumTargetMixin.momentum_update()')
 
 
 @dataclasses.dataclass
@@ -151,15 +155,26 @@ def flat_buffer(module):
     return first.as_strided((numel, ), (1, ), 0)
 
 
+class Pair(MomentumTargetMixin, nn.Module):
+    """A model that holds the two networks the way users' models do."""
+
+    def __init__(self, online, target):
+        super().__init__()
+        self.online = online
+        self.target = self.init_momentum_target(online)
+        self.target.load_state_dict(target.state_dict())  # in place
+
+
 def build_networks(name, device):
-    """Online and target networks, and a flattened copy of each.
+    """Online and target networks, and the same in a MomentumTargetMixin.
 
     The target starts as a perturbed copy of the online network, so that a
     style that swapped the roles or skipped the update fails the check.
 
     Returns:
         dict[str, nn.Module]: ``online``, ``target``, ``flat_online`` and
-        ``flat_target``; the targets do not require gradients.
+        ``flat_target`` (laid out flat by the mixin) and ``pair``, the mixin;
+        the targets do not require gradients.
     """
     with torch.device(device):
         online = getattr(torchvision.models, name)(weights=None)
@@ -169,11 +184,13 @@ def build_networks(name, device):
         for param in target.parameters():
             param.add_(torch.randn(param.shape, generator=generator,
                                    device=device), alpha=0.1)
+    pair = Pair(copy.deepcopy(online), target)
     return {
         'online': online,
         'target': target,
-        'flat_online': flatten_parameters_(copy.deepcopy(online)),
-        'flat_target': flatten_parameters_(copy.deepcopy(target)),
+        'flat_online': pair.online,
+        'flat_target': pair.target,
+        'pair': pair,
     }
 
 
@@ -186,6 +203,8 @@ def make_styles(nets, momentum):
     """
     online, target = nets['online'], nets['target']
     flat_online, flat_target = nets['flat_online'], nets['flat_target']
+    pair = nets['pair']
+    pair.momentum = momentum
     onlines, targets = list(online.parameters()), list(target.parameters())
     flat_onlines = list(flat_online.parameters())
     flat_o, flat_t = flat_buffer(flat_online), flat_buffer(flat_target)
@@ -222,6 +241,8 @@ def make_styles(nets, momentum):
         Style(OURS_LABELS[1], lambda: momentum_update_(flat_target,
                                                        flat_online, momentum),
               flat_target.parameters, flat_onlines),
+        Style(OURS_LABELS[2], pair.momentum_update, flat_target.parameters,
+              flat_onlines),
     ]
 
 
