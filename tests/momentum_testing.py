@@ -6,6 +6,7 @@ spelled out, so that the code under test never judges itself.
 """
 import pytest
 import torch
+from mmcv.runner import Hook
 from torch import nn
 
 from momentum_hook import MomentumTargetMixin
@@ -122,3 +123,18 @@ def assert_all_equal(actual, expected):
     for index, (a, b) in enumerate(zip(actual, expected)):
         assert a.dtype == b.dtype, index
         assert torch.equal(a, b), index
+
+
+class Interrupt(Exception):
+    """Stands for a crash."""
+
+
+class InterruptBefore(Hook):
+    """Interrupts a run before iteration ``k``, once ``k`` are done."""
+
+    def __init__(self, k):
+        self.k = k
+
+    def before_train_iter(self, runner):
+        if runner.iter == self.k:
+            raise Interrupt

@@ -19,6 +19,7 @@ from mmcv.runner import (HOOKS, EpochBasedRunner,
                          IterBasedRunner, build_runner)
 from mmcv.utils import Config, build_from_cfg, get_logger
 from torch import nn
+from momentum_testing import Interrupt, InterruptBefore
 from torch.utils.data import DataLoader
 
 from momentum_hook.mmcv_hook import MomentumUpdateHook
@@ -67,17 +68,6 @@ class Recorder(Hook):
         self.momenta.append(model.momentum)
         self.online.append(
             [p.detach().clone() for p in model.online.parameters()])
-
-
-class StopAfter(Hook):
-    """Interrupts training after ``n`` iterations, as a crash would."""
-
-    def __init__(self, n):
-        self.n = n
-
-    def before_train_iter(self, runner):
-        if runner.iter == self.n:
-            raise KeyboardInterrupt
 
 
 def loader(samples=8, batch_size=2):
@@ -252,8 +242,8 @@ def test_resume_gives_the_uninterrupted_run(tmp_path, kind):
     first.register_hook(MomentumUpdateHook())
     if kind == 'epoch':
         first.register_checkpoint_hook(dict(interval=1))
-    first.register_hook(StopAfter(stop), priority='LOWEST')
-    with pytest.raises(KeyboardInterrupt):
+    first.register_hook(InterruptBefore(stop), priority='LOWEST')
+    with pytest.raises(Interrupt):
         run(first, data)
     if kind == 'iter':
         first.save_checkpoint(str(tmp_path / 'b'), 'iter_{}.pth')

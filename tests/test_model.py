@@ -12,10 +12,10 @@ import mmcv
 import pytest
 import torch
 from mmcv.runner import Hook, IterBasedRunner
-from momentum_testing import (TinyBYOL, assert_all_equal,
-                              assert_matches_reference, cuda_only, ema_step,
-                              float64_copy, is_flat, params, replay_ema,
-                              snapshot)
+from momentum_testing import (Interrupt, InterruptBefore, TinyBYOL,
+                              assert_all_equal, assert_matches_reference,
+                              cuda_only, ema_step, float64_copy, is_flat,
+                              params, replay_ema, snapshot)
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -260,21 +260,6 @@ def test_mixin_with_the_hook_on_a_real_runner(tmp_path):
                              replay_ema(initial, recorder.online, momenta))
     assert not torch.equal(params(model.target_net)[0], initial[0])
     assert_both_flat(model)
-
-
-class Interrupt(Exception):
-    """Stands for a crash."""
-
-
-class InterruptBefore(Hook):
-    """Interrupts a run before iteration ``k``, once ``k`` are done."""
-
-    def __init__(self, k):
-        self.k = k
-
-    def before_train_iter(self, runner):
-        if runner.iter == self.k:
-            raise Interrupt
 
 
 def test_checkpoint_resume_gives_the_uninterrupted_target(tmp_path):
