@@ -144,19 +144,18 @@ def _run_lerp(steps, weight):
 
 
 def _update_buffers(targets, onlines, momentum, policy):
-    floating = [(t, o) for t, o in zip(targets, onlines)
-                if t.is_floating_point() and o.is_floating_point()]
-    others = [(t, o) for t, o in zip(targets, onlines)
-              if not (t.is_floating_point() and o.is_floating_point())]
-    if policy == 'average' and floating:
-        _run_lerp(_plan_lerp(*zip(*floating)), 1.0 - momentum)
-    else:
-        others += floating
-    for target_buffer, online_buffer in others:
+    averaged, copied = [], []
+    for pair in zip(targets, onlines):
+        floating = pair[0].is_floating_point() and pair[1].is_floating_point()
+        (averaged if floating and policy == 'average' else copied).append(pair)
+    if averaged:
+        _run_lerp(_plan_lerp(*zip(*averaged)), 1.0 - momentum)
+    for target_buffer, online_buffer in copied:
         target_buffer.copy_(online_buffer)
 
 
-def _check_buffers_policy(buffers):
+def check_buffer_policy(buffers):
+    """Raise ``ValueError`` unless ``buffers`` is in :data:`BUFFER_POLICIES`."""
     if buffers not in BUFFER_POLICIES:
         raise ValueError(f'buffers must be one of {BUFFER_POLICIES}, got '
                          f'{buffers!r}')
@@ -203,7 +202,7 @@ class ModuleUpdatePlan:
     """
 
     def __init__(self, target, online, buffers='keep'):
-        _check_buffers_policy(buffers)
+        check_buffer_policy(buffers)
         self.buffers = buffers
         self.registrations = _registrations[0]
         targets, onlines = list(target.parameters()), list(online.parameters())
@@ -256,7 +255,7 @@ def momentum_update_(target, online, momentum, buffers='keep'):
             updates round to no change.
     """
     momentum = check_momentum(momentum)
-    _check_buffers_policy(buffers)
+    check_buffer_policy(buffers)
     modules = isinstance(target, nn.Module), isinstance(online, nn.Module)
     if modules[0] != modules[1]:
         raise TypeError('target and online must both be nn.Modules or both '

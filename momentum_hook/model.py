@@ -3,7 +3,7 @@ import copy
 
 from torch import nn
 
-from .ema import BUFFER_POLICIES, ModuleUpdatePlan, flatten_parameters_
+from .ema import ModuleUpdatePlan, check_buffer_policy, flatten_parameters_
 from .validation import check_momentum
 
 __all__ = ['MomentumTargetMixin']
@@ -59,9 +59,7 @@ class MomentumTargetMixin:
         if not isinstance(online, nn.Module):
             raise TypeError('online must be an nn.Module, got '
                             f'{type(online).__name__}')
-        if buffers not in BUFFER_POLICIES:
-            raise ValueError(f'buffers must be one of {BUFFER_POLICIES}, got '
-                             f'{buffers!r}')
+        check_buffer_policy(buffers)
         if '_momentum_pair' in self.__dict__:
             raise RuntimeError(
                 f'{type(self).__name__} already has a momentum target: '
