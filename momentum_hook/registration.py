@@ -62,9 +62,9 @@ def _yield_soft_names(root, soft_names):
     def _register_module(module, module_name=None, force=False):
         names = module_name if module_name is not None else module.__name__
         names = [names] if isinstance(names, str) else list(names)
-        ours = {name: root.module_dict.get(name) for name in names
-                if name in root._momentum_hook_soft_names}
-        ours = {name: held for name, held in ours.items() if _is_ours(held)}
+        ours = {name: root.module_dict[name] for name in names
+                if name in root._momentum_hook_soft_names
+                and _is_ours(root.module_dict.get(name))}
         if ours and not _is_ours(module):
             for name in ours:
                 del root.module_dict[name]
