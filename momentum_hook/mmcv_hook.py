@@ -10,7 +10,12 @@ from mmcv.runner import HOOKS, Hook, OptimizerHook
 from .registration import register_hook_class
 from .updater import LOG_KEY, MomentumUpdater
 
-__all__ = ['MomentumUpdateHook', 'BYOLHook']
+__all__ = ['MomentumUpdateHook', 'BYOLHook', 'unwrap']
+
+
+def unwrap(model):
+    """The model inside an mmcv or torch data-parallel wrapper."""
+    return model.module if is_module_wrapper(model) else model
 
 
 class MomentumUpdateHook(MomentumUpdater, Hook):
@@ -34,8 +39,7 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
     ``end_momentum=1.``, ``update_interval=1``, ``reach_end_momentum=False``.
     """
 
-    def unwrap_model(self, model):
-        return model.module if is_module_wrapper(model) else model
+    unwrap_model = staticmethod(unwrap)
 
     def publish(self, runner, momentum):
         runner.log_buffer.update({LOG_KEY: momentum})

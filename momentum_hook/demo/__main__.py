@@ -18,8 +18,8 @@ import sys
 
 import torch
 import torch.distributed as dist
-from mmcv.parallel import is_module_wrapper
 
+from ..mmcv_hook import unwrap
 from .plot import momentum_schedule, plot_training, read_train_log
 from .report import compare_features, format_table, write_results
 from .train import (DemoError, default_config_path, init_distributed,
@@ -83,10 +83,6 @@ def _device(requested):
     return requested or ('cuda' if torch.cuda.is_available() else 'cpu')
 
 
-def _unwrap(model):
-    return model.module if is_module_wrapper(model) else model
-
-
 def _plot(runner, work_dir):
     logger = next((h for h in runner.hooks if hasattr(h, 'json_log_path')),
                   None)
@@ -96,7 +92,7 @@ def _plot(runner, work_dir):
     out_file = osp.join(work_dir, 'momentum_and_loss.png')
     plot_training(records, out_file, interval=logger.interval,
                   schedule=momentum_schedule(runner.hooks, runner.max_iters,
-                                             _unwrap(runner.model)),
+                                             unwrap(runner.model)),
                   title='The momentum hook at work in BYOL')
     return out_file
 
@@ -111,7 +107,7 @@ def _evaluate(cfg, runner, initial_model, device, work_dir):
     images, labels = heldout
     try:
         results = compare_features(
-            _unwrap(runner.model).encoder, initial_model.encoder, images,
+            unwrap(runner.model).encoder, initial_model.encoder, images,
             labels, device=device, **cfg.evaluation)
     except (TypeError, ValueError) as error:
         raise DemoError(f'cannot evaluate (the checkpoints are saved): '
