@@ -4,6 +4,8 @@ The checks here are written independently of ``momentum_hook.ema``: the
 layout check reads pointers itself and the reference EMA is float64 arithmetic
 spelled out, so that the code under test never judges itself.
 """
+import math
+
 import pytest
 import torch
 from mmcv.runner import Hook
@@ -11,8 +13,19 @@ from torch import nn
 
 from momentum_hook import MomentumTargetMixin
 
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(),
-                               reason='needs a CUDA device')
+#: Tests that need a CUDA device; ``pytest -m cuda`` runs only those, and
+#: without a device they are skipped (see ``conftest.py``).
+cuda_only = pytest.mark.cuda
+
+
+def reference_momentum(k, max_iters, base, end=1.):
+    """The cosine schedule written out independently of the package.
+
+    ``m_k = end - (end - base) * (cos(pi * k / K) + 1) / 2`` in MMSelfSup
+    0.x's order of floating-point operations, so that it is bit-identical.
+    """
+    return end - (end - base) * (math.cos(math.pi * k / float(max_iters)) +
+                                 1) / 2
 
 
 def is_flat(tensors):
