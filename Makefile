@@ -5,12 +5,14 @@ BIN := $(VENV)/bin
 
 .PHONY: venv demo test bench duplicates clean
 
-$(VENV)/.installed: setup.py requirements/stack.txt requirements/mmcv.txt
+$(VENV)/.installed: setup.py $(wildcard requirements/*.txt)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip "setuptools<81" wheel
 	$(BIN)/python -m pip install -q -r requirements/stack.txt
 	# mmcv 1.x builds from source and imports pkg_resources in its setup.py
 	$(BIN)/python -m pip install -q --no-build-isolation -r requirements/mmcv.txt
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation -r requirements/deepspeed.txt
+	$(BIN)/python -m pip install -q --no-deps -r requirements/mmselfsup.txt
 	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -37,6 +37,8 @@ setup(
         # pip install "setuptools<81" wheel, then --no-build-isolation.
         'mmcv': ['mmcv>=1.4,<2', 'torchvision'],
         'mmengine': ['mmengine>=0.7,<1'],
+        # DS_BUILD_OPS=0 pip install --no-build-isolation: no compiled ops.
+        'deepspeed': ['deepspeed>=0.14'],
         'demo': ['scikit-learn>=1.0', 'matplotlib>=3.3'],
         'tests': ['pytest>=7'],
     },
