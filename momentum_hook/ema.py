@@ -4,28 +4,22 @@
 ``target.lerp_(online, 1 - m)``: one read of each network and one write of
 the target, the least memory traffic the update allows.
 
-Speed comes from the layout of the weights, which this module leaves to the
-caller and detects on every call:
-
-- tensors are grouped by device and dtype and each group is updated by one
-  ``torch._foreach_lerp_`` (a few kernel launches for the whole group);
-- a group whose target tensors and online tensors are each laid out back to
-  back in one storage (see :func:`flatten_parameters_`) is updated by a single
-  ``lerp_`` over that flat memory, the bandwidth limit on a GPU.
-
-Nothing here synchronises host and device: the momentum is a Python float.
+The tensors are each rank's local shards (:mod:`~momentum_hook.local_shards`),
+grouped by device and dtype; each group is updated by one
+``torch._foreach_lerp_``, a few kernel launches for the whole group. The
+user's tensors are never moved, re-laid out or re-allocated. Nothing here
+synchronises host and device: the momentum is a Python float.
 """
 import warnings
+from operator import getitem
 
 import torch
 from torch import nn
 
+from .local_shards import check_alike, local_shards, tensor_shard
 from .validation import check_momentum
 
-__all__ = [
-    'BUFFER_POLICIES', 'momentum_update_', 'flatten_parameters_',
-    'ModuleUpdatePlan'
-]
+__all__ = ['BUFFER_POLICIES', 'momentum_update_', 'ModuleUpdatePlan']
 
 #: What :func:`momentum_update_` does with the target module's buffers.
 #:
@@ -56,17 +50,6 @@ def _as_tensor_list(tensors, name):
     return tensors
 
 
-def _check_pairs(targets, onlines, what):
-    if len(targets) != len(onlines):
-        raise ValueError(f'target has {len(targets)} {what} but online has '
-                         f'{len(onlines)}: they must be the same network')
-    for index, (target, online) in enumerate(zip(targets, onlines)):
-        if target.shape != online.shape:
-            raise ValueError(
-                f'{what} {index} differs in shape: target '
-                f'{tuple(target.shape)} vs online {tuple(online.shape)}')
-
-
 def _warn_if_lost(dtype, weight):
     """Warn once per dtype when ``weight`` steps round to nothing in it."""
     eps = torch.finfo(dtype).eps
@@ -77,23 +60,6 @@ def _warn_if_lost(dtype, weight):
             f'{eps:.3g}: most target updates in {dtype} round to no change. '
             'Keep the target network in float32 (autocast still computes in '
             'low precision).', RuntimeWarning, stacklevel=3)
-
-
-def _flat(tensors):
-    """One 1-D view over ``tensors`` if they lie back to back, else None."""
-    first = tensors[0]
-    size = first.element_size()
-    pointer = first.data_ptr()
-    total = 0
-    for tensor in tensors:
-        if tensor.data_ptr() != pointer + total * size or \
-                not tensor.is_contiguous():
-            return None
-        total += tensor.numel()
-    end = (first.storage_offset() + total) * size
-    if end > first.untyped_storage().nbytes():
-        return None  # consecutive addresses, but not one storage
-    return first.as_strided((total, ), (1, ))
 
 
 def _grouped(targets, onlines):
@@ -110,21 +76,14 @@ def _plan_lerp(targets, onlines):
     """The kernels that lerp ``targets`` towards ``onlines``, as a list.
 
     One entry per device/dtype group: ``(kind, targets, onlines, dtype)``
-    with kind ``'flat'`` (one ``lerp_`` over the group's flat memory),
-    ``'foreach'`` (one ``_foreach_lerp_``) or ``'cast'`` (online tensors on
-    another device or dtype, converted one by one).
+    with kind ``'foreach'`` (one ``torch._foreach_lerp_``) or ``'cast'``
+    (online tensors on another device or dtype, converted one by one).
     """
     steps = []
     for (device, dtype, online_device, online_dtype), (group_t, group_o) in \
             _grouped(targets, onlines).items():
-        if (device, dtype) != (online_device, online_dtype):
-            steps.append(('cast', group_t, group_o, dtype))
-            continue
-        flat_t, flat_o = _flat(group_t), _flat(group_o)
-        if flat_t is not None and flat_o is not None:
-            steps.append(('flat', flat_t, flat_o, dtype))
-        else:
-            steps.append(('foreach', group_t, group_o, dtype))
+        same = (device, dtype) == (online_device, online_dtype)
+        steps.append(('foreach' if same else 'cast', group_t, group_o, dtype))
     return steps
 
 
@@ -132,9 +91,7 @@ def _run_lerp(steps, weight):
     for kind, target, online, dtype in steps:
         if dtype in _LOW_PRECISION:
             _warn_if_lost(dtype, weight)
-        if kind == 'flat':
-            target.lerp_(online, weight)
-        elif kind == 'foreach':
+        if kind == 'foreach':
             torch._foreach_lerp_(target, online, weight)
         else:
             for target_tensor, online_tensor in zip(target, online):
@@ -161,64 +118,96 @@ def check_buffer_policy(buffers):
                          f'{buffers!r}')
 
 
-# Counts parameter, buffer and submodule (re)assignments on any module, so
-# that a ModuleUpdatePlan notices one without walking its modules again.
-_registrations = [0]
-
-
-def _count_registration(module, name, value):
-    _registrations[0] += 1
-
-
-for _register in (
-        nn.modules.module.register_module_parameter_registration_hook,
-        nn.modules.module.register_module_buffer_registration_hook,
-        nn.modules.module.register_module_module_registration_hook):
-    _register(_count_registration)
+def _structure(modules, buffers):
+    """Each module's parameter, submodule (and buffer) slots, as parallel
+    lists ``(containers, keys, ids of the values)``."""
+    containers, keys, ids = [], [], []
+    for module in modules:
+        slots = [module._parameters, module._modules]
+        if buffers:
+            slots.append(module._buffers)
+        for slot in slots:
+            for key, value in slot.items():
+                containers.append(slot)
+                keys.append(key)
+                ids.append(id(value))
+    return containers, keys, ids
 
 
 class ModuleUpdatePlan:
     """:func:`momentum_update_` for one (target, online) module pair, planned.
 
-    Planning walks both modules, checks them, groups their tensors and finds
-    the flat ones; :meth:`update_` then only launches the planned kernels.
-    :meth:`is_current` says, cheaply, whether the plan still describes the
-    modules: no parameter, buffer or submodule was assigned on any module
-    since (``module.x = ...``, ``load_state_dict(assign=True)``) and every
-    parameter still has the storage address it was planned with (a
-    ``.to()``, ``.cuda()`` or ``.data = ...`` moves it). Storage moves that
-    keep parameter objects and addresses are undetectable here; callers that
-    move modules (``.to()`` with buffers) make a new plan, as
-    :class:`~momentum_hook.MomentumTargetMixin` does in ``_apply``.
+    Planning walks both modules, finds each parameter's rank-local tensor
+    (:mod:`~momentum_hook.local_shards`), checks that the two sides are
+    sharded alike and groups the tensors by device and dtype; :meth:`update_`
+    then only launches one ``torch._foreach_lerp_`` per group.
+
+    :meth:`is_current` says whether the plan still describes the modules,
+    with a check local to them: every parameter, submodule (and, for the
+    ``'copy'``/``'average'`` policies, buffer) slot of both networks still
+    holds the object it held when planned, every sharded parameter still
+    links to the same local tensor, and every planned tensor still has the
+    storage address it was planned with. That catches assignments
+    (``module.x = ...``, ``load_state_dict(assign=True)``), ``.data`` swaps
+    and device or dtype moves (``.to()``, ``.cuda()``, ``.half()``). It
+    costs a few C-level passes over lists, no walk of the modules.
 
     Args:
         target (nn.Module): The target network.
-        online (nn.Module): The online network, the same architecture.
+        online (nn.Module): The online network, the same architecture,
+            sharded the same way.
         buffers (str): One of :data:`BUFFER_POLICIES`.
 
     Raises:
-        ValueError: If the modules differ in parameter or (for ``'copy'`` and
-            ``'average'``) buffer count or shapes.
+        ValueError: If the modules differ in parameter count, shape or
+            sharding layout, share memory, hold meta tensors, or (for
+            ``'copy'`` and ``'average'``) differ in their buffers.
     """
 
     def __init__(self, target, online, buffers='keep'):
         check_buffer_policy(buffers)
         self.buffers = buffers
-        self.registrations = _registrations[0]
-        targets, onlines = list(target.parameters()), list(online.parameters())
-        _check_pairs(targets, onlines, 'parameters')
+        targets, onlines = local_shards(target), local_shards(online)
+        check_alike(targets, onlines)
+        if not targets:
+            raise ValueError(
+                'the online network has no parameters, so the momentum '
+                'update would do nothing: pass the networks themselves '
+                '(e.g. a wrapped model\'s online and target submodules)')
         self.buffer_pairs = None
+        buffer_tensors = []
         if buffers != 'keep':  # checked before anything is written
-            self.buffer_pairs = (list(target.buffers()), list(online.buffers()))
-            _check_pairs(*self.buffer_pairs, 'buffers')
-        self.params = targets + onlines
-        self.addresses = [param.data_ptr() for param in self.params]
-        self.steps = _plan_lerp(targets, onlines)
+            buffer_shards = [[tensor_shard(name, tensor)
+                              for name, tensor in module.named_buffers()]
+                             for module in (target, online)]
+            check_alike(*buffer_shards, what='buffers')
+            self.buffer_pairs = [[shard.tensor for shard in side]
+                                 for side in buffer_shards]
+            buffer_tensors = self.buffer_pairs[0] + self.buffer_pairs[1]
+        self.steps = _plan_lerp([shard.tensor for shard in targets],
+                                [shard.tensor for shard in onlines])
+        shards = targets + onlines
+        linked = [shard for shard in shards if shard.link is not None]
+        self._owners = [shard.owner for shard in linked]
+        self._links = [shard.link for shard in linked]
+        self._linked_ids = [id(shard.base) for shard in linked]
+        self._bases = [shard.base for shard in shards] + buffer_tensors
+        self._pointers = [base.data_ptr() for base in self._bases]
+        modules = dict.fromkeys([*target.modules(), *online.modules()])
+        self._containers, self._keys, self._ids = _structure(
+            modules, buffers != 'keep')
 
     def is_current(self):
         """Whether the plan still matches the modules (see the class doc)."""
-        return (self.registrations == _registrations[0] and
-                [param.data_ptr() for param in self.params] == self.addresses)
+        try:
+            slots = list(map(id, map(getitem, self._containers, self._keys)))
+        except KeyError:  # a parameter, buffer or submodule was deleted
+            return False
+        return (slots == self._ids and list(
+            map(id, map(getattr, self._owners, self._links))) ==
+                self._linked_ids and
+                list(map(torch.Tensor.data_ptr, self._bases)) ==
+                self._pointers)
 
     @torch.no_grad()
     def update_(self, momentum):
@@ -233,11 +222,17 @@ class ModuleUpdatePlan:
 def momentum_update_(target, online, momentum, buffers='keep'):
     """In place, ``target = momentum * target + (1 - momentum) * online``.
 
+    Each rank updates the elements it holds (see
+    :mod:`~momentum_hook.local_shards`): plain, DDP and ZeRO-1/2 parameters
+    whole, FSDP2 parameters through their local tensors, FSDP1 units through
+    their flat shards, ZeRO-3 parameters through their partitions. Nothing is
+    communicated, gathered or allocated in proportion to the model.
+
     Args:
         target (nn.Module | Sequence[Tensor]): The target network, or its
             tensors; updated in place.
         online (nn.Module | Sequence[Tensor]): The online network, or its
-            tensors, in the same order and shapes.
+            tensors, in the same order, shapes and sharding.
         momentum (float): The weight of the old target, in [0, 1]: 1 keeps the
             target, 0 copies the online network.
         buffers (str): For modules, what to do with the target's buffers, one
@@ -246,8 +241,9 @@ def momentum_update_(target, online, momentum, buffers='keep'):
     Raises:
         TypeError: If ``target``/``online`` are not both modules or both
             tensor sequences, or ``momentum`` is not a real number.
-        ValueError: If the two differ in count or shape, ``momentum`` is
-            outside [0, 1] or ``buffers`` is unknown.
+        ValueError: If the two differ in count, shape or sharding, share
+            memory, hold meta tensors, ``momentum`` is outside [0, 1] or
+            ``buffers`` is unknown.
 
     Warns:
         RuntimeWarning: Once per dtype, when the target is float16/bfloat16
@@ -267,45 +263,11 @@ def momentum_update_(target, online, momentum, buffers='keep'):
     if buffers != 'keep':
         raise ValueError(f'buffers={buffers!r} needs nn.Modules, got tensor '
                          'sequences')
-    targets = _as_tensor_list(target, 'target')
-    onlines = _as_tensor_list(online, 'online')
-    _check_pairs(targets, onlines, 'tensors')
-    _run_lerp(_plan_lerp(targets, onlines), 1.0 - momentum)
-
-
-@torch.no_grad()
-def flatten_parameters_(module):
-    """Lay ``module``'s parameters back to back in one buffer per device/dtype.
-
-    Each parameter keeps its identity (optimizers and DDP hold the same
-    ``Parameter`` objects) and its values; only its ``.data`` becomes a view
-    into the flat buffer, so that :func:`momentum_update_` updates the whole
-    group with one ``lerp_``. In-place writes (``load_state_dict``, optimizer
-    steps) keep the layout; anything that replaces ``.data`` (``.to()``,
-    ``.cuda()``, ``load_state_dict(assign=True)``) breaks it, which
-    :func:`momentum_update_` detects and handles on the slower path until this
-    function is called again. :class:`~momentum_hook.MomentumTargetMixin`
-    calls it again after every device or dtype move.
-
-    Args:
-        module (nn.Module): The module; its parameters' gradients are left
-            alone.
-
-    Returns:
-        nn.Module: ``module``.
-    """
-    groups = {}
-    for param in module.parameters():
-        groups.setdefault((param.device, param.dtype), []).append(param)
-    for (device, dtype), params in groups.items():
-        if _flat([p.data for p in params]) is not None:
-            continue
-        flat = torch.empty(sum(p.numel() for p in params), device=device,
-                           dtype=dtype)
-        offset = 0
-        for param in params:
-            view = flat[offset:offset + param.numel()].view_as(param)
-            view.copy_(param.data)
-            param.data = view
-            offset += param.numel()
-    return module
+    targets, onlines = (
+        [tensor_shard(f'{name}[{index}]', tensor)
+         for index, tensor in enumerate(_as_tensor_list(tensors, name))]
+        for name, tensors in (('target', target), ('online', online)))
+    check_alike(targets, onlines, what='tensors')
+    _run_lerp(_plan_lerp([shard.tensor for shard in targets],
+                         [shard.tensor for shard in onlines]),
+              1.0 - momentum)

@@ -3,7 +3,7 @@ import copy
 
 from torch import nn
 
-from .ema import ModuleUpdatePlan, check_buffer_policy, flatten_parameters_
+from .ema import ModuleUpdatePlan, check_buffer_policy
 from .validation import check_momentum
 
 __all__ = ['MomentumTargetMixin']
@@ -26,16 +26,14 @@ class MomentumTargetMixin:
     ``momentum_update()`` computes ``target = m * target + (1 - m) * online``
     with ``m = self.momentum`` like :func:`~momentum_hook.momentum_update_`,
     through a :class:`~momentum_hook.ema.ModuleUpdatePlan` it keeps while it
-    is current, so that a call costs a few kernel launches and an address
-    check, not a walk of both networks. With ``flatten=True`` (the
-    default) both networks' parameters are laid out back to back (see
-    :func:`~momentum_hook.ema.flatten_parameters_`), again after every
-    ``.to()`` / ``.cuda()`` / ``.half()``, ``copy.deepcopy`` and unpickling,
-    so the update is one ``lerp_`` per device and dtype.
+    is current, so that a call costs a few kernel launches and a check local
+    to the two networks, not a walk of both. Under FSDP or DeepSpeed it
+    updates each rank's shards (see :mod:`momentum_hook.local_shards`); make
+    the target here, before wrapping, and wrap both networks alike.
     """
 
     def init_momentum_target(self, online, base_momentum=0.99,
-                             buffers='keep', flatten=True):
+                             buffers='keep'):
         """Make the target a frozen copy of ``online`` and return it.
 
         Assign the result to an attribute (``self.target_net = ...``) so that
@@ -49,8 +47,6 @@ class MomentumTargetMixin:
             buffers (str): The target's buffer policy, one of
                 :data:`~momentum_hook.BUFFER_POLICIES`. Defaults to
                 ``'keep'`` (MMSelfSup 0.x's BYOL).
-            flatten (bool): Keep each network's parameters in one flat
-                buffer per device and dtype. Defaults to True.
 
         Returns:
             nn.Module: The target network: a deep copy of ``online`` whose
@@ -68,33 +64,14 @@ class MomentumTargetMixin:
         self.momentum = self.base_momentum
         target = copy.deepcopy(online).requires_grad_(False)
         # Plain attributes, not submodules: the caller registers both.
-        self.__dict__['_momentum_pair'] = (online, target, buffers, flatten)
-        self._flatten_momentum_pair()
+        self.__dict__['_momentum_pair'] = (online, target, buffers)
         return target
-
-    def _flatten_momentum_pair(self):
-        online, target, _, flatten = self.__dict__['_momentum_pair']
-        self.__dict__.pop('_momentum_plan', None)
-        if flatten:
-            flatten_parameters_(online)
-            flatten_parameters_(target)
-
-    def _apply(self, fn, *args, **kwargs):
-        result = super()._apply(fn, *args, **kwargs)
-        if '_momentum_pair' in self.__dict__:
-            self._flatten_momentum_pair()
-        return result
 
     def __getstate__(self):
         state = super().__getstate__()
-        state.pop('_momentum_plan', None)  # views of this copy's memory
+        # The plan holds this copy's tensors; a copy plans its own.
+        state.pop('_momentum_plan', None)
         return state
-
-    def __setstate__(self, state):
-        # copy.deepcopy and pickle rebuild parameters one by one.
-        super().__setstate__(state)
-        if '_momentum_pair' in self.__dict__:
-            self._flatten_momentum_pair()
 
     def momentum_update(self):
         """``target = m * target + (1 - m) * online``, m = ``self.momentum``."""
@@ -104,7 +81,21 @@ class MomentumTargetMixin:
                 'init_momentum_target(): call it in __init__')
         plan = self.__dict__.get('_momentum_plan')
         if plan is None or not plan.is_current():
-            online, target, buffers, _ = self.__dict__['_momentum_pair']
-            plan = ModuleUpdatePlan(target, online, buffers)
+            online, target, buffers = self.__dict__['_momentum_pair']
+            plan = ModuleUpdatePlan(self._outermost(target),
+                                    self._outermost(online), buffers)
             self.__dict__['_momentum_plan'] = plan
         plan.update_(self.momentum)
+
+    def _outermost(self, network):
+        """``network``, or the wrapper inside ``self`` that now holds it.
+
+        Wrapping a submodule (FSDP1's per-unit wrap, a checkpoint wrapper)
+        puts a wrapper whose ``module`` is the network in its place; the
+        wrapper holds what is updated (an FSDP1 unit's flat shard).
+        """
+        for module in self.modules():
+            if module is not network and \
+                    getattr(module, 'module', None) is network:
+                return self._outermost(module)
+        return network

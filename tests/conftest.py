@@ -1,8 +1,28 @@
 """Shared fixtures."""
+import socket
 import types
 
 import pytest
 import torch
+import torch.distributed as dist
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def single_rank_group():
+    """A one-process gloo group (FSDP2 and DDP need one), torn down after."""
+    dist.init_process_group('gloo', rank=0, world_size=1,
+                            init_method=f'tcp://127.0.0.1:{free_port()}')
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def pytest_collection_modifyitems(config, items):

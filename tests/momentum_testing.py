@@ -1,8 +1,8 @@
 """Helpers shared by the EMA, mixin and distributed tests; not a test module.
 
 The checks here are written independently of ``momentum_hook.ema``: the
-layout check reads pointers itself and the reference EMA is float64 arithmetic
-spelled out, so that the code under test never judges itself.
+reference EMA is float64 arithmetic spelled out, and the reference momentum
+the schedule's formula, so that the code under test never judges itself.
 """
 import math
 
@@ -26,20 +26,6 @@ def reference_momentum(k, max_iters, base, end=1.):
     """
     return end - (end - base) * (math.cos(math.pi * k / float(max_iters)) +
                                  1) / 2
-
-
-def is_flat(tensors):
-    """Whether ``tensors`` lie back to back, in order, in one storage."""
-    tensors = list(tensors)
-    storage = tensors[0].untyped_storage().data_ptr()
-    expected = tensors[0].data_ptr()
-    for tensor in tensors:
-        if (tensor.untyped_storage().data_ptr() != storage
-                or tensor.data_ptr() != expected
-                or not tensor.is_contiguous()):
-            return False
-        expected += tensor.numel() * tensor.element_size()
-    return True
 
 
 def float64_copy(tensors):
@@ -100,13 +86,12 @@ class TinyBYOL(MomentumTargetMixin, nn.Module):
     mmcv 1.x runner's entry point.
     """
 
-    def __init__(self, base_momentum=0.99, buffers='keep', flatten=True):
+    def __init__(self, base_momentum=0.99, buffers="keep"):
         super().__init__()
         self.online_net = nn.Sequential(
             nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU(), nn.Linear(3, 2))
         self.target_net = self.init_momentum_target(
-            self.online_net, base_momentum=base_momentum, buffers=buffers,
-            flatten=flatten)
+            self.online_net, base_momentum=base_momentum, buffers=buffers)
 
     def forward(self, x):
         with torch.no_grad():

@@ -1,10 +1,9 @@
-"""The mixin's flat layout under DistributedDataParallel, on two gloo ranks.
+"""The mixin under DistributedDataParallel, on two gloo ranks.
 
 Each rank starts from other weights and trains on other data; DDP must
-broadcast rank 0's weights into the flat buffers in place and average the
+broadcast rank 0's weights into both networks in place and average the
 gradients, so both ranks end with the same online and target networks, the
-target equal to a float64 EMA replayed from the recorded online weights, and
-the layout intact.
+target equal to a float64 EMA replayed from the recorded online weights.
 """
 import socket
 
@@ -13,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from momentum_testing import (TinyBYOL, assert_all_equal,
-                              assert_matches_reference, is_flat, params,
+                              assert_matches_reference,
                               replay_ema, snapshot)
 from torch.nn.parallel import DistributedDataParallel
 
@@ -27,24 +26,16 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def both_flat(model):
-    return is_flat(params(model.online_net)) and is_flat(
-        params(model.target_net))
-
-
 def train_rank(rank, port, out_dir):
-    """One rank: DDP-wrap a flat mixin model, train, record what it saw."""
+    """One rank: DDP-wrap a mixin model, train, record what it saw."""
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}',
                             rank=rank, world_size=WORLD_SIZE)
     try:
         torch.manual_seed(rank)  # other weights per rank until DDP syncs
         model = TinyBYOL()
-        flat_before = both_flat(model)
         ddp = DistributedDataParallel(model)
-        record = dict(flat_before=flat_before,
-                      flat_after_wrapping=both_flat(model),
-                      initial_target=snapshot(model.target_net.parameters()),
+        record = dict(initial_target=snapshot(model.target_net.parameters()),
                       online=[])
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
         torch.manual_seed(100 + rank)  # other data per rank
@@ -56,8 +47,7 @@ def train_rank(rank, port, out_dir):
             ddp.module.momentum_update()
             record['online'].append(snapshot(model.online_net.parameters()))
         # Buffers are left out: plain BatchNorm's statistics are per rank.
-        record.update(flat_after_training=both_flat(model),
-                      target=snapshot(model.target_net.parameters()))
+        record.update(target=snapshot(model.target_net.parameters()))
         torch.save(record, out_dir / f'rank{rank}.pth')
     finally:
         dist.destroy_process_group()
@@ -75,13 +65,6 @@ def ranks(tmp_path_factory):
                        start_method=start_method)
     return [torch.load(out_dir / f'rank{rank}.pth')
             for rank in range(WORLD_SIZE)]
-
-
-def test_flat_layout_survives_ddp_wrapping_and_training(ranks):
-    for record in ranks:
-        assert record['flat_before']
-        assert record['flat_after_wrapping']
-        assert record['flat_after_training']
 
 
 def test_ranks_agree_and_the_target_matches_the_reference(ranks):

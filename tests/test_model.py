@@ -1,11 +1,12 @@
-"""MomentumTargetMixin: the frozen copy, the contract, the flat layout across
-moves, state_dict and checkpoints, and a real mmcv 1.x runner.
+"""MomentumTargetMixin: the frozen copy, the contract, moves, the user's
+tensors left as they are, state_dict and checkpoints, a planned update that
+follows every change, and a real mmcv 1.x runner.
 
 References are float64 EMAs replayed here from recorded online weights, with
 the convention ``target = m * target + (1 - m) * online``.
 """
 import copy
-import math
+import io
 import pickle
 
 import mmcv
@@ -14,8 +15,8 @@ import torch
 from mmcv.runner import Hook, IterBasedRunner
 from momentum_testing import (Interrupt, InterruptBefore, TinyBYOL,
                               assert_all_equal, assert_matches_reference,
-                              cuda_only, ema_step, float64_copy, is_flat,
-                              params, replay_ema, snapshot)
+                              cuda_only, ema_step, float64_copy, params,
+                              reference_momentum, replay_ema, snapshot)
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -27,11 +28,6 @@ from momentum_hook.mmcv_hook import MomentumUpdateHook
 def tiny_model(seed=0, **kwargs):
     torch.manual_seed(seed)
     return TinyBYOL(**kwargs)
-
-
-def assert_both_flat(model):
-    assert is_flat(params(model.online_net))
-    assert is_flat(params(model.target_net))
 
 
 def sgd_step(model, optimizer, seed):
@@ -99,9 +95,8 @@ def test_momentum_update_before_init_is_refused():
         Forgetful().momentum_update()
 
 
-@pytest.mark.parametrize('flatten', [True, False])
-def test_momentum_update_matches_the_reference(flatten):
-    model = tiny_model(flatten=flatten)
+def test_momentum_update_matches_the_reference():
+    model = tiny_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     reference = float64_copy(params(model.target_net))
     for step, momentum in enumerate([0.99, 0.5, 0.9, 0]):
@@ -110,8 +105,6 @@ def test_momentum_update_matches_the_reference(flatten):
         model.momentum_update()
         reference = ema_step(reference, params(model.online_net), momentum)
     assert_matches_reference(params(model.target_net), reference)
-    assert is_flat(params(model.target_net)) == flatten
-    assert is_flat(params(model.online_net)) == flatten
 
 
 @pytest.mark.parametrize('policy', ['keep', 'copy'])
@@ -134,7 +127,7 @@ MOVES = {
 
 
 @pytest.mark.parametrize('move', MOVES.values(), ids=MOVES.keys())
-def test_moves_reflatten_and_keep_values(move):
+def test_moves_keep_values_and_the_update_follows(move):
     model = tiny_model()
     model.momentum = 0.5
     model.momentum_update()  # the target differs from the online network
@@ -142,13 +135,12 @@ def test_moves_reflatten_and_keep_values(move):
     identities = [id(p) for p in model.parameters()]
     values = snapshot(model.state_dict().values())
     assert move(model) is model
-    assert_both_flat(model)
     assert [id(p) for p in model.parameters()] == identities
     for moved, before in zip(model.state_dict().values(), values):
         torch.testing.assert_close(moved.cpu(), before.to(moved.dtype),
                                    rtol=0, atol=0)
     # An optimizer built before the move still trains the same parameters,
-    # in place: the layout holds and the update still matches.
+    # and the update follows them to their new memory.
     dtype = params(model)[0].dtype
     reference = float64_copy(params(model.target_net))
     torch.manual_seed(1)
@@ -157,12 +149,11 @@ def test_moves_reflatten_and_keep_values(move):
         .backward()
     optimizer.step()
     model.momentum_update()
-    assert_both_flat(model)
     reference = ema_step(reference, params(model.online_net), 0.5)
     assert_matches_reference(params(model.target_net), reference, dtype)
 
 
-def test_load_state_dict_keeps_the_layout_and_loads_values():
+def test_load_state_dict_loads_values_in_place():
     model, other = tiny_model(seed=0), tiny_model(seed=1)
     other.momentum = 0.5
     other(torch.randn(4, 4))
@@ -171,7 +162,6 @@ def test_load_state_dict_keeps_the_layout_and_loads_values():
     model.load_state_dict(other.state_dict())
     assert_all_equal(model.state_dict().values(), other.state_dict().values())
     assert [p.data_ptr() for p in model.parameters()] == pointers
-    assert_both_flat(model)
 
 
 def test_saved_state_dict_round_trip(tmp_path):
@@ -186,7 +176,6 @@ def test_saved_state_dict_round_trip(tmp_path):
                            params(model.target_net)[0])
     fresh.load_state_dict(torch.load(tmp_path / 'model.pth'))
     assert_all_equal(fresh.state_dict().values(), model.state_dict().values())
-    assert_both_flat(fresh)
     # Both go on identically from there.
     for each in (model, fresh):
         each.momentum = 0.9
@@ -194,20 +183,24 @@ def test_saved_state_dict_round_trip(tmp_path):
     assert_all_equal(params(fresh.target_net), params(model.target_net))
 
 
-def test_deep_copy_updates_its_own_networks():
+@pytest.mark.parametrize('duplicate', [
+    copy.deepcopy, lambda model: pickle.loads(pickle.dumps(model))
+], ids=['deepcopy', 'pickle'])
+def test_a_copy_updates_its_own_networks(duplicate):
     model = tiny_model()
     original_target = snapshot(model.target_net.parameters())
-    duplicate = copy.deepcopy(model)
+    clone = duplicate(model)
+    assert_all_equal(clone.state_dict().values(), model.state_dict().values())
     with torch.no_grad():
-        for param in duplicate.online_net.parameters():
+        for param in clone.online_net.parameters():
             param.add_(1)
-    duplicate.momentum = 0.5
-    duplicate.momentum_update()
+    clone.momentum = 0.5
+    clone.momentum_update()
     assert_all_equal(params(model.target_net), original_target)
     assert_matches_reference(
-        params(duplicate.target_net),
-        ema_step(float64_copy(original_target),
-                 params(duplicate.online_net), 0.5))
+        params(clone.target_net),
+        ema_step(float64_copy(original_target), params(clone.online_net),
+                 0.5))
 
 
 class RecordOnline(Hook):
@@ -242,11 +235,6 @@ def batches(count=3):
     return DataLoader(list(torch.randn(count, 4, 4)), batch_size=None)
 
 
-def cosine(k, max_iters, base, end=1.):
-    """MMSelfSup 0.x's momentum before iteration ``k``, written out."""
-    return end - (end - base) * (math.cos(math.pi * k / max_iters) + 1) / 2
-
-
 def test_mixin_with_the_hook_on_a_real_runner(tmp_path):
     model = tiny_model(base_momentum=0.9)
     initial = snapshot(model.target_net.parameters())
@@ -254,12 +242,11 @@ def test_mixin_with_the_hook_on_a_real_runner(tmp_path):
     recorder = RecordOnline()
     runner.register_hook(recorder, priority='LOWEST')
     runner.run([batches()], [('train', 5)])
-    momenta = [cosine(k, 5, 0.9) for k in range(5)]
+    momenta = [reference_momentum(k, 5, 0.9) for k in range(5)]
     assert recorder.momenta == pytest.approx(momenta, abs=1e-12)
     assert_matches_reference(params(model.target_net),
                              replay_ema(initial, recorder.online, momenta))
     assert not torch.equal(params(model.target_net)[0], initial[0])
-    assert_both_flat(model)
 
 
 def test_checkpoint_resume_gives_the_uninterrupted_target(tmp_path):
@@ -285,10 +272,8 @@ def test_checkpoint_resume_gives_the_uninterrupted_target(tmp_path):
     assert runner.iter == 3
     assert_all_equal(resumed.state_dict().values(),
                      interrupted.state_dict().values())
-    assert_both_flat(resumed)
     runner.run([batches()], [('train', 6)])
 
-    assert_both_flat(resumed)
     assert not torch.equal(params(resumed.target_net)[0],
                            params(interrupted.target_net)[0])
     assert_all_equal(resumed.target_net.state_dict().values(),
@@ -296,17 +281,6 @@ def test_checkpoint_resume_gives_the_uninterrupted_target(tmp_path):
     assert_all_equal(resumed.online_net.state_dict().values(),
                      whole.online_net.state_dict().values())
     assert resumed.momentum == whole.momentum
-
-
-def test_deepcopy_and_pickle_keep_the_flat_layout():
-    model = TinyBYOL()
-    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        online, target, _, _ = clone.__dict__['_momentum_pair']
-        assert online is clone.online_net and target is clone.target_net
-        for net, original in ((clone.online_net, model.online_net),
-                              (clone.target_net, model.target_net)):
-            assert is_flat(params(net))
-            assert_all_equal(params(net), params(original))
 
 
 def test_a_second_target_is_refused():
@@ -339,28 +313,106 @@ def _to_float64(model):
     model.double()
 
 
+def _replace_buffer(model):
+    norm = model.online_net[1]
+    norm.running_mean = torch.full_like(norm.running_mean, 4.)
+
+
 @pytest.mark.parametrize('change', [_replace_parameter, _replace_data,
                                     _replace_layer, _assign_state,
-                                    _to_float64])
+                                    _to_float64, _replace_buffer])
 def test_planned_update_follows_changes_to_the_networks(change):
     """The mixin reuses its plan between calls; no change may make it stale.
 
     After each change the next update must use the networks' current
-    parameters, exactly as the stateless momentum_update_ does.
+    tensors (buffers too, under the 'copy' policy), exactly as the
+    stateless momentum_update_ does on a copy of the model.
     """
-    model = tiny_model()
+    model = tiny_model(buffers='copy')
+    with torch.no_grad():  # the online network moves away from the target
+        for param in model.online_net.parameters():
+            param.add_(0.5)
     model.momentum = 0.9
-    model.momentum_update()  # makes the plan
-    plan = model.__dict__['_momentum_plan']
-    assert plan.is_current()
+    model.momentum_update()  # plans, and the plan is reused below
     model.momentum_update()
-    assert model.__dict__['_momentum_plan'] is plan  # reused
 
     change(model)
     expected = copy.deepcopy(model)
     momentum_hook.momentum_update_(expected.target_net, expected.online_net,
-                                   0.5)
+                                   0.5, buffers='copy')
+    assert not all(map(torch.equal, expected.target_net.state_dict().values(),
+                       model.target_net.state_dict().values()))
     model.momentum = 0.5
     model.momentum_update()
-    assert_all_equal(params(model.target_net), params(expected.target_net))
-    assert model.__dict__['_momentum_plan'] is not plan
+    assert_all_equal(model.target_net.state_dict().values(),
+                     expected.target_net.state_dict().values())
+
+
+class ConvBYOL(MomentumTargetMixin, nn.Module):
+    """A convolutional online network with its target."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.online_net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(),
+                                        nn.Conv2d(8, 4, 3))
+        self.target_net = self.init_momentum_target(self.online_net)
+
+
+def test_channels_last_stays_channels_last():
+    model = ConvBYOL().to(memory_format=torch.channels_last)
+    reference = float64_copy(params(model.target_net))
+    with torch.no_grad():
+        for param in model.online_net.parameters():
+            param.mul_(2)
+    for momentum in (0.9, 0.5):
+        model.momentum = momentum
+        model.momentum_update()
+        reference = ema_step(reference, params(model.online_net), momentum)
+    for net in (model.online_net, model.target_net):
+        for layer in (net[0], net[2]):
+            assert layer.weight.is_contiguous(
+                memory_format=torch.channels_last)
+    assert_matches_reference(params(model.target_net), reference)
+
+
+def saved_size(state_dict):
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    return buffer.tell()
+
+
+def test_a_submodule_state_dict_saves_only_its_own_weights():
+    """Exporting a backbone writes the backbone, not the whole network."""
+    model = ConvBYOL()
+    model.momentum_update()
+    first = model.online_net[0]
+    own_bytes = sum(t.numel() * t.element_size()
+                    for t in first.state_dict().values())
+    whole_bytes = sum(t.numel() * t.element_size()
+                      for t in model.state_dict().values())
+    assert own_bytes * 3 < whole_bytes
+    assert saved_size(first.state_dict()) < own_bytes + 2048
+
+
+def test_fsdp2_then_a_dtype_move(single_rank_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_model()
+    mesh = init_device_mesh('cpu', (1, ))
+    for net in (model.online_net, model.target_net):
+        fully_shard(net, mesh=mesh)
+    model.to(torch.float64)
+    with torch.no_grad():
+        for param in model.online_net.parameters():
+            param.add_(1)
+    # On one rank full_tensor() may alias the local shard: copy it.
+    full = [p.full_tensor().clone() for p in model.target_net.parameters()]
+    model.momentum = 0.5
+    model.momentum_update()
+    online = [p.full_tensor() for p in model.online_net.parameters()]
+    target = [p.full_tensor() for p in model.target_net.parameters()]
+    assert {t.dtype for t in target} == {torch.float64}
+    assert_matches_reference(target, ema_step(float64_copy(full), online, 0.5),
+                             torch.float64)
