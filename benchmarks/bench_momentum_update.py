@@ -9,12 +9,12 @@ use, and by :func:`momentum_hook.momentum_update_`:
 - timm ``ModelEmaV3.update`` (re-implemented here when timm is missing);
 - ``torch._foreach_mul_`` + ``torch._foreach_add_``;
 - ``torch._foreach_lerp_``;
-- one ``lerp_`` over two flat buffers (the bandwidth limit, in practice);
-- ours: :func:`momentum_hook.momentum_update_` on the networks as built
-  (the ``_foreach_lerp_`` path) and on the flat layout that
-  :class:`momentum_hook.MomentumTargetMixin` keeps (one ``lerp_``, after a
-  walk of both networks per call), and the mixin's ``momentum_update()``,
-  which reuses its plan (one ``lerp_`` and an address check per call).
+- one ``lerp_`` over two flat copies of the weights (the bandwidth limit,
+  in practice; no user's model is laid out like that);
+- ours: :func:`momentum_hook.momentum_update_` (a walk of both networks and
+  one ``_foreach_lerp_`` per call), and
+  :class:`momentum_hook.MomentumTargetMixin`'s ``momentum_update()``, which
+  reuses its plan (a staleness check and one ``_foreach_lerp_`` per call).
 
 Each style is first checked once against a float64 reference, so that no
 timing of a wrong update is ever printed. The styles are then timed in
@@ -76,8 +76,7 @@ COPY_LABEL = 'copy (bandwidth probe)'
 LOOP_LABEL = 'MMSelfSup 0.x loop'
 FLAT_LABEL = 'one flat lerp_ (reference)'
 STATS = {'median': statistics.median, 'min': min}
-OURS_LABELS = ('ours: momentum_update_, modules as built',
-               'ours: momentum_update_, flattened modules',
+OURS_LABELS = ('ours: momentum_update_',
                'ours: MomentumTargetMixin.momentum_update()')
 
 
@@ -137,22 +136,18 @@ def mmselfsup_loop(online, target, momentum):
             1. - momentum)
 
 
-def flat_buffer(module):
-    """The one flat buffer behind a module laid out by flatten_parameters_.
+def flat_copy(module):
+    """One flat copy of ``module``'s parameters and views of it, per tensor.
 
-    Raises:
-        RuntimeError: If the parameters do not fill one storage back to back.
+    Returns:
+        tuple[Tensor, list[Tensor]]: The flat buffer and, in parameter
+        order, views of it shaped like the parameters.
     """
     params = list(module.parameters())
-    first = params[0].data
-    numel = sum(p.numel() for p in params)
-    storage = first.untyped_storage()
-    if storage.nbytes() != numel * first.element_size() or \
-            first.storage_offset() != 0 or any(
-                p.untyped_storage().data_ptr() != storage.data_ptr()
-                for p in params):
-        raise RuntimeError('the parameters are not in one flat buffer')
-    return first.as_strided((numel, ), (1, ), 0)
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    views = [view.view_as(p) for view, p in zip(
+        flat.split([p.numel() for p in params]), params)]
+    return flat, views
 
 
 class Pair(MomentumTargetMixin, nn.Module):
@@ -172,9 +167,8 @@ def build_networks(name, device):
     style that swapped the roles or skipped the update fails the check.
 
     Returns:
-        dict[str, nn.Module]: ``online``, ``target``, ``flat_online`` and
-        ``flat_target`` (laid out flat by the mixin) and ``pair``, the mixin;
-        the targets do not require gradients.
+        dict[str, nn.Module]: ``online``, ``target`` and ``pair``, the mixin
+        holding copies of both; the targets do not require gradients.
     """
     with torch.device(device):
         online = getattr(torchvision.models, name)(weights=None)
@@ -185,13 +179,7 @@ def build_networks(name, device):
             param.add_(torch.randn(param.shape, generator=generator,
                                    device=device), alpha=0.1)
     pair = Pair(copy.deepcopy(online), target)
-    return {
-        'online': online,
-        'target': target,
-        'flat_online': pair.online,
-        'flat_target': pair.target,
-        'pair': pair,
-    }
+    return {'online': online, 'target': target, 'pair': pair}
 
 
 def make_styles(nets, momentum):
@@ -201,13 +189,12 @@ def make_styles(nets, momentum):
     their tensor lists and flat buffers once, outside the timing; the library
     styles and ours do all their per-call work inside it.
     """
-    online, target = nets['online'], nets['target']
-    flat_online, flat_target = nets['flat_online'], nets['flat_target']
-    pair = nets['pair']
+    online, target, pair = nets['online'], nets['target'], nets['pair']
     pair.momentum = momentum
     onlines, targets = list(online.parameters()), list(target.parameters())
-    flat_onlines = list(flat_online.parameters())
-    flat_o, flat_t = flat_buffer(flat_online), flat_buffer(flat_target)
+    pair_onlines = list(pair.online.parameters())
+    (flat_o, flat_onlines), (flat_t, flat_targets) = (
+        flat_copy(online), flat_copy(target))
     weight = 1. - momentum
 
     averaged = AveragedModel(target,
@@ -234,15 +221,12 @@ def make_styles(nets, momentum):
               lambda: torch._foreach_lerp_(targets, onlines, weight),
               target.parameters, onlines),
         Style(FLAT_LABEL, lambda: flat_t.lerp_(flat_o, weight),
-              flat_target.parameters, flat_onlines),
+              lambda: flat_targets, flat_onlines),
         Style(OURS_LABELS[0], lambda: momentum_update_(target, online,
                                                        momentum),
               target.parameters, onlines),
-        Style(OURS_LABELS[1], lambda: momentum_update_(flat_target,
-                                                       flat_online, momentum),
-              flat_target.parameters, flat_onlines),
-        Style(OURS_LABELS[2], pair.momentum_update, flat_target.parameters,
-              flat_onlines),
+        Style(OURS_LABELS[1], pair.momentum_update, pair.target.parameters,
+              pair_onlines),
     ]
 
 
