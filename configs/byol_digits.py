@@ -4,17 +4,18 @@
 #   python -m momentum_hook.demo [this file] [--cfg-options k=v ...]
 #   torchrun --nproc_per_node=2 -m momentum_hook.demo --launcher pytorch
 
-# Importing momentum_hook registers MomentumUpdateHook (alias BYOLHook) in
-# mmcv.runner.HOOKS. The demo's model and dataset types live in
-# momentum_hook.demo.model.MODELS and momentum_hook.demo.data.DATASETS; add
-# your own module here to register yours there.
+# Importing momentum_hook registers the hook in mmcv.runner.HOOKS as
+# 'momentum_hook.MomentumUpdateHook'. The demo builds `model` from mmcv's
+# root registry mmcv.cnn.MODELS, where its own model is
+# 'momentum_hook.DigitsBYOL'; to use yours, register it in mmcv.cnn.MODELS
+# and add its module here.
 custom_imports = dict(imports=['momentum_hook'], allow_failed_imports=False)
 
 # Online network: CNN encoder -> MLP projector -> MLP predictor. Target:
 # a frozen copy of encoder + projector whose momentum the hook raises from
 # base_momentum to end_momentum along a cosine.
 model = dict(
-    type='DigitsBYOL',
+    type='momentum_hook.DigitsBYOL',
     in_channels=1,
     widths=(16, 32, 64),
     hidden_dim=256,
@@ -49,7 +50,7 @@ runner = dict(type='EpochBasedRunner', max_epochs=5)
 # The hook under demonstration: before every iteration it writes
 # m = end - (end - base) * (cos(pi k / K) + 1) / 2 into model.momentum,
 # after it calls model.momentum_update(); it logs m as target_momentum.
-custom_hooks = [dict(type='MomentumUpdateHook', end_momentum=1.)]
+custom_hooks = [dict(type='momentum_hook.MomentumUpdateHook', end_momentum=1.)]
 
 log_config = dict(interval=20, hooks=[dict(type='TextLoggerHook')])
 checkpoint_config = dict(interval=1, max_keep_ckpts=2)

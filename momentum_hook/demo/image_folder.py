@@ -7,7 +7,7 @@ used for training). Point the config at it::
     data = dict(samples_per_gpu=128, workers_per_gpu=0,
                 train=dict(type='ImageFolderTwoViews', root='my_images/train',
                            size=32, heldout_root='my_images/heldout'))
-    model = dict(type='DigitsBYOL', in_channels=3, ...)
+    model = dict(type='momentum_hook.DigitsBYOL', in_channels=3, ...)
 
 The images are resized, centre-cropped and loaded into memory once, which
 suits a few thousand small images; the views are made as for the digits

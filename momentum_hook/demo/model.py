@@ -8,6 +8,7 @@ that the hook drives. Nothing in the model schedules or applies the EMA.
 """
 import torch
 import torch.nn.functional as F
+from mmcv.cnn import MODELS as MMCV_MODELS
 from mmcv.utils import Registry
 from torch import nn
 
@@ -15,8 +16,13 @@ from momentum_hook import MomentumTargetMixin
 
 __all__ = ['MODELS', 'DigitsBYOL', 'byol_loss']
 
-#: Model types a config can name in ``model.type``.
-MODELS = Registry('model')
+#: The demo's own models: a child of mmcv's root registry
+#: ``mmcv.cnn.MODELS``, from which the demo builds ``cfg.model``, with the
+#: scope ``momentum_hook``, so that a config names them
+#: ``'momentum_hook.DigitsBYOL'`` and no other package can shadow them.
+#: Register your own models in ``mmcv.cnn.MODELS`` (or a child of it with
+#: your scope), not here.
+MODELS = Registry('model', parent=MMCV_MODELS, scope='momentum_hook')
 
 
 def _conv_block(in_channels, out_channels):
