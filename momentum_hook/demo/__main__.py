@@ -1,12 +1,12 @@
 """``python -m momentum_hook.demo``: BYOL on the digits, with the momentum hook.
 
 Trains the config's BYOL with a real mmcv 1.x ``EpochBasedRunner`` whose
-``custom_hooks`` hold ``MomentumUpdateHook``, then compares the features of
-the trained encoder with two baselines on held-out images and writes
-``results.json``, a plot of the momentum and the loss, the text and JSON
-logs and the checkpoints to the work dir. Under ``torchrun ... --launcher
-pytorch`` every process trains on its share of each batch; rank 0 evaluates
-and writes.
+``custom_hooks`` hold ``momentum_hook.MomentumUpdateHook``, then compares the
+features of the trained encoder with two baselines on held-out images and
+writes ``results.json``, a plot of the momentum and the loss, the text and
+JSON logs and the checkpoints to the work dir. Under ``torchrun ...
+--launcher pytorch`` every process trains on its share of each batch; rank 0
+evaluates and writes.
 
 Mistakes in the input end the program with one line on stderr and exit
 status 2.
@@ -22,8 +22,8 @@ import torch.distributed as dist
 from ..mmcv_hook import unwrap
 from .plot import momentum_schedule, plot_training, read_train_log
 from .report import compare_features, format_table, write_results
-from .train import (DemoError, default_config_path, init_distributed,
-                    load_config, prepare_work_dir, train)
+from .train import (CfgOptionsAction, DemoError, default_config_path,
+                    init_distributed, load_config, prepare_work_dir, train)
 
 __all__ = ['main', 'parse_args', 'run']
 
@@ -51,7 +51,8 @@ def parse_args(argv=None):
         '--work-dir', help='where logs, checkpoints, results.json and the '
         'plot go; defaults to ./work_dirs/<config name>')
     parser.add_argument(
-        '--cfg-options', nargs='+', metavar='KEY=VALUE', default=[],
+        '--cfg-options', nargs='+', action=CfgOptionsAction,
+        metavar='KEY=VALUE',
         help='override config entries, e.g. runner.max_epochs=2 '
         'optimizer.lr=0.001 data.train.repeat=1')
     parser.add_argument('--launcher', choices=['none', 'pytorch'],
@@ -105,10 +106,15 @@ def _evaluate(cfg, runner, initial_model, device, work_dir):
               'no held-out split.')
         return
     images, labels = heldout
+    from threadpoolctl import threadpool_limits  # scikit-learn's dependency
     try:
-        results = compare_features(
-            unwrap(runner.model).encoder, initial_model.encoder, images,
-            labels, device=device, **cfg.evaluation)
+        # scikit-learn's OpenMP threads as many as torch's (the config's
+        # omp_num_threads): two on two shared cores made the
+        # nearest-centroid episodes ten times slower.
+        with threadpool_limits(limits=torch.get_num_threads()):
+            results = compare_features(
+                unwrap(runner.model).encoder, initial_model.encoder, images,
+                labels, device=device, **cfg.evaluation)
     except (TypeError, ValueError) as error:
         raise DemoError(f'cannot evaluate (the checkpoints are saved): '
                         f'{error}') from None

@@ -10,29 +10,33 @@ Mistakes in what a user gives (a config that does not exist or does not
 build, an option that does not parse, a work dir that cannot be written)
 raise :class:`DemoError` with a one-line message.
 """
+import argparse
 import copy
 import os
 import os.path as osp
 import time
+from collections.abc import Mapping
 from importlib import resources
 
 import mmcv
 import torch
 import torch.distributed as dist
+from mmcv.cnn import MODELS
 from mmcv.parallel import MMDataParallel, MMDistributedDataParallel
 from mmcv.runner import (DistSamplerSeedHook, build_optimizer, build_runner,
-                         get_dist_info, set_random_seed)
+                         get_dist_info, init_dist, set_random_seed)
 from mmcv.utils import build_from_cfg, get_logger, import_modules_from_strings
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import image_folder  # noqa: F401, registers ImageFolderTwoViews
 from .data import DATASETS
-from .model import MODELS
+from .model import DigitsBYOL  # noqa: F401, as 'momentum_hook.DigitsBYOL'
 
 __all__ = [
-    'DemoError', 'DEFAULT_CONFIG', 'default_config_path', 'load_config',
-    'prepare_work_dir', 'init_distributed', 'build_model', 'build_dataset',
-    'build_train_loader', 'build_demo_runner', 'train'
+    'DemoError', 'DEFAULT_CONFIG', 'CfgOptionsAction', 'parse_cfg_options',
+    'default_config_path', 'load_config', 'prepare_work_dir',
+    'init_distributed', 'build_model', 'build_dataset', 'build_train_loader',
+    'build_demo_runner', 'train'
 ]
 
 #: The default config's file name, in ``configs/`` of a checkout and in the
@@ -61,16 +65,37 @@ def default_config_path():
     return osp.normpath(path)
 
 
-def _parse_options(options):
-    """``['a.b=1', ...]`` to ``{'a.b': 1}``, values parsed as mmcv does."""
-    parsed = {}
-    for option in options or ():
-        key, sep, value = option.partition('=')
-        if not sep or not key or key != key.strip():
-            raise DemoError(f'bad --cfg-options item {option!r}: expected '
-                            'key=value, e.g. runner.max_epochs=2')
-        parsed[key] = mmcv.DictAction._parse_iterable(value)
-    return parsed
+class CfgOptionsAction(mmcv.DictAction):
+    """``--cfg-options key=value ...`` as OpenMMLab tools parse it (mmcv's
+    ``DictAction``), with an argparse error instead of a traceback for an
+    item that is no ``key=value`` or whose brackets do not match."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for item in values:
+            key, sep, _ = item.partition('=')
+            if not sep or not key or key != key.strip():
+                raise argparse.ArgumentError(
+                    self, f'bad item {item!r}: expected key=value, e.g. '
+                    'runner.max_epochs=2')
+        try:
+            super().__call__(parser, namespace, values, option_string)
+        except AssertionError as error:  # DictAction's bracket check
+            raise argparse.ArgumentError(self, str(error)) from None
+
+
+def parse_cfg_options(items):
+    """``['a.b=1', 'c=[1,2]']`` to ``{'a.b': 1, 'c': [1, 2]}``, parsed as
+    the command line's ``--cfg-options``.
+
+    Raises:
+        DemoError: For an item that does not parse.
+    """
+    parser = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction)
+    try:
+        return parser.parse_args(['--cfg-options', *items]).cfg_options
+    except argparse.ArgumentError as error:
+        raise DemoError(str(error)) from None
 
 
 def load_config(path, options=None):
@@ -79,7 +104,8 @@ def load_config(path, options=None):
 
     Args:
         path (str): The config file (``.py``, ``.json`` or ``.yaml``).
-        options (Sequence[str], optional): ``--cfg-options`` items.
+        options (dict | Sequence[str], optional): What ``--cfg-options``
+            gives (:class:`CfgOptionsAction`), or its ``key=value`` items.
 
     Returns:
         mmcv.Config: The config.
@@ -95,8 +121,10 @@ def load_config(path, options=None):
     except Exception as error:  # a user's file: any error is theirs
         raise DemoError(f'cannot read config {path}: '
                         f'{type(error).__name__}: {error}') from None
+    if options and not isinstance(options, Mapping):
+        options = parse_cfg_options(options)
     try:
-        cfg.merge_from_dict(_parse_options(options))
+        cfg.merge_from_dict(options or {})
     except (KeyError, TypeError, AttributeError) as error:
         raise DemoError(f'bad --cfg-options: {error}') from None
     if cfg.get('custom_imports'):
@@ -126,11 +154,12 @@ def prepare_work_dir(work_dir):
 
 
 def init_distributed(device, backend=None):
-    """Join the process group that ``torchrun`` describes in the environment.
+    """Join the process group that ``torchrun`` describes in the environment,
+    with mmcv's ``init_dist('pytorch')`` on CUDA.
 
     Args:
         device (str): ``'cpu'`` or ``'cuda'``; each CUDA process takes the
-            GPU of its ``LOCAL_RANK``.
+            GPU ``RANK % torch.cuda.device_count()``, as mmcv's tools do.
         backend (str, optional): Defaults to ``'nccl'`` on CUDA and
             ``'gloo'`` on CPU.
 
@@ -143,10 +172,12 @@ def init_distributed(device, backend=None):
         raise DemoError(f'--launcher pytorch needs {", ".join(missing)} in '
                         'the environment: start the demo with torchrun')
     if device == 'cuda':
-        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
-    backend = backend or ('nccl' if device == 'cuda' else 'gloo')
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        init_dist('pytorch', backend=backend or 'nccl')
+    else:
+        # mmcv 1.7's init_dist picks the GPU `rank % torch.cuda.device_count()`
+        # before it joins the group: a ZeroDivisionError without a GPU. On
+        # the CPU there is no GPU to pick, so join the group directly.
+        dist.init_process_group(backend=backend or 'gloo')
     return get_dist_info()
 
 
@@ -159,7 +190,8 @@ def _build(cfg, registry, what):
 
 
 def build_model(cfg):
-    """The model of ``cfg.model`` from :data:`~.model.MODELS`."""
+    """The model of ``cfg.model`` from mmcv's root ``mmcv.cnn.MODELS``
+    (the demo's own as ``'momentum_hook.DigitsBYOL'``)."""
     return _build(cfg.model, MODELS, 'model')
 
 
