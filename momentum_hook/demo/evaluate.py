@@ -1,25 +1,30 @@
 """How good are frozen features? Few-shot and kNN accuracy on a labelled set.
 
 The functions take features and labels of one labelled set (the demo's
-held-out split, which training never sees) and compare features by cosine
-similarity:
+held-out split, which training never sees) and score them with
+scikit-learn's classifiers:
 
 - :func:`nearest_centroid_accuracy`: an n-shot episode draws ``shots``
-  labelled examples per class, averages each class's unit-length features
-  into a centroid, and labels every other example by its most similar
-  centroid; the accuracy is averaged over episodes with fixed seeds;
-- :func:`knn_accuracy`: every example is labelled by a majority vote of its
-  ``k`` most similar other examples (leave-one-out).
+  labelled examples per class, and ``NearestCentroid`` labels every other
+  example by the nearest class mean of the unit-length features (the
+  "CL2N" nearest-centroid of SimpleShot); the accuracy is averaged over
+  episodes with fixed seeds;
+- :func:`knn_accuracy`: ``KNeighborsClassifier(metric='cosine')`` labels
+  every example by a majority vote of its ``k`` most similar other examples
+  (leave-one-out).
 
 Only :func:`extract_features` touches a network; the rest are pure functions
-of arrays.
+of arrays. scikit-learn is imported when they are called, so that the demo
+can say it is missing in one line.
 """
+import warnings
+
 import numpy as np
 import torch
 
 __all__ = [
-    'extract_features', 'l2_normalize', 'nearest_centroid_accuracy',
-    'knn_accuracy', 'evaluate_features'
+    'extract_features', 'nearest_centroid_accuracy', 'knn_accuracy',
+    'evaluate_features'
 ]
 
 
@@ -51,26 +56,22 @@ def extract_features(encoder, images, batch_size=256, device='cpu',
     return torch.cat(features).numpy()
 
 
-def l2_normalize(features):
-    """Scale each row of ``features`` to unit length (zero rows stay zero)."""
-    features = np.asarray(features, dtype=np.float64)
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    return features / np.maximum(norms, 1e-12)
-
-
-def _class_indices(labels, shots):
-    labels = np.asarray(labels)
-    classes, inverse = np.unique(labels, return_inverse=True)
-    members = [np.flatnonzero(inverse == c) for c in range(len(classes))]
+def _class_members(labels, shots):
+    """The indices of each class's examples, checked to allow episodes."""
+    members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     smallest = min(len(m) for m in members)
     if smallest <= shots:
         raise ValueError(f'{shots}-shot episodes need more than {shots} '
                          f'examples per class, but a class has {smallest}')
-    return inverse, members
+    return members
 
 
 def nearest_centroid_accuracy(features, labels, shots, seeds=range(10)):
     """Mean accuracy of ``shots``-shot nearest-centroid episodes.
+
+    In each episode, ``NearestCentroid`` is fitted to the ``shots`` labelled
+    examples per class and scored on all other examples, features scaled to
+    unit length first.
 
     Args:
         features (array-like): ``(N, D)`` features.
@@ -85,27 +86,35 @@ def nearest_centroid_accuracy(features, labels, shots, seeds=range(10)):
     Raises:
         ValueError: If a class has no more than ``shots`` examples.
     """
-    features = l2_normalize(features)
-    inverse, members = _class_indices(labels, shots)
+    from sklearn.neighbors import NearestCentroid
+    from sklearn.preprocessing import normalize
+
+    features, labels = normalize(features), np.asarray(labels)
+    members = _class_members(labels, shots)
     accuracies = []
     for seed in seeds:
         rng = np.random.default_rng(seed)
-        support = [rng.choice(m, shots, replace=False) for m in members]
-        centroids = l2_normalize(
-            np.stack([features[s].mean(0) for s in support]))
+        support = np.concatenate(
+            [rng.choice(m, shots, replace=False) for m in members])
         query = np.ones(len(features), dtype=bool)
-        query[np.concatenate(support)] = False
-        predicted = (features[query] @ centroids.T).argmax(1)
-        accuracies.append(float((predicted == inverse[query]).mean()))
+        query[support] = False
+        with warnings.catch_warnings(), np.errstate(invalid='ignore'):
+            # fit() also measures the spread within each class, for a
+            # shrinkage this function does not use: 0 / 0 with one shot,
+            # and a warning wherever a feature is constant in a class.
+            warnings.filterwarnings('ignore', 'self.within_class_std_dev_')
+            classifier = NearestCentroid().fit(features[support],
+                                               labels[support])
+        accuracies.append(classifier.score(features[query], labels[query]))
     return float(np.mean(accuracies))
 
 
 def knn_accuracy(features, labels, k=10):
     """Leave-one-out accuracy of a ``k``-nearest-neighbour majority vote.
 
-    Neighbours are the ``k`` other examples of highest cosine similarity.
-    A tie between classes goes to the class whose first neighbour is the
-    most similar.
+    Neighbours are the ``k`` other examples of highest cosine similarity
+    (``KNeighborsClassifier(metric='cosine')``, which leaves each example
+    out of its own vote); a tie between classes goes to the smallest label.
 
     Args:
         features (array-like): ``(N, D)`` features.
@@ -115,17 +124,14 @@ def knn_accuracy(features, labels, k=10):
     Returns:
         float: The share of examples whose vote gives their own label.
     """
-    features = l2_normalize(features)
-    if not 1 <= k < len(features):
-        raise ValueError(f'k must be in [1, {len(features) - 1}], got {k}')
-    classes, inverse = np.unique(np.asarray(labels), return_inverse=True)
-    similarity = features @ features.T
-    np.fill_diagonal(similarity, -np.inf)
-    neighbours = np.argsort(-similarity, axis=1, kind='stable')[:, :k]
-    votes = inverse[neighbours][:, :, None] == np.arange(len(classes))
-    first = np.where(votes, np.arange(k)[None, :, None], k).min(1)
-    predicted = (votes.sum(1) * (k + 1) - first).argmax(1)
-    return float((predicted == inverse).mean())
+    from sklearn.neighbors import KNeighborsClassifier
+
+    labels = np.asarray(labels)
+    if not 1 <= k < len(labels):
+        raise ValueError(f'k must be in [1, {len(labels) - 1}], got {k}')
+    classifier = KNeighborsClassifier(n_neighbors=k, metric='cosine')
+    predicted = classifier.fit(features, labels).predict(None)
+    return float((predicted == labels).mean())
 
 
 def evaluate_features(features, labels, shots=(1, 5), seeds=range(10),
