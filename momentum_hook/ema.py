@@ -16,7 +16,8 @@ from operator import getitem
 import torch
 from torch import nn
 
-from .local_shards import check_alike, local_shards, tensor_shard
+from .local_shards import (available_copies, check_alike, gathered_copies,
+                           local_shards, tensor_shard)
 from .validation import check_momentum
 
 __all__ = ['BUFFER_POLICIES', 'momentum_update_', 'ModuleUpdatePlan']
@@ -98,6 +99,13 @@ def _run_lerp(steps, weight):
                 target_tensor.lerp_(
                     online_tensor.to(device=target_tensor.device, dtype=dtype),
                     weight)
+
+
+def _lerp_gathered(pairs, weight):
+    """Lerp the gathered copies of persistent ZeRO-3 pairs, when there."""
+    targets, onlines = available_copies(pairs)
+    if targets:
+        _run_lerp(_plan_lerp(targets, onlines), weight)
 
 
 def _update_buffers(targets, onlines, momentum, policy):
@@ -186,6 +194,7 @@ class ModuleUpdatePlan:
             buffer_tensors = self.buffer_pairs[0] + self.buffer_pairs[1]
         self.steps = _plan_lerp([shard.tensor for shard in targets],
                                 [shard.tensor for shard in onlines])
+        self.gathered = gathered_copies(targets, onlines)
         shards = targets + onlines
         linked = [shard for shard in shards if shard.link is not None]
         self._owners = [shard.owner for shard in linked]
@@ -214,6 +223,8 @@ class ModuleUpdatePlan:
         """``target = momentum * target + (1 - momentum) * online``."""
         momentum = check_momentum(momentum)
         _run_lerp(self.steps, 1.0 - momentum)
+        if self.gathered:
+            _lerp_gathered(self.gathered, 1.0 - momentum)
         if self.buffer_pairs is not None:
             _update_buffers(*self.buffer_pairs, momentum, self.buffers)
 
@@ -225,8 +236,9 @@ def momentum_update_(target, online, momentum, buffers='keep'):
     Each rank updates the elements it holds (see
     :mod:`~momentum_hook.local_shards`): plain, DDP and ZeRO-1/2 parameters
     whole, FSDP2 parameters through their local tensors, FSDP1 units through
-    their flat shards, ZeRO-3 parameters through their partitions. Nothing is
-    communicated, gathered or allocated in proportion to the model.
+    their flat shards, ZeRO-3 parameters through their partitions (and the
+    gathered copy a persistent one keeps). Nothing is communicated, gathered
+    or allocated in proportion to the model.
 
     Args:
         target (nn.Module | Sequence[Tensor]): The target network, or its
@@ -271,3 +283,4 @@ def momentum_update_(target, online, momentum, buffers='keep'):
     _run_lerp(_plan_lerp([shard.tensor for shard in targets],
                          [shard.tensor for shard in onlines]),
               1.0 - momentum)
+    _lerp_gathered(gathered_copies(targets, onlines), 1.0 - momentum)

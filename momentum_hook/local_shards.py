@@ -12,14 +12,26 @@ engine                     local tensor of a parameter           layout compared
 =========================  ====================================  =======================================
 none, DDP, ZeRO-1/2        the parameter itself                  shape
 FSDP2 (``fully_shard``)    ``param.to_local()``                  global shape, placements, mesh, local shape
-FSDP1 unit                 the unit's ``FlatParameter``          parameter names and shapes, local size
-DeepSpeed ZeRO-3           ``param.ds_tensor`` (its partition)   full shape, partition size
+FSDP1 unit                 the unit's ``FlatParameter`` shard    parameter names, shapes and padding,
+                                                                 rank, world size, local size
+DeepSpeed ZeRO-3           ``param.ds_tensor`` (its partition)   full shape and size, partition size,
+                                                                 rank, world size, persistence
 =========================  ====================================  =======================================
 
-An FSDP1 unit is updated through its ``FlatParameter``, which holds this
-rank's shard of all the unit's parameters; that is why the online and the
-target network must be separate units wrapped with the same policy. Meta
-tensors are refused.
+An FSDP1 unit is updated through its ``FlatParameter``'s local shard, which
+holds this rank's elements of all the unit's parameters (with
+``use_orig_params=True`` the original parameters are views into it); that is
+why the online and the target network must be separate units wrapped with the
+same policy. A parameter flattened into an FSDP1 unit that is not inside the
+network (a wrap of the model root alone) is refused, and so are meta tensors
+and ZeRO-3 parameters without a partition in memory.
+
+A ZeRO-3 parameter below ``stage3_param_persistence_threshold`` is
+*persistent*: besides its partition it keeps a gathered copy between steps,
+which DeepSpeed refreshes from the partitions only after the next optimizer
+step. :func:`gathered_copies` lists those pairs, so that the update can
+lerp the copies too (both are whole on every rank, so no communication) and
+the target's next forward sees the update.
 
 Nothing here imports a distributed package: a tensor can only be a DTensor or
 an FSDP1 unit if ``torch.distributed.tensor`` or ``torch.distributed.fsdp``
@@ -30,17 +42,35 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-__all__ = ['LocalShard', 'local_shards', 'tensor_shard', 'check_alike']
+__all__ = ['LocalShard', 'local_shards', 'tensor_shard', 'check_alike',
+           'gathered_copies', 'available_copies']
 
 #: How to shard a target so that a shard-local update is correct.
 HOW_TO_SHARD = (
     'make the target a copy of the online network before any wrapping '
     '(MomentumTargetMixin.init_momentum_target does) and shard both the same '
-    "way: FSDP2: fully_shard the same submodules of both on one mesh; FSDP1: "
-    'wrap the online and the target network as separate units with the same '
-    'auto_wrap_policy (a wrap of the model root alone puts both in one unit); '
-    'DeepSpeed: ZeRO stages 1-3 need nothing else. See "Sharded training" in '
-    "momentum_hook's README")
+    'way: FSDP2: fully_shard the same submodules of both on one mesh '
+    '(momentum_hook.sharding.fully_shard_pair); FSDP1: wrap the online and '
+    'the target network as separate units with the same auto_wrap_policy, '
+    'e.g. ModuleWrapPolicy({type(online)}) (MMEngine FSDPStrategy: '
+    'model_wrapper=dict(auto_wrap_policy=...)); DeepSpeed: ZeRO stages 1-3 '
+    'need nothing else, but ZeRO-3 persistence thresholds must keep the same '
+    'parameters of both gathered. See "Sharded training" in momentum_hook\'s '
+    'README')
+
+#: Why a network whose parameters sit in an FSDP1 unit around it fails.
+SHARED_UNIT = (
+    'is flattened into an FSDP1 unit that is not inside the network, so its '
+    'local elements are a slice of a FlatParameter that also holds other '
+    'networks\' parameters (a wrap of the model root alone puts the online '
+    'and the target network in one unit) and no shard-local update exists: '
+    'wrap the online and the target network as separate FSDP1 units with an '
+    'auto_wrap_policy, e.g. FSDP(model, auto_wrap_policy=ModuleWrapPolicy('
+    '{type(model.online_net)}), ...) or, with MMEngine\'s FSDPStrategy, '
+    'model_wrapper=dict(auto_wrap_policy=dict(type=\'torch.distributed.fsdp.'
+    'wrap.ModuleWrapPolicy\', module_classes=[...])); or use FSDP2 '
+    '(momentum_hook.sharding.fully_shard_pair). If that unit wraps this '
+    'network alone, pass the FSDP unit instead of the module inside it')
 
 
 class LocalShard(NamedTuple):
@@ -73,40 +103,99 @@ def _loaded(module_name, attribute):
     return getattr(module, attribute, None) if module is not None else None
 
 
+def _meta_error(name):
+    return ValueError(
+        f'{name!r} is a meta tensor, with no values to update: materialise '
+        'the model (e.g. to_empty(device=...) and initialise it, or let '
+        'the sharding engine do it) before the first momentum update')
+
+
+def _group_position(group):
+    """``(rank, world size)`` in a process group (no communication)."""
+    distributed = sys.modules['torch.distributed']
+    return distributed.get_rank(group), distributed.get_world_size(group)
+
+
+def _zero3_shard(name, param):
+    partition = param.ds_tensor
+    if partition is None or partition.is_meta or (
+            partition.numel() == 0 and param.ds_numel > 0):
+        raise ValueError(
+            f'{name!r} is a DeepSpeed ZeRO-3 parameter whose partition is '
+            f'not in memory on this rank (ds_tensor={partition!r}): the '
+            'momentum update needs it; keep the parameters in CPU or GPU '
+            'memory (no NVMe offload of parameters)')
+    persistence = ('persistent' if getattr(param, 'ds_persist', False) else
+                   'partitioned')
+    layout = ('ZeRO-3 partition', tuple(param.ds_shape), param.ds_numel,
+              partition.numel(),
+              _group_position(getattr(param, 'ds_process_group', None)),
+              persistence)
+    return LocalShard(name, partition, layout, param, 'ds_tensor', partition)
+
+
 def tensor_shard(name, tensor):
     """The :class:`LocalShard` of one parameter or tensor.
 
     Raises:
-        ValueError: If ``tensor`` is a meta tensor or a DeepSpeed ZeRO-3
-            parameter without a partition on this rank.
+        ValueError: If ``tensor`` (or its local shard) is a meta tensor, a
+            DeepSpeed ZeRO-3 parameter without a partition on this rank, or a
+            parameter of an FSDP1 unit outside it.
     """
     dtensor = _loaded('torch.distributed.tensor', 'DTensor')
     if dtensor is not None and isinstance(tensor, dtensor):
         base = tensor._local_tensor
         with torch.no_grad():
             local = tensor.to_local()
+        if local.is_meta:
+            raise _meta_error(name)
         layout = ('DTensor', tuple(tensor.shape), tuple(tensor.placements),
                   tensor.device_mesh, tuple(local.shape))
         return LocalShard(name, local, layout, tensor, '_local_tensor', base)
     if hasattr(tensor, 'ds_tensor'):  # a DeepSpeed ZeRO-3 parameter
-        partition = tensor.ds_tensor
-        if partition is None or partition.is_meta:
-            raise ValueError(
-                f'{name!r} is a DeepSpeed ZeRO-3 parameter whose partition is '
-                f'not in memory on this rank (ds_tensor={partition!r}): the '
-                'momentum update needs it; keep the parameters in CPU or GPU '
-                'memory (no NVMe offload of parameters)')
-        layout = ('ZeRO-3 partition', tuple(tensor.ds_shape),
-                  partition.numel())
-        return LocalShard(name, partition, layout, tensor, 'ds_tensor',
-                          partition)
+        return _zero3_shard(name, tensor)
+    if getattr(tensor, '_fsdp_flattened', False):
+        raise ValueError(f'{name!r} {SHARED_UNIT}')
     if tensor.is_meta:
-        raise ValueError(
-            f'{name!r} is a meta tensor, with no values to update: materialise '
-            'the model (e.g. to_empty(device=...) and initialise it, or let '
-            'the sharding engine do it) before the first momentum update')
+        raise _meta_error(name)
     return LocalShard(name, tensor, ('tensor', tuple(tensor.shape)),
                       base=tensor)
+
+
+def _fsdp1_shard(path, unit):
+    """The :class:`LocalShard` of an FSDP1 unit's ``FlatParameter``."""
+    flat = unit._flat_param
+    name = f'FSDP unit {path or "<root>"!r}'
+    if flat.is_meta:
+        raise _meta_error(name)
+    # Sharded, the FlatParameter's data is this rank's shard (_local_shard,
+    # once FSDP has initialised lazily); unsharded, the whole unit.
+    shard = getattr(flat, '_local_shard', flat)
+    if flat.data_ptr() != shard.data_ptr():
+        raise ValueError(
+            f'{name} is unsharded now (inside its forward or '
+            'summon_full_params), so its FlatParameter is not this rank\'s '
+            'shard: call the momentum update outside them')
+    layout = ('FSDP1 unit', tuple(flat._fqns),
+              tuple(tuple(shape) for shape in flat._shapes),
+              tuple(flat._numels_with_padding),
+              _group_position(unit.process_group), tuple(flat.shape))
+    return LocalShard(name, flat, layout, base=flat)
+
+
+def _check_views_covered(module, covered):
+    """Refuse FSDP1 ``use_orig_params=False`` views of a unit outside.
+
+    Such a unit replaces the original parameters of the modules it flattens
+    by plain tensor attributes viewing its FlatParameter.
+    """
+    for path, submodule in module.named_modules():
+        for key, value in vars(submodule).items():
+            base = getattr(value, '_base', None)
+            if getattr(base, '_is_flat_param', False) and \
+                    id(base) not in covered:
+                raise ValueError(
+                    f'{(path + "." if path else "") + key!r} {SHARED_UNIT}')
 
 
 def local_shards(module):
@@ -120,6 +209,9 @@ def local_shards(module):
 
     Returns:
         list[LocalShard]: One entry per update unit.
+
+    Raises:
+        ValueError: See :func:`tensor_shard`.
     """
     shards, covered = [], set()
     fsdp = _loaded('torch.distributed.fsdp', 'FullyShardedDataParallel')
@@ -129,16 +221,64 @@ def local_shards(module):
             if flat is None:
                 continue
             covered.update(map(id, flat._params or ()))
-            layout = ('FSDP1 unit', tuple(flat._fqns),
-                      tuple(tuple(shape) for shape in flat._shapes),
-                      tuple(flat.shape))
-            shards.append(LocalShard(f'FSDP unit {path or "<root>"!r}', flat,
-                                     layout, base=flat))
+            covered.add(id(flat))
+            shards.append(_fsdp1_shard(path, unit))
+        _check_views_covered(module, covered)
     for name, param in module.named_parameters():
-        if id(param) in covered or getattr(param, '_is_flat_param', False):
-            continue
-        shards.append(tensor_shard(name, param))
+        if id(param) not in covered:
+            shards.append(tensor_shard(name, param))
     return shards
+
+
+def gathered_copies(targets, onlines):
+    """The ZeRO-3 pairs that can hold a gathered copy besides the partition.
+
+    Args:
+        targets (list[LocalShard]): The target's shards, checked alike with
+            ``onlines`` (:func:`check_alike`).
+        onlines (list[LocalShard]): The online network's.
+
+    Returns:
+        list[tuple[Parameter, Parameter]]: The (target, online) persistent
+        ZeRO-3 parameters; see :func:`available_copies`.
+    """
+    return [(target.owner, online.owner)
+            for target, online in zip(targets, onlines)
+            if target.layout[0] == 'ZeRO-3 partition' and
+            target.layout[-1] == 'persistent']
+
+
+def available_copies(pairs):
+    """The gathered (target, online) copies in ``pairs`` to update now.
+
+    A persistent ZeRO-3 parameter's ``data`` is a 0-element placeholder until
+    its first forward gathers it, then the whole tensor on every rank.
+
+    Args:
+        pairs (list): From :func:`gathered_copies`.
+
+    Returns:
+        tuple[list[Tensor], list[Tensor]]: The target and online copies.
+
+    Raises:
+        ValueError: If a target copy is gathered and its online one is not,
+            so that the copy cannot be updated without communication.
+    """
+    targets, onlines = [], []
+    for target, online in pairs:
+        if target.data.shape != target.ds_shape:
+            continue  # not gathered: the partition is all there is
+        if online.data.shape != online.ds_shape:
+            raise ValueError(
+                'a persistent ZeRO-3 target parameter of shape '
+                f'{tuple(target.ds_shape)} is gathered but its online '
+                'parameter is not, so the gathered copy cannot be updated '
+                'locally: run the online network forward before the first '
+                'momentum update, or set stage3_param_persistence_threshold '
+                'to 0')
+        targets.append(target.data)
+        onlines.append(online.data)
+    return targets, onlines
 
 
 def _describe(layout):

@@ -5,6 +5,7 @@ reference EMA is float64 arithmetic spelled out, and the reference momentum
 the schedule's formula, so that the code under test never judges itself.
 """
 import math
+import time
 
 import pytest
 import torch
@@ -136,3 +137,129 @@ class InterruptBefore(Hook):
     def before_train_iter(self, runner):
         if runner.iter == self.k:
             raise Interrupt
+
+
+# --- Sharded training (tests/test_sharded*.py) -----------------------------
+#
+# Each engine's test launches two ranks once; every rank runs a list of
+# scenarios and saves what each returned (or the error it raised) to a file,
+# which the tests then judge against a float64 reference replayed here.
+
+SHARDED_WORLD_SIZE = 2
+#: The momentum of each update in a sharded training scenario.
+SHARDED_MOMENTA = [0.9, 0.5, 0.99, 0.7]
+
+
+def sharded_batch(rank, step):
+    """The batch of ``rank`` at ``step``: other data on every rank."""
+    generator = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(4, 4, generator=generator)
+
+
+def record_sharded_training(rank, model, online, target, train_step,
+                            gather, update=None, momenta=SHARDED_MOMENTA):
+    """Train a wrapped :class:`TinyBYOL`, updating the target after each step.
+
+    Args:
+        rank (int): This rank, for the data.
+        model (TinyBYOL): The model, already wrapped by the engine.
+        online (nn.Module): The online network as built, before wrapping.
+        target (nn.Module): The target network as built, before wrapping.
+        train_step (Callable): ``train_step(batch)``: one optimizer step.
+        gather (Callable): ``gather(network)``: ``(params, buffers)``, the
+            network's whole parameters (a list, in order) and buffers (a
+            dict), gathered from every rank; a collective.
+        update (Callable): The momentum update; defaults to
+            ``model.momentum_update()``.
+        momenta (list[float]): The momentum of each update.
+
+    Returns:
+        dict: ``initial`` and ``final`` (the target's ``gather``) and
+        ``online`` (the online network's after each step), detached copies.
+    """
+    initial, history = gather(target), []
+    for step, momentum in enumerate(momenta):
+        train_step(sharded_batch(rank, step))
+        model.momentum = momentum
+        (update or model.momentum_update)()
+        history.append(gather(online))
+    return dict(initial=initial, online=history, final=gather(target),
+                momenta=list(momenta))
+
+
+def assert_sharded_record_matches(record, buffers):
+    """The target of :func:`record_sharded_training` equals the reference.
+
+    The parameters must equal a float64 EMA replayed from the recorded
+    online parameters; the buffers what the ``buffers`` policy makes of the
+    recorded online buffers (the target stays in eval mode, so its own
+    forward passes leave its statistics alone).
+    """
+    (initial, initial_buffers), (final, final_buffers) = (record['initial'],
+                                                          record['final'])
+    momenta = record['momenta']
+    online = [params for params, _ in record['online']]
+    assert not torch.equal(online[0][0], online[-1][0])  # it trained
+    assert_matches_reference(final, replay_ema(initial, online, momenta))
+    online_buffers = [buffers_ for _, buffers_ in record['online']]
+    assert final_buffers.keys() == initial_buffers.keys()
+    for name, final_buffer in final_buffers.items():
+        if buffers == 'keep':
+            expected = initial_buffers[name]
+        elif buffers == 'copy' or not final_buffer.is_floating_point():
+            expected = online_buffers[-1][name]
+        else:  # 'average'
+            expected = replay_ema([initial_buffers[name]],
+                                  [[step[name]] for step in online_buffers],
+                                  momenta)[0].to(final_buffer.dtype)
+        torch.testing.assert_close(final_buffer, expected, msg=name)
+    if buffers != 'keep':  # the statistics moved, so the check can fail
+        assert any(not torch.equal(initial_buffers[name], final_buffers[name])
+                   for name in final_buffers)
+
+
+def run_scenarios(rank, scenarios, out_dir):
+    """Run every ``scenarios[name](rank=rank)``; save this rank's results.
+
+    A scenario that raises is recorded as ``('raised', type name,
+    message)``, so that a failure test can judge the error and one broken
+    scenario does not hide the others.
+    """
+    results = {}
+    for name, scenario in scenarios.items():
+        try:
+            results[name] = scenario(rank=rank)
+        except Exception as error:  # judged by the tests
+            results[name] = ('raised', type(error).__name__, str(error))
+    torch.save(results, out_dir / f'rank{rank}.pth')
+
+
+def launch_ranks(function, args, out_dir, start_method, timeout=120):
+    """Start ``function(rank, *args)`` on two ranks; their saved results.
+
+    Raises:
+        TimeoutError: If a rank is still running after ``timeout`` seconds
+            (the ranks are then terminated).
+    """
+    import torch.multiprocessing as mp
+    context = mp.start_processes(function, args=args,
+                                 nprocs=SHARDED_WORLD_SIZE, join=False,
+                                 start_method=start_method)
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(1):  # raises if a rank failed
+            if time.monotonic() > deadline:
+                raise TimeoutError(f'ranks still running after {timeout} s')
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+    return [torch.load(out_dir / f'rank{rank}.pth', weights_only=False)
+            for rank in range(SHARDED_WORLD_SIZE)]
+
+
+def raised(result, error=ValueError):
+    """The message of a scenario result that must be a raised ``error``."""
+    assert isinstance(result, tuple) and result[0] == 'raised', result
+    assert result[1] == error.__name__, result
+    return result[2]

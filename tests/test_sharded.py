@@ -1,0 +1,248 @@
+"""The momentum update under FSDP2 and FSDP1, on two gloo ranks (CPU).
+
+One launch of two ranks runs every scenario (see ``SCENARIOS``): each trains
+a :class:`TinyBYOL` wrapped one way, updating the target after every step,
+and records the whole target and online parameters (gathered) and buffers.
+The tests judge those records against a float64 EMA replayed from the
+recorded online weights, and the failure scenarios by their errors.
+"""
+import functools
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import free_port
+from momentum_testing import (SHARDED_WORLD_SIZE, TinyBYOL,
+                              assert_sharded_record_matches, launch_ranks,
+                              raised, record_sharded_training, run_scenarios)
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp import ShardingStrategy, fully_shard
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from torch.distributed.tensor import DTensor, Shard
+
+from momentum_hook import momentum_update_
+from momentum_hook.sharding import fully_shard_pair
+
+POLICIES = ('keep', 'copy', 'average')
+
+
+def build(buffers):
+    """A seeded :class:`TinyBYOL` (the same on every rank), target in eval."""
+    torch.manual_seed(0)
+    model = TinyBYOL(buffers=buffers)
+    model.target_net.eval()  # its forward must not move its statistics
+    return model, model.online_net, model.target_net
+
+
+def sgd_step(wrapped):
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
+
+    def train_step(batch):
+        optimizer.zero_grad()
+        wrapped(batch).backward()
+        optimizer.step()
+    return train_step
+
+
+def buffers_of(network):
+    return {name: buffer.detach().clone()
+            for name, buffer in network.named_buffers()}
+
+
+# --- FSDP2 -----------------------------------------------------------------
+
+def gather_fsdp2(network):
+    params = [param.full_tensor() if isinstance(param, DTensor) else param
+              for param in network.parameters()]
+    return [param.detach().clone() for param in params], buffers_of(network)
+
+
+def fsdp2_training(buffers, functional=False, rank=0):
+    model, online, target = build(buffers)
+    mesh = init_device_mesh('cpu', (SHARDED_WORLD_SIZE,))
+    fully_shard_pair(online, target, submodules=nn.Linear, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    def update():
+        momentum_update_(target, online, model.momentum, buffers)
+    return record_sharded_training(rank, model, online, target,
+                                   sgd_step(model), gather_fsdp2,
+                                   update if functional else None)
+
+
+def fsdp2_mismatched_placements(rank):
+    """Online rows sharded, target columns: no local element corresponds."""
+    model, online, target = build('keep')
+    mesh = init_device_mesh('cpu', (SHARDED_WORLD_SIZE,))
+    fully_shard(online, mesh=mesh)
+    fully_shard(target, mesh=mesh, shard_placement_fn=lambda param: (
+        Shard(1) if param.ndim == 2 and param.shape[1] % 2 == 0 else None))
+    model.momentum_update()
+
+
+def fsdp2_online_only(rank):
+    model, online, target = build('keep')
+    fully_shard(online, mesh=init_device_mesh('cpu', (SHARDED_WORLD_SIZE,)))
+    model.momentum_update()
+
+
+def fsdp2_meta(rank):
+    """Sharded on the meta device and never materialised."""
+    with torch.device('meta'):
+        model, online, target = build('keep')
+    fully_shard_pair(online, target,
+                     mesh=init_device_mesh('cpu', (SHARDED_WORLD_SIZE,)))
+    model.momentum_update()
+
+
+def fsdp2_rank_differs(rank):
+    """Rank 1's target shard is not laid out like its online shard.
+
+    Returns what rank 0 computed; rank 1 must raise.
+    """
+    mesh = init_device_mesh('cpu', (SHARDED_WORLD_SIZE,))
+
+    def dtensor(value, size):
+        return DTensor.from_local(torch.full((size,), value), mesh,
+                                  [Shard(0)], run_check=False, shape=(4,),
+                                  stride=(1,))
+    target = [dtensor(1.0, 2 if rank == 0 else 3)]
+    online = [dtensor(3.0, 2)]
+    momentum_update_(target, online, 0.75)
+    return target[0].to_local()
+
+
+# --- FSDP1 -----------------------------------------------------------------
+
+def fsdp1(model, use_orig_params, policy):
+    return FSDP(model, device_id=torch.device('cpu'),
+                use_orig_params=use_orig_params, auto_wrap_policy=policy)
+
+
+def fsdp1_training(buffers, use_orig_params, layers=(nn.Sequential,),
+                   rank=0):
+    model, online, target = build(buffers)
+    wrapped = fsdp1(model, use_orig_params, ModuleWrapPolicy(set(layers)))
+
+    def gather(network):
+        with FSDP.summon_full_params(wrapped, writeback=False):
+            params = [param.detach().clone() for param in
+                      network.parameters()]
+        return params, buffers_of(network)
+    return record_sharded_training(rank, model, online, target,
+                                   sgd_step(wrapped), gather)
+
+
+def fsdp1_shared_unit(use_orig_params, layers, rank):
+    """Both networks (or some of their layers) in one unit of the root."""
+    model, online, target = build('keep')
+    if not use_orig_params:  # else FSDP1 refuses a frozen target in the unit
+        target.requires_grad_(True)
+    policy = ModuleWrapPolicy(set(layers)) if layers else None
+    fsdp1(model, use_orig_params, policy)
+    model.momentum_update()
+
+
+def fsdp1_mismatched_strategy(rank):
+    """Online fully sharded, target replicated (NO_SHARD)."""
+    model, online, target = build('keep')
+    model.online_net = FSDP(online, device_id=torch.device('cpu'))
+    model.target_net = FSDP(target, device_id=torch.device('cpu'),
+                            sharding_strategy=ShardingStrategy.NO_SHARD)
+    model.momentum_update()
+
+
+#: The training scenarios and their buffer policies.
+TRAININGS = {
+    **{f'fsdp2 {policy}': (policy, functools.partial(fsdp2_training, policy))
+       for policy in POLICIES},
+    'fsdp2 momentum_update_': ('average', functools.partial(
+        fsdp2_training, 'average', True)),
+    **{f'fsdp1 networks orig={orig} {policy}': (policy, functools.partial(
+        fsdp1_training, policy, orig))
+       for orig in (False, True) for policy in POLICIES},
+    **{f'fsdp1 layers orig={orig}': ('average', functools.partial(
+        fsdp1_training, 'average', orig, (nn.Linear, nn.BatchNorm1d)))
+       for orig in (False, True)},
+}
+
+SCENARIOS = {
+    **{name: scenario for name, (_, scenario) in TRAININGS.items()},
+    'fsdp2 mismatched placements': fsdp2_mismatched_placements,
+    'fsdp2 online only': fsdp2_online_only,
+    'fsdp2 meta': fsdp2_meta,
+    'fsdp2 rank differs': fsdp2_rank_differs,
+    **{f'fsdp1 root only orig={orig}': functools.partial(
+        fsdp1_shared_unit, orig, ()) for orig in (False, True)},
+    **{f'fsdp1 linear units, batchnorm in root orig={orig}':
+       functools.partial(fsdp1_shared_unit, orig, (nn.Linear,))
+       for orig in (False, True)},
+    'fsdp1 mismatched strategy': fsdp1_mismatched_strategy,
+}
+
+
+def rank_main(rank, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}',
+                            rank=rank, world_size=SHARDED_WORLD_SIZE,
+                            timeout=timedelta(seconds=60))
+    try:
+        run_scenarios(rank, SCENARIOS, out_dir)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope='module')
+def results(tmp_path_factory):
+    """``results[name]``: the two ranks' results of scenario ``name``."""
+    out_dir = tmp_path_factory.mktemp('sharded')
+    ranks = launch_ranks(rank_main, (free_port(), out_dir), out_dir, 'fork')
+    return {name: [rank[name] for rank in ranks] for name in SCENARIOS}
+
+
+@pytest.mark.parametrize('name', TRAININGS)
+def test_the_sharded_target_matches_the_reference(results, name):
+    buffers = TRAININGS[name][0]
+    for record in results[name]:
+        assert isinstance(record, dict), record  # not an error
+        assert_sharded_record_matches(record, buffers)
+
+
+SHARED_UNIT = ('is flattened into an FSDP1 unit that is not inside',
+               'auto_wrap_policy=ModuleWrapPolicy',
+               'model_wrapper=dict(auto_wrap_policy=')
+#: Scenarios that every rank must refuse, and what the message must say.
+REFUSALS = {
+    'fsdp2 mismatched placements': (
+        'parameters 0 differs between target (0.weight', 'Shard(dim=1)',
+        'fully_shard_pair'),
+    'fsdp2 online only': (
+        'parameters 0 differs between target (0.weight: tensor (3, 4))',
+        'fully_shard_pair'),
+    'fsdp2 meta': ("'0.weight' is a meta tensor", 'materialise'),
+    'fsdp1 root only orig=False': SHARED_UNIT,
+    'fsdp1 root only orig=True': SHARED_UNIT,
+    'fsdp1 linear units, batchnorm in root orig=False': SHARED_UNIT,
+    'fsdp1 linear units, batchnorm in root orig=True': SHARED_UNIT,
+    'fsdp1 mismatched strategy': (
+        "parameters 0 differs between target (FSDP unit '<root>'",
+        'separate units with the same auto_wrap_policy'),
+}
+
+
+@pytest.mark.parametrize('name', REFUSALS)
+def test_unlike_or_unusable_shards_are_refused(results, name):
+    for result in results[name]:
+        message = raised(result)
+        for fragment in REFUSALS[name]:
+            assert fragment in message
+
+
+def test_only_the_rank_whose_shard_differs_refuses(results):
+    first, second = results['fsdp2 rank differs']
+    # Rank 0's shards line up: updated, 0.75 * 1 + 0.25 * 3.
+    torch.testing.assert_close(first, torch.full((2,), 1.5))
+    message = raised(second)
+    assert 'tensors 0 differs' in message and '(3,)' in message
