@@ -20,18 +20,25 @@ setup(
     name='momentum_hook',
     version=read_version(),
     description='Cosine-scheduled momentum (EMA) target update hook for '
-    'BYOL / MoCo v3 on mmcv 1.x and MMEngine runners',
+    'BYOL / MoCo v3 / DINO on mmcv 1.x and MMEngine runners',
     long_description=long_description,
     long_description_content_type='text/markdown',
     license='Apache-2.0',
-    python_requires='>=3.8',
+    # importlib.resources.files (the demo's config) needs Python 3.9.
+    python_requires='>=3.9',
     # configs/ ships inside the package as momentum_hook.configs, so that the
     # demo finds its default config from an installed package too.
     packages=find_packages(include=['momentum_hook', 'momentum_hook.*']) +
     ['momentum_hook.configs'],
     package_dir={'momentum_hook.configs': 'configs'},
     package_data={'momentum_hook.configs': ['*.py']},
-    install_requires=['torch>=1.8'],
+    # The drop-in for MMSelfSup 0.x configs is a top-level module: importing
+    # a submodule would run momentum_hook/__init__.py first (registration.py
+    # says why that matters).
+    py_modules=['momentum_hook_dropin'],
+    # untyped_storage() (the shared-memory check) needs torch 2.0; FSDP2's
+    # fully_shard, which the sharding helper wraps, torch 2.6.
+    install_requires=['torch>=2.0'],
     extras_require={
         # mmcv 1.x builds from source and needs pkg_resources at build time:
         # pip install "setuptools<81" wheel, then --no-build-isolation.
@@ -42,9 +49,10 @@ setup(
         'demo': ['scikit-learn>=1.0', 'matplotlib>=3.3'],
         'tests': ['pytest>=7'],
     },
+    # No license classifier: the SPDX `license` above replaces it (setuptools
+    # deprecates the classifiers).
     classifiers=[
         'Programming Language :: Python :: 3',
-        'License :: OSI Approved :: Apache Software License',
         'Topic :: Scientific/Engineering :: Artificial Intelligence',
     ],
 )

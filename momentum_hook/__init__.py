@@ -1,21 +1,25 @@
-"""momentum_hook: the cosine-scheduled momentum (EMA) hook of BYOL / MoCo v3.
+"""momentum_hook: the cosine-scheduled momentum (EMA) target update of BYOL,
+MoCo v3 and DINO-style teachers.
 
-Importing the package registers the hook in every runner framework that is
-installed: mmcv 1.x (``mmcv.runner.HOOKS``) and MMEngine
-(``mmengine.registry.HOOKS``), under ``'MomentumUpdateHook'``, ``'BYOLHook'``
-and the scoped ``'momentum_hook.MomentumUpdateHook'`` /
-``'momentum_hook.BYOLHook'``. ``MomentumUpdateHook`` here is the mmcv 1.x hook
-when mmcv 1.x is installed, else the MMEngine one; both are also reachable as
-``momentum_hook.mmcv_hook.MomentumUpdateHook`` and
-``momentum_hook.mmengine_hook.MomentumUpdateHook``.
+The core needs only torch: :func:`cosine_momentum` (the schedule),
+:func:`momentum_update_` (the EMA), :class:`MomentumTargetMixin` (the model
+side) and :class:`MomentumUpdater` (what the hook decides, free of any
+runner). The runner hooks are in their own modules,
+:mod:`momentum_hook.mmcv_hook` (mmcv 1.x) and
+:mod:`momentum_hook.mmengine_hook` (MMEngine).
+
+Importing the package (or listing it in a config's ``custom_imports``)
+registers the hook in every installed framework's ``HOOKS`` registry as
+``'momentum_hook.MomentumUpdateHook'`` and ``'momentum_hook.BYOLHook'``.
+The plain names that MMSelfSup 0.x configs use are taken over only by
+:mod:`momentum_hook.dropin`.
 
 Convention: the momentum ``m`` weighs the *old target*,
 ``target = m * target + (1 - m) * online`` (MMEngine's
 ``ExponentialMovingAverage`` calls ``1 - m`` its momentum).
 """
-import importlib.util
-
 from .ema import BUFFER_POLICIES, momentum_update_
+from .frameworks import installed_adapters
 from .model import MomentumTargetMixin
 from .schedule import cosine_momentum
 from .updater import MomentumUpdater, check_momentum_contract
@@ -23,32 +27,19 @@ from .version import __version__
 
 __all__ = [
     '__version__', 'cosine_momentum', 'momentum_update_', 'BUFFER_POLICIES',
-    'MomentumTargetMixin', 'MomentumUpdater', 'check_momentum_contract',
-    'MomentumUpdateHook', 'BYOLHook'
+    'MomentumTargetMixin', 'MomentumUpdater', 'check_momentum_contract'
 ]
 
+installed_adapters()  # registers the hook in each installed framework
 
-def _has_mmcv1():
-    if importlib.util.find_spec('mmcv') is None:
-        return False
-    import mmcv
-    return int(mmcv.__version__.split('.')[0]) < 2
+_MOVED = ('MomentumUpdateHook', 'BYOLHook')
 
 
-_HAS_MMCV1 = _has_mmcv1()
-_HAS_MMENGINE = importlib.util.find_spec('mmengine') is not None
-
-if not (_HAS_MMCV1 or _HAS_MMENGINE):
-    raise ImportError(
-        'momentum_hook needs a runner framework, and neither mmcv 1.x nor '
-        "MMEngine is installed: pip install 'momentum_hook[mmcv]' (mmcv 1.x "
-        "runners) or 'momentum_hook[mmengine]' (MMEngine's Runner)")
-
-if _HAS_MMENGINE:
-    from . import mmengine_hook
-    MomentumUpdateHook = mmengine_hook.MomentumUpdateHook
-if _HAS_MMCV1:
-    from . import mmcv_hook
-    MomentumUpdateHook = mmcv_hook.MomentumUpdateHook
-
-BYOLHook = MomentumUpdateHook
+def __getattr__(name):
+    if name in _MOVED:
+        raise AttributeError(
+            f'momentum_hook.{name} is gone: the hook is framework-specific, '
+            f'so import it from its adapter, momentum_hook.mmcv_hook.{name} '
+            f'(mmcv 1.x runners) or momentum_hook.mmengine_hook.{name} '
+            "(MMEngine); in a config, type='momentum_hook.MomentumUpdateHook'")
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
