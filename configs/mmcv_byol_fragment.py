@@ -19,6 +19,6 @@ lr_config = dict(policy='CosineAnnealing', min_lr=0., warmup='linear',
 runner = dict(type='EpochBasedRunner', max_epochs=300)
 
 custom_hooks = [
-    dict(type='MomentumUpdateHook', end_momentum=1.,
+    dict(type='momentum_hook.MomentumUpdateHook', end_momentum=1.,
          update_interval=update_interval)
 ]

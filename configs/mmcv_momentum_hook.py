@@ -8,8 +8,9 @@ custom_imports = dict(imports=['momentum_hook'], allow_failed_imports=False)
 update_interval = 1
 
 custom_hooks = [
-    # 'BYOLHook' is the same hook. If MMSelfSup 0.x is imported too, it owns
-    # the plain names; 'momentum_hook.MomentumUpdateHook' is always ours.
-    dict(type='MomentumUpdateHook', end_momentum=1.,
+    # The scoped name builds momentum_hook's hook in every process, MMSelfSup
+    # 0.x's included ('momentum_hook.BYOLHook' is the same hook). For
+    # MMSelfSup's plain names see mmselfsup_dropin.py.
+    dict(type='momentum_hook.MomentumUpdateHook', end_momentum=1.,
          update_interval=update_interval)
 ]

@@ -24,6 +24,6 @@ train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=200)
 # m rises from the model's base_momentum (0.99 in BYOL) to 1 over the run:
 # K = max_epochs * iterations per epoch (runner.max_iters).
 custom_hooks = [
-    dict(type='MomentumUpdateHook', end_momentum=1.,
+    dict(type='momentum_hook.MomentumUpdateHook', end_momentum=1.,
          update_interval=accumulative_counts)
 ]

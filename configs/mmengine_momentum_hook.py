@@ -1,9 +1,9 @@
 # The momentum hook in an MMEngine config: copy these lines into yours.
 #
 # `custom_imports` imports momentum_hook when the config is loaded, which
-# registers the hook in MMEngine's HOOKS registry as 'MomentumUpdateHook' and
-# 'BYOLHook' (MMSelfSup 0.x's names) and as 'momentum_hook.MomentumUpdateHook',
-# the name no other package can shadow.
+# registers the hook in MMEngine's HOOKS registry as
+# 'momentum_hook.MomentumUpdateHook' (and 'momentum_hook.BYOLHook'), names no
+# other package can shadow.
 #
 # The model must provide `base_momentum`, `momentum` and `momentum_update()`
 # (momentum_hook.MomentumTargetMixin gives all three). Before each update
@@ -19,4 +19,6 @@
 # set it only for checkpoints you trust (it allows arbitrary pickles).
 custom_imports = dict(imports=['momentum_hook'], allow_failed_imports=False)
 
-custom_hooks = [dict(type='MomentumUpdateHook', end_momentum=1.)]
+custom_hooks = [
+    dict(type='momentum_hook.MomentumUpdateHook', end_momentum=1.)
+]

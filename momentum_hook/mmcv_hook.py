@@ -73,6 +73,4 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
 #: MMSelfSup 0.x's second name for the same hook.
 BYOLHook = MomentumUpdateHook
 
-#: What each plain name resolves to in ``mmcv.runner.HOOKS`` after import.
-REGISTERED = register_hook_class(HOOKS, MomentumUpdateHook,
-                                 ('MomentumUpdateHook', 'BYOLHook'))
+register_hook_class(HOOKS, MomentumUpdateHook)

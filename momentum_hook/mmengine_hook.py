@@ -76,6 +76,4 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
 #: MMSelfSup 0.x's second name for the same hook.
 BYOLHook = MomentumUpdateHook
 
-#: What each plain name resolves to in ``mmengine.registry.HOOKS``.
-REGISTERED = register_hook_class(HOOKS, MomentumUpdateHook,
-                                 ('MomentumUpdateHook', 'BYOLHook'))
+register_hook_class(HOOKS, MomentumUpdateHook)

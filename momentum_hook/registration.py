@@ -1,103 +1,123 @@
-"""Registering a hook class in an mmcv 1.x or MMEngine ``HOOKS`` registry.
+"""Registering the hook class in an mmcv 1.x or MMEngine ``HOOKS`` registry.
 
-Both frameworks' registries share the interface used here (``children``,
-``module_dict``, ``register_module`` and the private ``_register_module`` that
-``register_module`` funnels through), so one function serves both adapters.
+Both frameworks' registries share the public interface used here
+(``children``, ``module_dict``, ``register_module``, and a child registry
+made with ``type(root)(root.name, parent=root, scope=...)``), so one module
+serves both adapters. Nothing here touches a registry's private methods.
 
-Names a hook gets in a root registry ``HOOKS``:
+Two ways in, two kinds of names:
 
-- ``'momentum_hook.<Name>'`` for every name, always: the hook lives in a child
-  registry of ``HOOKS`` with scope ``momentum_hook`` (the scoped-name
-  convention of OpenMMLab packages), which no other package can shadow;
-- the plain names (``'MomentumUpdateHook'``, ``'BYOLHook'``), *held softly*:
-  registered only when free. If another package (MMSelfSup 0.x registers both
-  names) already holds one, it keeps it and a warning points to the scoped
-  name. If another package registers one of them later, ours steps aside
-  instead of making that package's import fail, with the same warning.
+- :func:`register_hook_class`, run by ``import momentum_hook`` (and so by a
+  config's ``custom_imports``): the hook lives in a child registry of
+  ``HOOKS`` with scope ``momentum_hook``, as ``'momentum_hook.<Name>'``, the
+  OpenMMLab convention for a downstream package's names. No other package
+  can shadow them, and a later package that registers the plain names (as
+  MMSelfSup 0.x does) registers them as usual.
+- :func:`take_plain_names`, run only by the drop-in module
+  ``momentum_hook_dropin``: the plain names (``'MomentumUpdateHook'``,
+  ``'BYOLHook'``) are registered in ``HOOKS`` itself, replacing whichever
+  class held them, so that an existing config's ``custom_hooks`` line
+  builds this package's hook unchanged.
 """
-import warnings
+import logging
+import sys
 
-__all__ = ['SCOPE', 'register_hook_class']
+__all__ = ['SCOPE', 'HOOK_NAMES', 'DROPIN_MODULE', 'register_hook_class',
+           'register_scoped', 'take_plain_names', 'plain_name_holders',
+           'fallback_message']
 
 #: The scope of the child registry, the prefix of the names nobody shadows.
 SCOPE = 'momentum_hook'
 
-_warned = set()
+#: The hook's names, MMSelfSup 0.x's.
+HOOK_NAMES = ('MomentumUpdateHook', 'BYOLHook')
+
+#: The module whose import makes the plain names build this package's hook.
+#: It is a top-level module, not ``momentum_hook.dropin``: importing a
+#: submodule runs ``momentum_hook/__init__.py`` first, which would report
+#: the plain names as another package's just before the drop-in takes them.
+DROPIN_MODULE = 'momentum_hook_dropin'
+
+#: The config line that does it.
+DROPIN_LINE = (f"custom_imports = dict(imports=['{DROPIN_MODULE}'], "
+               'allow_failed_imports=False)')
+
+logger = logging.getLogger(SCOPE)
 
 
-def _warn_taken(registry, names, holder, hook_cls):
-    """Warn once per registry and holder that ``names`` build ``holder``."""
-    key = (id(registry), holder)
-    if not names or key in _warned:
-        return
-    _warned.add(key)
-    quoted = ' and '.join(f"'{name}'" for name in names)
-    warnings.warn(
-        f'{quoted} in the {registry.name!r} registry belong to '
-        f'{holder.__module__}.{holder.__qualname__}, so configs naming them '
-        'build that class; momentum_hook leaves them there. Use '
-        f"type='{SCOPE}.{hook_cls.__name__}' to build momentum_hook's hook.",
-        UserWarning, stacklevel=4)
+def qualified_name(cls):
+    """``'package.module.Class'``, how the messages name a class."""
+    return f'{cls.__module__}.{cls.__qualname__}'
 
 
-def _is_ours(module):
-    return getattr(module, '__module__', '').split('.')[0] == SCOPE
-
-
-def _child_registry(root):
-    child = root.children.get(SCOPE)
-    if child is None:
-        child = type(root)(root.name, parent=root, scope=SCOPE)
-    return child
-
-
-def _yield_soft_names(root, soft_names):
-    """Let later registrations of ``soft_names`` in ``root`` replace ours."""
-    if getattr(root, '_momentum_hook_soft_names', None) is not None:
-        root._momentum_hook_soft_names.update(soft_names)
-        return
-    root._momentum_hook_soft_names = set(soft_names)
-    register = root._register_module
-
-    def _register_module(module, module_name=None, force=False):
-        names = module_name if module_name is not None else module.__name__
-        names = [names] if isinstance(names, str) else list(names)
-        ours = {name: root.module_dict[name] for name in names
-                if name in root._momentum_hook_soft_names
-                and _is_ours(root.module_dict.get(name))}
-        if ours and not _is_ours(module):
-            for name in ours:
-                del root.module_dict[name]
-                root._momentum_hook_soft_names.discard(name)
-            _warn_taken(root, list(ours), module, next(iter(ours.values())))
-        return register(module=module, module_name=module_name, force=force)
-
-    root._register_module = _register_module
-
-
-def register_hook_class(root, hook_cls, names):
-    """Register ``hook_cls`` in ``root`` under scoped and plain ``names``.
+def register_scoped(root, hook_cls, names=HOOK_NAMES):
+    """Register ``hook_cls`` as ``'momentum_hook.<name>'`` for each name.
 
     Args:
         root: The framework's root ``HOOKS`` registry.
         hook_cls (type): The hook class.
-        names (Sequence[str]): Its names, e.g. ``('MomentumUpdateHook',
-            'BYOLHook')``.
+        names (Sequence[str]): Its names. Defaults to :data:`HOOK_NAMES`.
+    """
+    child = root.children.get(SCOPE)
+    if child is None:
+        child = type(root)(root.name, parent=root, scope=SCOPE)
+    child.register_module(name=list(names), module=hook_cls, force=True)
+
+
+def plain_name_holders(root, hook_cls, names):
+    """``{name: class}`` for each of ``names`` that ``root`` resolves to a
+    class other than ``hook_cls``."""
+    return {name: root.module_dict[name] for name in names
+            if root.module_dict.get(name, hook_cls) is not hook_cls}
+
+
+def fallback_message(holders, registry_name):
+    """What a user must be told when plain names build another class.
+
+    Args:
+        holders (dict): ``{name: class}``, from :func:`plain_name_holders`.
+        registry_name (str): The registry, for the message.
+    """
+    if not holders:
+        return None
+    classes = sorted(set(map(qualified_name, holders.values())))
+    quoted = ' and '.join(f"type='{name}'" for name in holders)
+    return (f"{quoted} in the {registry_name!r} registry build "
+            f"{' / '.join(classes)}, not momentum_hook's hook. To replace it "
+            f'in this config without editing its custom_hooks, use '
+            f'{DROPIN_LINE}; or name the hook '
+            f"type='{SCOPE}.MomentumUpdateHook'.")
+
+
+def register_hook_class(root, hook_cls, names=HOOK_NAMES):
+    """:func:`register_scoped`, and say so when the plain names build
+    another package's class.
+
+    The message goes to the ``momentum_hook`` logger as a warning (printed on
+    stderr when logging is not configured, whatever Python's warning
+    filters), unless the drop-in module is being imported, which takes the
+    plain names right after.
+    """
+    register_scoped(root, hook_cls, names)
+    message = fallback_message(plain_name_holders(root, hook_cls, names),
+                               root.name)
+    if message and DROPIN_MODULE not in sys.modules:
+        logger.warning(message)
+
+
+def take_plain_names(root, hook_cls, names=HOOK_NAMES):
+    """Register ``hook_cls`` under the plain ``names`` in ``root`` itself.
+
+    Whatever class held a name is replaced (``register_module(...,
+    force=True)``, the registry's public way to do so), and logged.
 
     Returns:
-        dict: For each plain name, the class it resolves to in ``root``.
+        dict: ``{name: class}`` of the classes replaced.
     """
-    _child_registry(root).register_module(name=list(names), module=hook_cls,
-                                           force=True)
-    free, taken = [], {}
-    for name in names:
-        holder = root.module_dict.get(name)
-        if holder is None or _is_ours(holder):
-            root.register_module(name=name, module=hook_cls, force=True)
-            free.append(name)
-        else:
-            taken.setdefault(holder, []).append(name)
-    for holder, taken_names in taken.items():
-        _warn_taken(root, taken_names, holder, hook_cls)
-    _yield_soft_names(root, free)
-    return {name: root.module_dict[name] for name in names}
+    replaced = plain_name_holders(root, hook_cls, names)
+    root.register_module(name=list(names), module=hook_cls, force=True)
+    for name, holder in replaced.items():
+        logger.info(f"{DROPIN_MODULE}: type='%s' in the %r registry now "
+                    'builds %s instead of %s', name, root.name,
+                    qualified_name(hook_cls), qualified_name(holder))
+    return replaced

@@ -1,79 +1,101 @@
-"""Registration beside a package that holds the plain names (MMSelfSup 0.x).
+"""Registration in fresh mmcv 1.x and MMEngine registries, in process.
 
-Each case runs in a fresh interpreter, since registries are process-global.
-The stand-in registers both names exactly as MMSelfSup 0.x does:
+Each test builds its own root ``Registry('hook')``, so nothing here depends
+on what the process imported before. The stand-in registers the plain names
+exactly as MMSelfSup 0.x does:
 ``@HOOKS.register_module(name=['BYOLHook', 'MomentumUpdateHook'])``.
+The real MMSelfSup 0.11 in a real process is tested in ``test_mmselfsup.py``.
 """
-import json
-import subprocess
-import sys
-import textwrap
+import logging
 
+import mmcv.utils
+import mmengine.registry
 import pytest
 
-REGISTRIES = {
-    'mmcv': 'from mmcv.runner import HOOKS, Hook',
-    'mmengine': 'from mmengine.registry import HOOKS\n'
-                'from mmengine.hooks import Hook',
+from momentum_hook import mmcv_hook, mmengine_hook
+from momentum_hook.registration import (DROPIN_LINE, register_hook_class,
+                                        take_plain_names)
+
+FRAMEWORKS = {
+    'mmcv': (mmcv.utils.Registry, mmcv_hook.MomentumUpdateHook),
+    'mmengine': (mmengine.registry.Registry,
+                 mmengine_hook.MomentumUpdateHook),
 }
-
-PROBE = """
-import importlib, json, warnings
-warnings.simplefilter('always')
-with warnings.catch_warnings(record=True) as caught:
-    for name in {order!r}:
-        importlib.import_module(name)
-{registry}
-def owner(name):
-    return HOOKS.get(name).__module__
-print(json.dumps(dict(
-    plain={{n: owner(n) for n in ('MomentumUpdateHook', 'BYOLHook')}},
-    scoped={{n: owner('momentum_hook.' + n)
-             for n in ('MomentumUpdateHook', 'BYOLHook')}},
-    built=type(HOOKS.build(dict(type='momentum_hook.BYOLHook',
-                                end_momentum=0.99))).__module__,
-    warnings=[str(w.message) for w in caught
-              if 'momentum_hook leaves' in str(w.message)])))
-"""
+PLAIN = ('MomentumUpdateHook', 'BYOLHook')
+SCOPED = tuple(f'momentum_hook.{name}' for name in PLAIN)
 
 
-def probe(tmp_path, framework, order):
-    (tmp_path / 'standin_selfsup.py').write_text(
-        REGISTRIES[framework] + textwrap.dedent("""
+@pytest.fixture(params=sorted(FRAMEWORKS))
+def framework(request):
+    """``(a fresh root registry, our hook class, a stand-in registrar)``."""
+    registry_cls, ours = FRAMEWORKS[request.param]
+    root = registry_cls('hook')
 
-            @HOOKS.register_module(name=['BYOLHook', 'MomentumUpdateHook'])
-            class MomentumUpdateHook(Hook):
-                pass
-            """))
-    code = PROBE.format(order=order, registry=REGISTRIES[framework])
-    out = subprocess.run([sys.executable, '-c', code], cwd=tmp_path,
-                         capture_output=True, text=True, check=True).stdout
-    return json.loads(out.splitlines()[-1])
+    def register_standin():
+        @root.register_module(name=['BYOLHook', 'MomentumUpdateHook'])
+        class StandinHook(ours.__mro__[-2]):  # the framework's Hook
+            pass
+        return StandinHook
 
-
-OURS = {'mmcv': 'momentum_hook.mmcv_hook',
-        'mmengine': 'momentum_hook.mmengine_hook'}
+    return root, ours, register_standin
 
 
-@pytest.mark.parametrize('framework', ['mmcv', 'mmengine'])
-@pytest.mark.parametrize('order', [['standin_selfsup', 'momentum_hook'],
-                                   ['momentum_hook', 'standin_selfsup']])
-def test_plain_names_stay_with_the_other_package(tmp_path, framework, order):
-    result = probe(tmp_path, framework, order)
-    assert result['plain'] == {'MomentumUpdateHook': 'standin_selfsup',
-                               'BYOLHook': 'standin_selfsup'}
-    assert result['scoped'] == {'MomentumUpdateHook': OURS[framework],
-                                'BYOLHook': OURS[framework]}
-    assert result['built'] == OURS[framework]
-    warning, = result['warnings']  # once, for both names
-    assert "'BYOLHook'" in warning and "'MomentumUpdateHook'" in warning
-    assert "type='momentum_hook.MomentumUpdateHook'" in warning
+def built(root, name):
+    return type(root.build(dict(type=name, end_momentum=0.999,
+                                update_interval=4)))
 
 
-@pytest.mark.parametrize('framework', ['mmcv', 'mmengine'])
-def test_plain_names_are_ours_when_free(tmp_path, framework):
-    result = probe(tmp_path, framework, ['momentum_hook'])
-    assert result['plain'] == {'MomentumUpdateHook': OURS[framework],
-                               'BYOLHook': OURS[framework]}
-    assert result['scoped'] == result['plain']
-    assert result['warnings'] == []
+def test_import_registers_the_scoped_names_only(framework, caplog):
+    root, ours, _ = framework
+    register_hook_class(root, ours)
+    assert [root.get(name) for name in SCOPED] == [ours, ours]
+    assert [root.get(name) for name in PLAIN] == [None, None]
+    hook = root.build(dict(type='momentum_hook.BYOLHook', end_momentum=0.9,
+                           update_interval=4))
+    assert (type(hook), hook.end_momentum, hook.update_interval) == (
+        ours, 0.9, 4)
+    assert not caplog.records
+
+
+def test_a_later_package_registers_the_plain_names_as_usual(framework):
+    root, ours, register_standin = framework
+    register_hook_class(root, ours)
+    standin = register_standin()  # no KeyError: the names were free
+    assert [root.get(name) for name in PLAIN] == [standin, standin]
+    assert [root.get(name) for name in SCOPED] == [ours, ours]
+
+
+def test_plain_names_held_by_another_package_are_reported(framework, caplog):
+    root, ours, register_standin = framework
+    standin = register_standin()
+    with caplog.at_level(logging.WARNING, logger='momentum_hook'):
+        register_hook_class(root, ours)
+    record, = caplog.records
+    assert record.levelno == logging.WARNING
+    message = record.getMessage()
+    assert f'{standin.__module__}.{standin.__qualname__}' in message
+    assert DROPIN_LINE in message
+    assert "type='momentum_hook.MomentumUpdateHook'" in message
+    assert [root.get(name) for name in PLAIN] == [standin, standin]
+    assert built(root, 'momentum_hook.MomentumUpdateHook') is ours
+
+
+def test_the_dropin_takes_the_plain_names_and_says_from_whom(framework,
+                                                             caplog):
+    root, ours, register_standin = framework
+    standin = register_standin()
+    register_hook_class(root, ours)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger='momentum_hook'):
+        replaced = take_plain_names(root, ours)
+    assert replaced == {'MomentumUpdateHook': standin, 'BYOLHook': standin}
+    assert [built(root, name) for name in PLAIN + SCOPED] == [ours] * 4
+    assert [standin.__qualname__ in r.getMessage()
+            for r in caplog.records] == [True, True]
+
+
+def test_the_dropin_on_free_names_replaces_nothing(framework):
+    root, ours, _ = framework
+    register_hook_class(root, ours)
+    assert take_plain_names(root, ours) == {}
+    assert [built(root, name) for name in PLAIN] == [ours, ours]
