@@ -179,12 +179,27 @@ class MomentumUpdater:
         """Check the runner's optimizer set-up, e.g. with
         :meth:`check_accumulation`."""
 
+    def describe(self, model, max_iters):
+        """One line for the run's log: which hook, with which arguments, on
+        which model and run."""
+        cls = type(self)
+        return (f'{cls.__module__}.{cls.__qualname__}(end_momentum='
+                f'{self.end_momentum!r}, update_interval='
+                f'{self.update_interval!r}, reach_end_momentum='
+                f'{self.reach_end_momentum!r}) schedules the target momentum '
+                f'of {type(model).__name__} from base_momentum='
+                f'{model.base_momentum!r} over {max_iters} iterations, with '
+                'an update after every iteration k with (k + 1) % '
+                f'{self.update_interval} == 0')
+
     def check_runner(self, runner):
-        """Before the run: the model contract, the run length, the optimizer.
-        """
-        self.check_run(self.unwrap_model(runner.model),
-                       getattr(runner, 'max_iters', None))
+        """Before the run: the model contract, the run length, the optimizer;
+        then say in ``runner.logger`` what the hook will do."""
+        model = self.unwrap_model(runner.model)
+        max_iters = getattr(runner, 'max_iters', None)
+        self.check_run(model, max_iters)
         self.check_optimizer(runner)
+        runner.logger.info(self.describe(model, max_iters))
 
     def on_iter_start(self, runner):
         """Before iteration ``runner.iter``: write and publish the momentum."""

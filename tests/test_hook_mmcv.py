@@ -8,7 +8,6 @@ must match it bit for bit, and the momenta must equal MMSelfSup's formula.
 import copy
 import glob
 import json
-import math
 import os.path as osp
 
 import pytest
@@ -19,7 +18,7 @@ from mmcv.runner import (HOOKS, EpochBasedRunner,
                          IterBasedRunner, build_runner)
 from mmcv.utils import Config, build_from_cfg, get_logger
 from torch import nn
-from momentum_testing import Interrupt, InterruptBefore
+from momentum_testing import Interrupt, InterruptBefore, reference_momentum
 from torch.utils.data import DataLoader
 
 from momentum_hook.mmcv_hook import MomentumUpdateHook
@@ -111,8 +110,7 @@ def reference(initial_target, recorder, max_iters, end=1., interval=1,
     for k, online in zip(recorder.iters, recorder.online):
         if (k + 1) % interval:
             continue
-        m = end - (end - base) * (math.cos(math.pi * k / float(max_iters)) +
-                                  1) / 2
+        m = reference_momentum(k, max_iters, base, end)
         target = [t * m + o * (1. - m) for t, o in zip(target, online)]
     return target
 
@@ -132,10 +130,8 @@ def test_target_and_momenta_match_mmselfsup(tmp_path, kind, wrap):
     run(runner)
     max_iters = runner.max_iters
     assert recorder.iters == list(range(max_iters))
-    assert recorder.momenta == [
-        1. - (1. - BASE) * (math.cos(math.pi * k / float(max_iters)) + 1) / 2
-        for k in range(max_iters)
-    ]
+    assert recorder.momenta == [reference_momentum(k, max_iters, BASE)
+                                for k in range(max_iters)]
     assert_target_equal(model, reference(initial, recorder, max_iters))
     # The target moved towards the online network: the EMA really ran.
     assert not torch.equal(model.target.weight, initial[0])
@@ -173,7 +169,7 @@ def test_update_interval_follows_gradient_accumulation(tmp_path):
     expected_momenta, m = [], BASE
     for k in range(8):
         if (k + 1) % 2 == 0:
-            m = 1. - (1. - BASE) * (math.cos(math.pi * k / 8.) + 1) / 2
+            m = reference_momentum(k, 8, BASE)
         expected_momenta.append(m)
     assert recorder.momenta == expected_momenta
     assert_target_equal(model, reference(initial, recorder, 8, interval=2))
@@ -216,6 +212,20 @@ def test_momentum_is_logged_apart_from_the_optimizer_momentum(tmp_path):
     assert not any('momentum' in r for r in records)
     with open(tmp_path / 'run.log') as f:
         assert 'target_momentum: ' in f.read()
+
+
+def test_the_log_says_which_hook_was_built_before_iteration_one(tmp_path):
+    runner, _, _ = make_runner(tmp_path, length=4)
+    runner.register_hook(build_from_cfg(
+        dict(type='momentum_hook.BYOLHook', end_momentum=0.999,
+             update_interval=2), HOOKS))
+    runner.register_hook(InterruptBefore(0), priority='LOWEST')
+    with pytest.raises(Interrupt):
+        run(runner)
+    log = (tmp_path / 'run.log').read_text()
+    assert ('momentum_hook.mmcv_hook.MomentumUpdateHook(end_momentum=0.999, '
+            'update_interval=2, reach_end_momentum=False)') in log
+    assert f'ToyBYOL from base_momentum={BASE} over 4 iterations' in log
 
 
 @pytest.mark.parametrize('kind', ['iter', 'epoch'])
@@ -264,10 +274,8 @@ def test_resume_gives_the_uninterrupted_run(tmp_path, kind):
     assert_target_equal(model_c, list(model_a.target.parameters()))
 
 
-@pytest.mark.parametrize('name', [
-    'MomentumUpdateHook', 'BYOLHook', 'momentum_hook.MomentumUpdateHook',
-    'momentum_hook.BYOLHook'
-])
+@pytest.mark.parametrize('name', ['momentum_hook.MomentumUpdateHook',
+                                  'momentum_hook.BYOLHook'])
 def test_config_names_build_our_hook(name):
     hook = build_from_cfg(dict(type=name, end_momentum=0.999,
                                update_interval=4), HOOKS)
@@ -286,7 +294,7 @@ def test_config_names_build_our_hook(name):
 ])
 def test_bad_config_is_refused_when_built(cfg, error, match):
     with pytest.raises(error, match=match):
-        build_from_cfg(dict(type='BYOLHook', **cfg), HOOKS)
+        build_from_cfg(dict(type='momentum_hook.BYOLHook', **cfg), HOOKS)
 
 
 class NoUpdate(ToyBYOL):
@@ -334,10 +342,10 @@ def test_runner_built_from_a_config_dict(tmp_path):
                           logger=get_logger('momentum_hook_test')))
     runner.register_training_hooks(
         lr_config=None, optimizer_config=dict(grad_clip=None),
-        custom_hooks_config=[dict(type='BYOLHook', end_momentum=1.)])
+        custom_hooks_config=[dict(type='momentum_hook.BYOLHook',
+                                  end_momentum=1.)])
     run(runner)
-    assert model.momentum == 1. - (1. - BASE) * (
-        math.cos(math.pi * 2 / 3.) + 1) / 2
+    assert model.momentum == reference_momentum(2, 3, BASE)
 
 
 CONFIGS = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs')
@@ -348,6 +356,8 @@ CONFIGS = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs')
 def test_shipped_configs_train(tmp_path, name):
     cfg = Config.fromfile(osp.join(CONFIGS, name))
     assert cfg.custom_imports['imports'] == ['momentum_hook']
+    assert all(hook['type'].startswith('momentum_hook.')
+               for hook in cfg.custom_hooks)
     interval = cfg.update_interval
     runner, model, recorder = make_runner(
         tmp_path, length=2 * interval,
@@ -358,9 +368,7 @@ def test_shipped_configs_train(tmp_path, name):
     run(runner)
     updates = [k for k in range(2 * interval) if (k + 1) % interval == 0]
     assert sorted(set(recorder.momenta) - {BASE}) == [
-        1. - (1. - BASE) * (math.cos(math.pi * k / (2. * interval)) + 1) / 2
-        for k in updates if k > 0
-    ]
+        reference_momentum(k, 2 * interval, BASE) for k in updates if k > 0]
     assert_target_equal(model, reference(initial, recorder, 2 * interval,
                                          interval=interval))
 
