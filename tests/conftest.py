@@ -1,17 +1,10 @@
 """Shared fixtures."""
-import socket
 import types
 
 import pytest
 import torch
 import torch.distributed as dist
-
-
-def free_port():
-    """A TCP port on 127.0.0.1 that is free now."""
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
+from momentum_testing import free_port
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ reference EMA is float64 arithmetic spelled out, and the reference momentum
 the schedule's formula, so that the code under test never judges itself.
 """
 import math
+import socket
 import time
 
 import pytest
@@ -17,6 +18,13 @@ from momentum_hook import MomentumTargetMixin
 #: Tests that need a CUDA device; ``pytest -m cuda`` runs only those, and
 #: without a device they are skipped (see ``conftest.py``).
 cuda_only = pytest.mark.cuda
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
 
 
 def reference_momentum(k, max_iters, base, end=1.):
@@ -150,6 +158,18 @@ SHARDED_WORLD_SIZE = 2
 SHARDED_MOMENTA = [0.9, 0.5, 0.99, 0.7]
 
 
+def build_sharded(buffers):
+    """A seeded :class:`TinyBYOL` (the same on every rank), target in eval.
+
+    Returns:
+        tuple: ``(model, online, target)``, the networks as built.
+    """
+    torch.manual_seed(0)
+    model = TinyBYOL(buffers=buffers)
+    model.target_net.eval()  # its forward must not move its statistics
+    return model, model.online_net, model.target_net
+
+
 def sharded_batch(rank, step):
     """The batch of ``rank`` at ``step``: other data on every rank."""
     generator = torch.Generator().manual_seed(1000 * step + rank)
@@ -223,15 +243,20 @@ def run_scenarios(rank, scenarios, out_dir):
 
     A scenario that raises is recorded as ``('raised', type name,
     message)``, so that a failure test can judge the error and one broken
-    scenario does not hide the others.
+    scenario does not hide the others. The process group, set up by the
+    caller, is torn down at the end.
     """
+    import torch.distributed as dist
     results = {}
-    for name, scenario in scenarios.items():
-        try:
-            results[name] = scenario(rank=rank)
-        except Exception as error:  # judged by the tests
-            results[name] = ('raised', type(error).__name__, str(error))
-    torch.save(results, out_dir / f'rank{rank}.pth')
+    try:
+        for name, scenario in scenarios.items():
+            try:
+                results[name] = scenario(rank=rank)
+            except Exception as error:  # judged by the tests
+                results[name] = ('raised', type(error).__name__, str(error))
+        torch.save(results, out_dir / f'rank{rank}.pth')
+    finally:
+        dist.destroy_process_group()
 
 
 def launch_ranks(function, args, out_dir, start_method, timeout=120):
@@ -256,6 +281,35 @@ def launch_ranks(function, args, out_dir, start_method, timeout=120):
                 process.terminate()
     return [torch.load(out_dir / f'rank{rank}.pth', weights_only=False)
             for rank in range(SHARDED_WORLD_SIZE)]
+
+
+def sharded_results(rank_main, out_dir, scenarios, start_method='fork'):
+    """Launch ``rank_main(rank, port, out_dir)`` on two ranks.
+
+    Returns:
+        dict: ``results[name]``, the two ranks' results of scenario ``name``.
+    """
+    from conftest import free_port
+    ranks = launch_ranks(rank_main, (free_port(), out_dir), out_dir,
+                         start_method)
+    return {name: [rank[name] for rank in ranks] for name in scenarios}
+
+
+def assert_trainings_match(results, trainings, name):
+    """Both ranks' records of training ``name`` match the reference.
+
+    Args:
+        results (dict): From :func:`sharded_results`.
+        trainings (dict): ``name -> (buffer policy, scenario)``.
+        name (str): The scenario.
+
+    Returns:
+        list[dict]: The records.
+    """
+    for record in results[name]:
+        assert isinstance(record, dict), record  # not an error
+        assert_sharded_record_matches(record, trainings[name][0])
+    return results[name]
 
 
 def raised(result, error=ValueError):

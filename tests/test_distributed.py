@@ -7,13 +7,13 @@ that the momentum followed the cosine schedule on every iteration.
 """
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from mmcv.runner import Hook
+from momentum_testing import free_port, reference_momentum
 
 from momentum_hook.demo.train import (default_config_path, init_distributed,
                                       load_config, train)
@@ -24,12 +24,6 @@ OPTIONS = [
     f'runner.max_epochs={EPOCHS}', 'data.train.repeat=1',
     'data.samples_per_gpu=64', 'log_config.interval=1'
 ]
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 class MomentumRecorder(Hook):
@@ -104,8 +98,8 @@ def test_target_networks_are_identical_across_ranks(ranks):
 
 def test_momentum_followed_the_cosine_schedule_on_every_rank(ranks):
     max_iters = ranks[0]['max_iters']
-    expected = [(k, 1. - (1. - 0.99) * (math.cos(math.pi * k / max_iters) +
-                                        1) / 2) for k in range(max_iters)]
+    expected = [(k, reference_momentum(k, max_iters, 0.99))
+                for k in range(max_iters)]
     for result in ranks:
         iters = [k for k, _ in result['seen']]
         assert iters == list(range(max_iters))

@@ -2,13 +2,9 @@
 import math
 
 import pytest
+from momentum_testing import reference_momentum as mmselfsup_formula
 
 from momentum_hook import MomentumUpdater, cosine_momentum
-
-
-def mmselfsup_formula(k, K, base, end):
-    """MMSelfSup 0.x's expression, written out as in its hook."""
-    return end - (end - base) * (math.cos(math.pi * k / float(K)) + 1) / 2
 
 
 @pytest.mark.parametrize('cur_iter, max_iters, base, end, expected', [
@@ -93,7 +89,7 @@ def test_reach_end_momentum_schedule_between():
     updater = MomentumUpdater(end_momentum=1., update_interval=4,
                               reach_end_momentum=True)
     assert updater.momentum_at(3, 10, 0.9) == pytest.approx(
-        1 - 0.1 * (math.cos(math.pi * 3 / 7) + 1) / 2, abs=1e-15)
+        mmselfsup_formula(3, 7, 0.9, 1.), abs=1e-15)
 
 
 def test_default_schedule_with_interval_matches_mmselfsup():
