@@ -12,10 +12,10 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import free_port
 from momentum_testing import (SHARDED_WORLD_SIZE, TinyBYOL,
-                              assert_sharded_record_matches, launch_ranks,
-                              raised, record_sharded_training, run_scenarios)
+                              assert_trainings_match, build_sharded, raised,
+                              record_sharded_training, run_scenarios,
+                              sharded_results)
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -27,14 +27,6 @@ from momentum_hook import momentum_update_
 from momentum_hook.sharding import fully_shard_pair
 
 POLICIES = ('keep', 'copy', 'average')
-
-
-def build(buffers):
-    """A seeded :class:`TinyBYOL` (the same on every rank), target in eval."""
-    torch.manual_seed(0)
-    model = TinyBYOL(buffers=buffers)
-    model.target_net.eval()  # its forward must not move its statistics
-    return model, model.online_net, model.target_net
 
 
 def sgd_step(wrapped):
@@ -61,7 +53,7 @@ def gather_fsdp2(network):
 
 
 def fsdp2_training(buffers, functional=False, rank=0):
-    model, online, target = build(buffers)
+    model, online, target = build_sharded(buffers)
     mesh = init_device_mesh('cpu', (SHARDED_WORLD_SIZE,))
     fully_shard_pair(online, target, submodules=nn.Linear, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -74,7 +66,7 @@ def fsdp2_training(buffers, functional=False, rank=0):
 
 def fsdp2_mismatched_placements(rank):
     """Online rows sharded, target columns: no local element corresponds."""
-    model, online, target = build('keep')
+    model, online, target = build_sharded('keep')
     mesh = init_device_mesh('cpu', (SHARDED_WORLD_SIZE,))
     fully_shard(online, mesh=mesh)
     fully_shard(target, mesh=mesh, shard_placement_fn=lambda param: (
@@ -83,7 +75,7 @@ def fsdp2_mismatched_placements(rank):
 
 
 def fsdp2_online_only(rank):
-    model, online, target = build('keep')
+    model, online, target = build_sharded('keep')
     fully_shard(online, mesh=init_device_mesh('cpu', (SHARDED_WORLD_SIZE,)))
     model.momentum_update()
 
@@ -91,7 +83,7 @@ def fsdp2_online_only(rank):
 def fsdp2_meta(rank):
     """Sharded on the meta device and never materialised."""
     with torch.device('meta'):
-        model, online, target = build('keep')
+        model, online, target = build_sharded('keep')
     fully_shard_pair(online, target,
                      mesh=init_device_mesh('cpu', (SHARDED_WORLD_SIZE,)))
     model.momentum_update()
@@ -123,7 +115,7 @@ def fsdp1(model, use_orig_params, policy):
 
 def fsdp1_training(buffers, use_orig_params, layers=(nn.Sequential,),
                    rank=0):
-    model, online, target = build(buffers)
+    model, online, target = build_sharded(buffers)
     wrapped = fsdp1(model, use_orig_params, ModuleWrapPolicy(set(layers)))
 
     def gather(network):
@@ -137,7 +129,7 @@ def fsdp1_training(buffers, use_orig_params, layers=(nn.Sequential,),
 
 def fsdp1_shared_unit(use_orig_params, layers, rank):
     """Both networks (or some of their layers) in one unit of the root."""
-    model, online, target = build('keep')
+    model, online, target = build_sharded('keep')
     if not use_orig_params:  # else FSDP1 refuses a frozen target in the unit
         target.requires_grad_(True)
     policy = ModuleWrapPolicy(set(layers)) if layers else None
@@ -147,7 +139,7 @@ def fsdp1_shared_unit(use_orig_params, layers, rank):
 
 def fsdp1_mismatched_strategy(rank):
     """Online fully sharded, target replicated (NO_SHARD)."""
-    model, online, target = build('keep')
+    model, online, target = build_sharded('keep')
     model.online_net = FSDP(online, device_id=torch.device('cpu'))
     model.target_net = FSDP(target, device_id=torch.device('cpu'),
                             sharding_strategy=ShardingStrategy.NO_SHARD)
@@ -188,26 +180,19 @@ def rank_main(rank, port, out_dir):
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}',
                             rank=rank, world_size=SHARDED_WORLD_SIZE,
                             timeout=timedelta(seconds=60))
-    try:
-        run_scenarios(rank, SCENARIOS, out_dir)
-    finally:
-        dist.destroy_process_group()
+    run_scenarios(rank, SCENARIOS, out_dir)
 
 
 @pytest.fixture(scope='module')
 def results(tmp_path_factory):
     """``results[name]``: the two ranks' results of scenario ``name``."""
-    out_dir = tmp_path_factory.mktemp('sharded')
-    ranks = launch_ranks(rank_main, (free_port(), out_dir), out_dir, 'fork')
-    return {name: [rank[name] for rank in ranks] for name in SCENARIOS}
+    return sharded_results(rank_main, tmp_path_factory.mktemp('sharded'),
+                           SCENARIOS)
 
 
 @pytest.mark.parametrize('name', TRAININGS)
 def test_the_sharded_target_matches_the_reference(results, name):
-    buffers = TRAININGS[name][0]
-    for record in results[name]:
-        assert isinstance(record, dict), record  # not an error
-        assert_sharded_record_matches(record, buffers)
+    records = assert_trainings_match(results, TRAININGS, name)
 
 
 SHARED_UNIT = ('is flattened into an FSDP1 unit that is not inside',

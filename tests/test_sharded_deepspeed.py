@@ -1,0 +1,135 @@
+"""The momentum update under DeepSpeed ZeRO-1, 2 and 3, on two CPU ranks.
+
+``DS_ACCELERATOR=cpu`` makes DeepSpeed run on the CPU over gloo. One launch
+of two ranks runs every scenario (``SCENARIOS``), as in ``test_sharded.py``.
+Under ZeRO-3 a parameter is a 0-element placeholder whose values live in
+each rank's partition (``ds_tensor``), and a *persistent* one (below
+``stage3_param_persistence_threshold``) also keeps a gathered copy between
+steps; the target is checked both ways: gathered by DeepSpeed, and rebuilt
+here from the ranks' partitions.
+"""
+import functools
+import os
+from datetime import timedelta
+
+import pytest
+import torch
+from momentum_testing import (SHARDED_WORLD_SIZE, TinyBYOL,
+                              assert_trainings_match, build_sharded, raised,
+                              record_sharded_training, run_scenarios,
+                              sharded_results)
+
+from momentum_hook import momentum_update_
+
+deepspeed = pytest.importorskip('deepspeed')
+
+
+def engine(model, stage, **zero):
+    config = dict(train_micro_batch_size_per_gpu=4,
+                  optimizer=dict(type='SGD', params=dict(lr=0.1,
+                                                         momentum=0.9)),
+                  zero_optimization=dict(stage=stage, **zero),
+                  zero_allow_untested_optimizer=True)
+    return deepspeed.initialize(model=model, config=config)[0]
+
+
+def partitions(network):
+    """``network``'s ZeRO-3 parameters rebuilt from every rank's partition."""
+    rebuilt = []
+    for param in network.parameters():
+        pieces = [torch.empty_like(param.ds_tensor)
+                  for _ in range(SHARDED_WORLD_SIZE)]
+        torch.distributed.all_gather(pieces, param.ds_tensor.detach())
+        rebuilt.append(torch.cat(pieces)[:param.ds_numel].view(
+            param.ds_shape))
+    return rebuilt
+
+
+def gather(network):
+    params = list(network.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        params = [param.detach().clone() for param in params]
+    return params, {name: buffer.detach().clone()
+                    for name, buffer in network.named_buffers()}
+
+
+def training(stage, buffers, functional=False, rank=0, **zero):
+    model, online, target = build_sharded(buffers)
+    wrapped = engine(model, stage, **zero)
+
+    def train_step(batch):
+        wrapped.backward(wrapped(batch))
+        wrapped.step()
+
+    def update():
+        momentum_update_(target, online, model.momentum, buffers)
+    record = record_sharded_training(rank, model, online, target,
+                                     train_step, gather,
+                                     update if functional else None)
+    if stage == 3:
+        record['partitions'] = partitions(target)
+    return record
+
+
+def target_outside_the_engine(rank):
+    """A ZeRO-3 online network and a target DeepSpeed never partitioned."""
+    model, online, target = build_sharded('keep')
+    engine(model, 3)
+    momentum_update_(TinyBYOL().target_net, online, 0.9)
+
+
+#: The training scenarios and their buffer policies.
+TRAININGS = {
+    'zero1 keep': ('keep', functools.partial(training, 1, 'keep')),
+    'zero2 copy': ('copy', functools.partial(training, 2, 'copy')),
+    # Small parameters persistent (bias, BatchNorm, the 2x3 Linear), the
+    # first Linear's weight (12 elements) partitioned only.
+    'zero3 average, some persistent': ('average', functools.partial(
+        training, 3, 'average', stage3_param_persistence_threshold=10)),
+    'zero3 keep, all persistent': ('keep', functools.partial(
+        training, 3, 'keep')),
+    'zero3 copy, none persistent, momentum_update_': (
+        'copy', functools.partial(training, 3, 'copy', True,
+                                  stage3_param_persistence_threshold=0)),
+}
+
+SCENARIOS = {
+    **{name: scenario for name, (_, scenario) in TRAININGS.items()},
+    'zero3 target outside the engine': target_outside_the_engine,
+}
+
+
+def rank_main(rank, port, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(DS_ACCELERATOR='cpu', RANK=str(rank),
+                      LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(SHARDED_WORLD_SIZE),
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend='gloo',
+                               timeout=timedelta(seconds=60))
+    run_scenarios(rank, SCENARIOS, out_dir)
+
+
+@pytest.fixture(scope='module')
+def results(tmp_path_factory):
+    """``results[name]``: the two ranks' results of scenario ``name``."""
+    out_dir = tmp_path_factory.mktemp('sharded_deepspeed')
+    return sharded_results(rank_main, out_dir, SCENARIOS)
+
+
+@pytest.mark.parametrize('name', TRAININGS)
+def test_the_zero_target_matches_the_reference(results, name):
+    records = assert_trainings_match(results, TRAININGS, name)
+    for record in records:
+        if 'partitions' in record:  # the partitions hold the same values
+            final = record['final'][0]
+            for rebuilt, gathered in zip(record['partitions'], final):
+                torch.testing.assert_close(rebuilt, gathered)
+
+
+def test_a_target_outside_the_engine_is_refused(results):
+    for result in results['zero3 target outside the engine']:
+        message = raised(result)
+        assert ("parameters 0 differs between target (0.weight: tensor "
+                "(3, 4)) and online (0.weight: ZeRO-3 partition") in message
+        assert 'DeepSpeed' in message
