@@ -289,7 +289,6 @@ def sharded_results(rank_main, out_dir, scenarios, start_method='fork'):
     Returns:
         dict: ``results[name]``, the two ranks' results of scenario ``name``.
     """
-    from conftest import free_port
     ranks = launch_ranks(rank_main, (free_port(), out_dir), out_dir,
                          start_method)
     return {name: [rank[name] for rank in ranks] for name in scenarios}
