@@ -379,7 +379,7 @@ def test_momentum_reaches_the_text_and_json_logs(tmp_path):
     torch.manual_seed(0)
     runner = build_runner(
         tmp_path, TinyMomentumModel(base_momentum=0.5),
-        [dict(type=HOOK, end_momentum=1., update_interval=2)],
+        [mmengine_hook.MomentumUpdateHook(end_momentum=1., update_interval=2)],
         iters=6)
     runner.train()
 
@@ -396,6 +396,13 @@ def test_momentum_reaches_the_text_and_json_logs(tmp_path):
     log, = tmp_path.glob('*/*.log')
     text = log.read_text()
     assert f'target_momentum: {expected[5]:.4f}' in text
+    # Before iteration 1: which hook, with which arguments.
+    assert ('momentum_hook.mmengine_hook.MomentumUpdateHook(end_momentum=1.0,'
+            ' update_interval=2, reach_end_momentum=False) schedules the '
+            'target momentum of TinyMomentumModel from base_momentum=0.5 over '
+            '6 iterations') in text
+    assert text.index('MomentumUpdateHook(end_momentum') < text.index(
+        'target_momentum: ')
 
 
 @pytest.mark.filterwarnings(
