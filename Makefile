@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test bench duplicates clean
+.PHONY: venv demo test bench clean
 
 $(VENV)/.installed: setup.py $(wildcard requirements/*.txt)
 	$(PYTHON) -m venv $(VENV)
