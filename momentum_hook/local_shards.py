@@ -53,7 +53,7 @@ HOW_TO_SHARD = (
     '(momentum_hook.sharding.fully_shard_pair); FSDP1: wrap the online and '
     'the target network as separate units with the same auto_wrap_policy, '
     'e.g. ModuleWrapPolicy({type(online)}) (MMEngine FSDPStrategy: '
-    'model_wrapper=dict(auto_wrap_policy=...)); DeepSpeed: ZeRO stages 1-3 '
+    'model_wrapper=dict(auto_wrap_policy=ModuleWrapPolicy(...))); DeepSpeed: ZeRO stages 1-3 '
     'need nothing else, but ZeRO-3 persistence thresholds must keep the same '
     'parameters of both gathered. See "Sharded training" in momentum_hook\'s '
     'README')
@@ -67,8 +67,8 @@ SHARED_UNIT = (
     'wrap the online and the target network as separate FSDP1 units with an '
     'auto_wrap_policy, e.g. FSDP(model, auto_wrap_policy=ModuleWrapPolicy('
     '{type(model.online_net)}), ...) or, with MMEngine\'s FSDPStrategy, '
-    'model_wrapper=dict(auto_wrap_policy=dict(type=\'torch.distributed.fsdp.'
-    'wrap.ModuleWrapPolicy\', module_classes=[...])); or use FSDP2 '
+    'model_wrapper=dict(auto_wrap_policy=ModuleWrapPolicy({type(model.'
+    'online_net)})); or use FSDP2 '
     '(momentum_hook.sharding.fully_shard_pair). If that unit wraps this '
     'network alone, pass the FSDP unit instead of the module inside it')
 
@@ -144,14 +144,12 @@ def tensor_shard(name, tensor):
     """
     dtensor = _loaded('torch.distributed.tensor', 'DTensor')
     if dtensor is not None and isinstance(tensor, dtensor):
-        base = tensor._local_tensor
-        with torch.no_grad():
-            local = tensor.to_local()
+        local = tensor._local_tensor  # what to_local() views, without autograd
         if local.is_meta:
             raise _meta_error(name)
         layout = ('DTensor', tuple(tensor.shape), tuple(tensor.placements),
                   tensor.device_mesh, tuple(local.shape))
-        return LocalShard(name, local, layout, tensor, '_local_tensor', base)
+        return LocalShard(name, local, layout, tensor, '_local_tensor', local)
     if hasattr(tensor, 'ds_tensor'):  # a DeepSpeed ZeRO-3 parameter
         return _zero3_shard(name, tensor)
     if getattr(tensor, '_fsdp_flattened', False):
@@ -183,15 +181,19 @@ def _fsdp1_shard(path, unit):
     return LocalShard(name, flat, layout, base=flat)
 
 
-def _check_views_covered(module, covered):
+def _check_views_covered(modules, covered):
     """Refuse FSDP1 ``use_orig_params=False`` views of a unit outside.
 
-    Such a unit replaces the original parameters of the modules it flattens
-    by plain tensor attributes viewing its FlatParameter.
+    Such a unit deletes the original parameters of each module it flattens
+    (all of them) and puts plain tensor attributes viewing its
+    FlatParameter in their place.
     """
-    for path, submodule in module.named_modules():
+    for path, submodule in modules:
+        if submodule._parameters:
+            continue
         for key, value in vars(submodule).items():
-            base = getattr(value, '_base', None)
+            base = getattr(value, '_base', None) if isinstance(
+                value, torch.Tensor) else None
             if getattr(base, '_is_flat_param', False) and \
                     id(base) not in covered:
                 raise ValueError(
@@ -216,14 +218,15 @@ def local_shards(module):
     shards, covered = [], set()
     fsdp = _loaded('torch.distributed.fsdp', 'FullyShardedDataParallel')
     if fsdp is not None:
-        for path, unit in module.named_modules():
+        modules = list(module.named_modules())
+        for path, unit in modules:
             flat = unit._flat_param if isinstance(unit, fsdp) else None
             if flat is None:
                 continue
             covered.update(map(id, flat._params or ()))
             covered.add(id(flat))
             shards.append(_fsdp1_shard(path, unit))
-        _check_views_covered(module, covered)
+        _check_views_covered(modules, covered)
     for name, param in module.named_parameters():
         if id(param) not in covered:
             shards.append(tensor_shard(name, param))
