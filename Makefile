@@ -18,14 +18,21 @@ $(VENV)/.installed: setup.py $(wildcard requirements/*.txt)
 
 venv: $(VENV)/.installed
 
+# Two lines at every start that are not ours, hidden for these entry points
+# only: mmcv 1.x's v2.0 notice (a UserWarning) and torch's "No CUDA runtime is
+# found" (its cpp_extension logger, on machines with nvcc but no GPU). Other
+# warnings and torch logs still show.
+QUIET := TORCH_LOGS=-torch.utils.cpp_extension
+QUIET_PYTHON := $(QUIET) $(BIN)/python -W "ignore:On January 1:UserWarning"
+
 demo: venv
-	$(BIN)/python -m momentum_hook.demo $(ARGS)
+	$(QUIET_PYTHON) -m momentum_hook.demo $(ARGS)
 
 test: venv
-	$(BIN)/python -m pytest -q tests $(ARGS)
+	$(QUIET_PYTHON) -m pytest -q tests $(ARGS)
 
 bench: venv
-	$(BIN)/python benchmarks/bench_momentum_update.py $(ARGS)
+	$(QUIET_PYTHON) benchmarks/bench_momentum_update.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) work_dirs .pytest_cache
