@@ -33,6 +33,13 @@ styles that launch one kernel per tensor slow down by far more than one flat
 kernel does. Run on an idle machine, or with ``--threads 1``; the header
 prints the load average.
 
+Apart from the rows, it measures the host side of ours, in microseconds per
+call (the median of many calls): planning (what ``momentum_update_`` does on
+every call and the mixin once), the mixin's check that its plan is current
+(what it does on every call), and on CUDA the CPU time of one mixin
+``momentum_update()`` until its kernels are queued, which must stay below
+the kernels' own time for the GPU never to wait on the update.
+
 Usage::
 
     python benchmarks/bench_momentum_update.py                 # all models
@@ -56,6 +63,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch import nn
 
 from momentum_hook import MomentumTargetMixin, momentum_update_
+from momentum_hook.ema import ModuleUpdatePlan
 
 try:
     from timm.utils import ModelEmaV3
@@ -324,6 +332,42 @@ def summarize(name, nets, samples, stat):
     }
 
 
+def host_microseconds(fn, calls=200):
+    """The median wall time of one call of ``fn``, in microseconds."""
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+@torch.no_grad()
+def host_costs(nets, device):
+    """The host side of ours, in microseconds per call (see the module doc).
+
+    Returns:
+        dict[str, float]: ``plan``, ``plan_check`` and, on CUDA,
+        ``mixin_enqueue`` (None on a CPU, where kernels run on the host).
+    """
+    pair = nets['pair']
+    plan = ModuleUpdatePlan(pair.target, pair.online)
+    costs = {'plan': host_microseconds(
+                 lambda: ModuleUpdatePlan(pair.target, pair.online), 20),
+             'plan_check': host_microseconds(plan.is_current),
+             'mixin_enqueue': None}
+    if device.type == 'cuda':
+        samples = []
+        for _ in range(50):
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            pair.momentum_update()
+            samples.append(time.perf_counter() - start)
+        torch.cuda.synchronize(device)
+        costs['mixin_enqueue'] = statistics.median(samples) * 1e6
+    return costs
+
+
 def bench_model(name, args, device):
     """Build, check and time every style on one model; return its summary."""
     nets = build_networks(name, device)
@@ -332,7 +376,19 @@ def bench_model(name, args, device):
         check_style(style, MOMENTUM)
     samples = time_styles(styles, args.repeats, args.warmup, args.number,
                           device)
-    return summarize(name, nets, samples, args.stat)
+    result = summarize(name, nets, samples, args.stat)
+    result['host_us'] = host_costs(nets, device)
+    return result
+
+
+def fmt_host(result):
+    """The host costs of one model as ``plan 310 µs, check 20 µs``."""
+    host = result['host_us']
+    text = (f"planning {host['plan']:.0f} us, plan check "
+            f"{host['plan_check']:.0f} us")
+    if host['mixin_enqueue'] is not None:
+        text += f", mixin call until queued {host['mixin_enqueue']:.0f} us"
+    return text
 
 
 def fmt_ms(ms):
@@ -365,6 +421,7 @@ def print_text(result):
               f"{result['ours_speedup_over_loop'][label]:.1f}x faster than "
               f"the loop, {result['ours_over_flat_lerp'][label]:.2f}x the "
               'flat lerp_')
+    print(f'  host side of ours: {fmt_host(result)}')
 
 
 def markdown_table(results, machine):
@@ -381,7 +438,8 @@ def markdown_table(results, machine):
     extra = [('limit (3 x 4 bytes x numel / copy bandwidth)',
               lambda r: f"{fmt_ms(r['limit_ms'])} ms"),
              ('measured copy bandwidth',
-              lambda r: f"{r['copy_bandwidth_GBps']:.1f} GB/s")]
+              lambda r: f"{r['copy_bandwidth_GBps']:.1f} GB/s"),
+             ('host side of ours, per call', fmt_host)]
     for label in OURS_LABELS:
         extra.append((f'{label}: speed-up over the loop / x flat lerp_',
                       lambda r, k=label: (
