@@ -163,10 +163,21 @@ def rank_main(rank, port, args, out):
         dist.destroy_process_group()
 
 
+def cpu_name():
+    try:
+        with open('/proc/cpuinfo') as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def markdown(results, args):
     first = results[0]
     lines = [
-        f'{platform.processor() or platform.machine()} '
+        f'{cpu_name()} '
         f'({os.cpu_count()} cores, load average '
         f'{os.getloadavg()[0]:.2f}), {WORLD_SIZE} gloo ranks, '
         f'{args.threads} torch thread(s) each, FSDP2 on '

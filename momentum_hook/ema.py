@@ -173,6 +173,23 @@ class ModuleUpdatePlan:
     """
 
     def __init__(self, target, online, buffers='keep'):
+        shards, buffer_tensors = self._plan(target, online, buffers)
+        self._track(target, online, shards, buffer_tensors)
+
+    @classmethod
+    def _one_shot(cls, target, online, buffers):
+        """A plan for one update: without what :meth:`is_current` needs."""
+        plan = cls.__new__(cls)
+        plan._plan(target, online, buffers)
+        return plan
+
+    def _plan(self, target, online, buffers):
+        """Find, check and group the local tensors of both networks.
+
+        Returns:
+            tuple[list[LocalShard], list[Tensor]]: The shards of both
+            networks and the buffers that :meth:`_track` records.
+        """
         check_buffer_policy(buffers)
         self.buffers = buffers
         targets, onlines = local_shards(target), local_shards(online)
@@ -195,7 +212,10 @@ class ModuleUpdatePlan:
         self.steps = _plan_lerp([shard.tensor for shard in targets],
                                 [shard.tensor for shard in onlines])
         self.gathered = gathered_copies(targets, onlines)
-        shards = targets + onlines
+        return targets + onlines, buffer_tensors
+
+    def _track(self, target, online, shards, buffer_tensors):
+        """Record what :meth:`is_current` compares."""
         linked = [shard for shard in shards if shard.link is not None]
         self._owners = [shard.owner for shard in linked]
         self._links = [shard.link for shard in linked]
@@ -204,7 +224,7 @@ class ModuleUpdatePlan:
         self._pointers = [base.data_ptr() for base in self._bases]
         modules = dict.fromkeys([*target.modules(), *online.modules()])
         self._containers, self._keys, self._ids = _structure(
-            modules, buffers != 'keep')
+            modules, self.buffers != 'keep')
 
     def is_current(self):
         """Whether the plan still matches the modules (see the class doc)."""
@@ -270,7 +290,7 @@ def momentum_update_(target, online, momentum, buffers='keep'):
                         f'tensor sequences, got {type(target).__name__} and '
                         f'{type(online).__name__}')
     if modules[0]:
-        ModuleUpdatePlan(target, online, buffers).update_(momentum)
+        ModuleUpdatePlan._one_shot(target, online, buffers).update_(momentum)
         return
     if buffers != 'keep':
         raise ValueError(f'buffers={buffers!r} needs nn.Modules, got tensor '

@@ -187,10 +187,13 @@ def _check_views_covered(modules, covered):
     Such a unit deletes the original parameters of each module it flattens
     (all of them) and puts plain tensor attributes viewing its
     FlatParameter in their place.
+
+    Args:
+        modules (list[tuple[str, nn.Module]]): The modules without
+            parameters, named.
+        covered (set[int]): The ids of the FlatParameters inside the network.
     """
     for path, submodule in modules:
-        if submodule._parameters:
-            continue
         for key, value in vars(submodule).items():
             base = getattr(value, '_base', None) if isinstance(
                 value, torch.Tensor) else None
@@ -215,21 +218,27 @@ def local_shards(module):
     Raises:
         ValueError: See :func:`tensor_shard`.
     """
-    shards, covered = [], set()
     fsdp = _loaded('torch.distributed.fsdp', 'FullyShardedDataParallel')
-    if fsdp is not None:
-        modules = list(module.named_modules())
-        for path, unit in modules:
-            flat = unit._flat_param if isinstance(unit, fsdp) else None
-            if flat is None:
-                continue
+    shards, covered, params, seen, bare = [], set(), [], set(), []
+    # One walk; the parameters in named_parameters() order, without repeats.
+    for path, submodule in module.named_modules():
+        if fsdp is not None and isinstance(submodule, fsdp) and \
+                submodule._flat_param is not None:
+            flat = submodule._flat_param
             covered.update(map(id, flat._params or ()))
             covered.add(id(flat))
-            shards.append(_fsdp1_shard(path, unit))
-        _check_views_covered(modules, covered)
-    for name, param in module.named_parameters():
-        if id(param) not in covered:
-            shards.append(tensor_shard(name, param))
+            shards.append(_fsdp1_shard(path, submodule))
+        if not submodule._parameters:
+            bare.append((path, submodule))
+        prefix = path + '.' if path else ''
+        for key, param in submodule._parameters.items():
+            if param is not None and id(param) not in seen:
+                seen.add(id(param))
+                params.append((prefix + key, param))
+    if fsdp is not None:
+        _check_views_covered(bare, covered)
+    shards.extend(tensor_shard(name, param) for name, param in params
+                  if id(param) not in covered)
     return shards
 
 
