@@ -29,7 +29,9 @@ class MomentumTargetMixin:
     is current, so that a call costs a few kernel launches and a check local
     to the two networks, not a walk of both. Under FSDP or DeepSpeed it
     updates each rank's shards (see :mod:`momentum_hook.local_shards`); make
-    the target here, before wrapping, and wrap both networks alike.
+    the target here, before wrapping, and wrap both networks alike
+    (FSDP2: :func:`momentum_hook.sharding.fully_shard_pair`; FSDP1: one
+    ``auto_wrap_policy`` that makes each network a unit).
     """
 
     def init_momentum_target(self, online, base_momentum=0.99,
