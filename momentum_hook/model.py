@@ -1,5 +1,6 @@
 """Give a model the hook's contract from an (online, target) pair."""
 import copy
+import sys
 
 from torch import nn
 
@@ -52,7 +53,11 @@ class MomentumTargetMixin:
 
         Returns:
             nn.Module: The target network: a deep copy of ``online`` whose
-            parameters do not require gradients.
+            parameters do not require gradients. Built under DeepSpeed's
+            ``zero.Init``, ``online``'s ZeRO-3 parameters are gathered for
+            the copy (a collective: every rank builds the model), so that
+            the target holds their values; ``deepspeed.initialize`` then
+            partitions the target like the online network.
         """
         if not isinstance(online, nn.Module):
             raise TypeError('online must be an nn.Module, got '
@@ -64,7 +69,7 @@ class MomentumTargetMixin:
                 'init_momentum_target() keeps one (online, target) pair')
         self.base_momentum = check_momentum(base_momentum, 'base_momentum')
         self.momentum = self.base_momentum
-        target = copy.deepcopy(online).requires_grad_(False)
+        target = _copy_of(online).requires_grad_(False)
         # Plain attributes, not submodules: the caller registers both.
         self.__dict__['_momentum_pair'] = (online, target, buffers)
         return target
@@ -89,6 +94,21 @@ class MomentumTargetMixin:
             self.__dict__['_momentum_plan'] = plan
         plan.update_(self.momentum)
 
+    def check_momentum_target(self):
+        """Plan the update now, without updating: refuse an unusable target.
+
+        The momentum hooks call it once before training, after the runner
+        or its strategy wrapped the model, so that a target wrapped unlike
+        the online network stops the run before iteration 1.
+
+        Raises:
+            ValueError: As :meth:`momentum_update` would, e.g. for networks
+                in one FSDP unit or sharded unlike each other.
+        """
+        online, target, buffers = self.__dict__['_momentum_pair']
+        self.__dict__['_momentum_plan'] = ModuleUpdatePlan(
+            self._outermost(target), self._outermost(online), buffers)
+
     def _outermost(self, network):
         """``network``, or the wrapper inside ``self`` that now holds it.
 
@@ -101,3 +121,17 @@ class MomentumTargetMixin:
                     getattr(module, 'module', None) is network:
                 return self._outermost(module)
         return network
+
+
+def _copy_of(online):
+    """A deep copy of ``online``, with its values even under ZeRO-3.
+
+    A copy of a ZeRO-3 parameter is its 0-element placeholder, so the
+    parameters partitioned already (``zero.Init``) are gathered first.
+    """
+    partitioned = [param for param in online.parameters()
+                   if hasattr(param, 'ds_tensor')]
+    if not partitioned:
+        return copy.deepcopy(online)
+    with sys.modules['deepspeed'].zero.GatheredParameters(partitioned):
+        return copy.deepcopy(online)

@@ -24,13 +24,15 @@ from momentum_hook import momentum_update_
 deepspeed = pytest.importorskip('deepspeed')
 
 
+def config(stage, **zero):
+    return dict(train_micro_batch_size_per_gpu=4,
+                optimizer=dict(type='SGD', params=dict(lr=0.1, momentum=0.9)),
+                zero_optimization=dict(stage=stage, **zero),
+                zero_allow_untested_optimizer=True)
+
+
 def engine(model, stage, **zero):
-    config = dict(train_micro_batch_size_per_gpu=4,
-                  optimizer=dict(type='SGD', params=dict(lr=0.1,
-                                                         momentum=0.9)),
-                  zero_optimization=dict(stage=stage, **zero),
-                  zero_allow_untested_optimizer=True)
-    return deepspeed.initialize(model=model, config=config)[0]
+    return deepspeed.initialize(model=model, config=config(stage, **zero))[0]
 
 
 def partitions(network):
@@ -53,8 +55,13 @@ def gather(network):
                     for name, buffer in network.named_buffers()}
 
 
-def training(stage, buffers, functional=False, rank=0, **zero):
-    model, online, target = build_sharded(buffers)
+def training(stage, buffers, functional=False, zero_init=False, rank=0,
+             **zero):
+    if zero_init:  # partitioned as built: the target copies placeholders
+        with deepspeed.zero.Init(config_dict_or_path=config(stage, **zero)):
+            model, online, target = build_sharded(buffers)
+    else:
+        model, online, target = build_sharded(buffers)
     wrapped = engine(model, stage, **zero)
 
     def train_step(batch):
@@ -88,6 +95,9 @@ TRAININGS = {
         training, 3, 'average', stage3_param_persistence_threshold=10)),
     'zero3 keep, all persistent': ('keep', functools.partial(
         training, 3, 'keep')),
+    'zero3 average, built under zero.Init': ('average', functools.partial(
+        training, 3, 'average', zero_init=True,
+        stage3_param_persistence_threshold=10)),
     'zero3 copy, none persistent, momentum_update_': (
         'copy', functools.partial(training, 3, 'copy', True,
                                   stage3_param_persistence_threshold=0)),
