@@ -108,15 +108,23 @@ def fsdp2_rank_differs(rank):
 
 # --- FSDP1 -----------------------------------------------------------------
 
-def fsdp1(model, use_orig_params, policy):
+def fsdp1(model, use_orig_params, policy, mmengine=False):
+    """FSDP1, or the wrapper MMEngine's FSDPStrategy builds from
+    ``model_wrapper=dict(auto_wrap_policy=policy)``."""
+    if mmengine:
+        from mmengine.model.wrappers import MMFullyShardedDataParallel
+        return MMFullyShardedDataParallel(
+            model, device_id=torch.device('cpu'), auto_wrap_policy=policy,
+            use_orig_params=use_orig_params)
     return FSDP(model, device_id=torch.device('cpu'),
                 use_orig_params=use_orig_params, auto_wrap_policy=policy)
 
 
 def fsdp1_training(buffers, use_orig_params, layers=(nn.Sequential,),
-                   rank=0):
+                   mmengine=False, rank=0):
     model, online, target = build_sharded(buffers)
-    wrapped = fsdp1(model, use_orig_params, ModuleWrapPolicy(set(layers)))
+    wrapped = fsdp1(model, use_orig_params, ModuleWrapPolicy(set(layers)),
+                    mmengine)
 
     def gather(network):
         with FSDP.summon_full_params(wrapped, writeback=False):
@@ -127,13 +135,13 @@ def fsdp1_training(buffers, use_orig_params, layers=(nn.Sequential,),
                                    sgd_step(wrapped), gather)
 
 
-def fsdp1_shared_unit(use_orig_params, layers, rank):
+def fsdp1_shared_unit(use_orig_params, layers, mmengine=False, rank=0):
     """Both networks (or some of their layers) in one unit of the root."""
     model, online, target = build_sharded('keep')
     if not use_orig_params:  # else FSDP1 refuses a frozen target in the unit
         target.requires_grad_(True)
     policy = ModuleWrapPolicy(set(layers)) if layers else None
-    fsdp1(model, use_orig_params, policy)
+    fsdp1(model, use_orig_params, policy, mmengine)
     model.momentum_update()
 
 
@@ -158,6 +166,8 @@ TRAININGS = {
     **{f'fsdp1 layers orig={orig}': ('average', functools.partial(
         fsdp1_training, 'average', orig, (nn.Linear, nn.BatchNorm1d)))
        for orig in (False, True)},
+    'mmengine FSDP wrapper, ModuleWrapPolicy': ('copy', functools.partial(
+        fsdp1_training, 'copy', True, mmengine=True)),
 }
 
 SCENARIOS = {
@@ -172,6 +182,9 @@ SCENARIOS = {
        functools.partial(fsdp1_shared_unit, orig, (nn.Linear,))
        for orig in (False, True)},
     'fsdp1 mismatched strategy': fsdp1_mismatched_strategy,
+    # MMEngine's FSDPStrategy default: no auto_wrap_policy, use_orig_params.
+    'mmengine FSDP wrapper, default': functools.partial(
+        fsdp1_shared_unit, True, (), mmengine=True),
 }
 
 
@@ -211,6 +224,7 @@ REFUSALS = {
     'fsdp1 root only orig=True': SHARED_UNIT,
     'fsdp1 linear units, batchnorm in root orig=False': SHARED_UNIT,
     'fsdp1 linear units, batchnorm in root orig=True': SHARED_UNIT,
+    'mmengine FSDP wrapper, default': SHARED_UNIT,
     'fsdp1 mismatched strategy': (
         "parameters 0 differs between target (FSDP unit '<root>'",
         'separate units with the same auto_wrap_policy'),
