@@ -53,7 +53,8 @@ HOW_TO_SHARD = (
     '(momentum_hook.sharding.fully_shard_pair); FSDP1: wrap the online and '
     'the target network as separate units with the same auto_wrap_policy, '
     'e.g. ModuleWrapPolicy({type(online)}) (MMEngine FSDPStrategy: '
-    'model_wrapper=dict(auto_wrap_policy=ModuleWrapPolicy(...))); DeepSpeed: ZeRO stages 1-3 '
+    'model_wrapper=dict(auto_wrap_policy=ModuleWrapPolicy(...))); '
+    'DeepSpeed: ZeRO stages 1-3 '
     'need nothing else, but ZeRO-3 persistence thresholds must keep the same '
     'parameters of both gathered. See "Sharded training" in momentum_hook\'s '
     'README')

@@ -85,6 +85,15 @@ def target_outside_the_engine(rank):
     momentum_update_(TinyBYOL().target_net, online, 0.9)
 
 
+def persistence_differs(rank):
+    """The model's persistence budget (29 elements) holds the online network
+    alone: its parameters stay gathered between steps, the target's not."""
+    model, online, target = build_sharded('keep')
+    engine(model, 3, stage3_param_persistence_threshold=100,
+           stage3_model_persistence_threshold=29)
+    model.momentum_update()
+
+
 #: The training scenarios and their buffer policies.
 TRAININGS = {
     'zero1 keep': ('keep', functools.partial(training, 1, 'keep')),
@@ -106,6 +115,7 @@ TRAININGS = {
 SCENARIOS = {
     **{name: scenario for name, (_, scenario) in TRAININGS.items()},
     'zero3 target outside the engine': target_outside_the_engine,
+    'zero3 persistence differs': persistence_differs,
 }
 
 
@@ -143,3 +153,13 @@ def test_a_target_outside_the_engine_is_refused(results):
         assert ("parameters 0 differs between target (0.weight: tensor "
                 "(3, 4)) and online (0.weight: ZeRO-3 partition") in message
         assert 'DeepSpeed' in message
+
+
+def test_a_target_kept_partitioned_while_online_persists_is_refused(results):
+    for result in results['zero3 persistence differs']:
+        message = raised(result)
+        assert "parameters 0 differs between target (0.weight: ZeRO-3 " \
+            "partition (3, 4), 12, 6" in message
+        assert 'partitioned) and online' in message
+        assert 'persistent)' in message
+        assert 'persistence thresholds' in message
