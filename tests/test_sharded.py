@@ -19,7 +19,7 @@ from momentum_testing import (SHARDED_WORLD_SIZE, TinyBYOL,
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-from torch.distributed.fsdp import ShardingStrategy, fully_shard
+from torch.distributed.fsdp import FSDPModule, ShardingStrategy, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.distributed.tensor import DTensor, Shard
 
@@ -245,3 +245,27 @@ def test_only_the_rank_whose_shard_differs_refuses(results):
     torch.testing.assert_close(first, torch.full((2,), 1.5))
     message = raised(second)
     assert 'tensors 0 differs' in message and '(3,)' in message
+
+
+# --- fully_shard_pair's own checks, before anything is sharded -------------
+
+@pytest.mark.parametrize('target,match', [
+    (nn.Sequential(nn.Linear(4, 2)),
+     r'parameters 0 differs .* tensor \(2, 4\)'),
+    (None, 'share memory'),
+])
+def test_fully_shard_pair_refuses_unlike_networks(target, match):
+    online = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=match):
+        fully_shard_pair(online, online if target is None else target)
+    assert not isinstance(online, FSDPModule)  # left unsharded
+
+
+@pytest.mark.parametrize('online,submodules,error,match', [
+    (nn.Linear(2, 2), 'Linear', TypeError, "submodules must be .* got str"),
+    ('net', None, TypeError, 'online must be an nn.Module, got str'),
+])
+def test_fully_shard_pair_checks_its_arguments(online, submodules, error,
+                                               match):
+    with pytest.raises(error, match=match):
+        fully_shard_pair(online, nn.Linear(2, 2), submodules=submodules)
