@@ -1,9 +1,15 @@
-"""The momentum hook for MMEngine's ``Runner`` (MMCV 2.x-era projects).
+"""The momentum hook for MMEngine's ``Runner`` and ``FlexibleRunner``.
 
 A thin adapter: it reads the model, ``runner.iter`` and ``runner.max_iters``
 from the runner, lets :class:`~momentum_hook.updater.MomentumUpdater` do the
-work and publishes the momentum through ``runner.message_hub``.
+work and publishes the momentum through ``runner.message_hub``. Under
+``FlexibleRunner`` it also finds the model inside the strategy's wrapper
+(``MMFullyShardedDataParallel``, DeepSpeed's engine) and DeepSpeed's
+gradient accumulation; it imports neither FSDP nor DeepSpeed, it only
+recognises their objects once the strategy has imported them.
 """
+import sys
+
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
@@ -12,6 +18,49 @@ from .registration import register_hook_class
 from .updater import LOG_KEY, MomentumUpdater
 
 __all__ = ['MomentumUpdateHook', 'BYOLHook']
+
+#: What to set in a FlexibleRunner config when the strategy wrapped the
+#: target unlike the online network, by strategy class name.
+_WRAP_FIX = {
+    'FSDPStrategy': (
+        "strategy=dict(type='FSDPStrategy', model_wrapper=dict("
+        "type='MMFullyShardedDataParallel', auto_wrap_policy="
+        'ModuleWrapPolicy({type(model.online_net)}))), so that the online '
+        'and the target network are separate FSDP units'),
+    'DeepSpeedStrategy': (
+        "strategy=dict(type='DeepSpeedStrategy', zero_optimization=dict("
+        'stage=..., stage3_param_persistence_threshold=...)) alike for both '
+        'networks, and build the target inside the model (MomentumTarget'
+        'Mixin.init_momentum_target) so that DeepSpeed partitions it'),
+}
+
+
+def _loaded(module_name, attribute):
+    """``module_name.attribute`` if that module is already imported."""
+    return getattr(sys.modules.get(module_name), attribute, None)
+
+
+def _wrapper_chain(model):
+    """``model`` and every wrapper inside it, outermost first.
+
+    MMEngine's wrappers (``is_model_wrapper``: DDP, ``MMFullyShardedData
+    Parallel``, ...) and DeepSpeed's ``DeepSpeedEngine`` hold the model as
+    ``module``; ``FlexibleRunner``'s ``MMDeepSpeedEngineWrapper`` holds the
+    engine as ``model``.
+    """
+    engine_wrapper = _loaded('mmengine._strategy.deepspeed',
+                             'MMDeepSpeedEngineWrapper')
+    engine = _loaded('deepspeed', 'DeepSpeedEngine')
+    chain = [model]
+    while True:
+        if engine_wrapper is not None and isinstance(model, engine_wrapper):
+            model = model.model
+        elif (engine is not None and isinstance(model, engine)) or \
+                is_model_wrapper(model):
+            model = model.module
+        else:
+            return chain
+        chain.append(model)
 
 
 def _accumulative_counts(optim_wrapper):
@@ -29,7 +78,8 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
     same schedule, arguments and model contract (see
     :class:`~momentum_hook.updater.MomentumUpdater`), with ``k`` =
     ``runner.iter`` and ``K`` = ``runner.max_iters`` for by-epoch and by-iter
-    training loops alike. The momentum is published as the
+    training loops alike, in ``Runner`` and in ``FlexibleRunner`` (DDP, FSDP
+    and DeepSpeed strategies). The momentum is published as the
     ``train/target_momentum`` scalar of ``runner.message_hub`` on the
     iterations that set it, so ``LoggerHook`` and the visualizer backends show
     it.
@@ -38,7 +88,12 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
     ``EMAHook`` averages after every iteration unless its averaged model is
     given an ``interval``; mmpretrain's ``CosineEMA`` on every call of the
     model's loss): before training the hook checks that ``update_interval``
-    is a multiple of the optimizer wrapper's ``accumulative_counts``.
+    is a multiple of the optimizer wrapper's ``accumulative_counts`` and of
+    DeepSpeed's ``gradient_accumulation_steps``. If the model can check its
+    target (``MomentumTargetMixin.check_momentum_target``), the hook has it
+    plan the update once before training, after the strategy wrapped the
+    model, so that a target sharded unlike the online network stops the run
+    before iteration 1 with the config key to set.
 
     The hook keeps no state: a resumed run (``resume=True``) takes ``k`` from
     the restored ``runner.iter`` and the target from the model's checkpoint.
@@ -52,7 +107,7 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
     """
 
     def unwrap_model(self, model):
-        return model.module if is_model_wrapper(model) else model
+        return _wrapper_chain(model)[-1]
 
     def publish(self, runner, momentum):
         runner.message_hub.update_scalar(f'train/{LOG_KEY}', momentum)
@@ -61,9 +116,38 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
         for name, counts in _accumulative_counts(runner.optim_wrapper).items():
             self.check_accumulation(
                 counts, f'{name} has accumulative_counts={counts}')
+        engine = _loaded('deepspeed', 'DeepSpeedEngine')
+        for model in _wrapper_chain(runner.model):
+            if engine is not None and isinstance(model, engine):
+                steps = model.gradient_accumulation_steps()
+                self.check_accumulation(
+                    steps, f'DeepSpeed has gradient_accumulation_steps='
+                    f"{steps}: strategy=dict(type='DeepSpeedStrategy', "
+                    f'gradient_accumulation_steps={steps})')
+
+    def check_target(self, runner):
+        """Have the model plan its update now, after the strategy wrapped it.
+
+        Raises:
+            ValueError: The model's own, plus the strategy's config key.
+        """
+        check = getattr(self.unwrap_model(runner.model),
+                        'check_momentum_target', None)
+        if check is None:
+            return
+        try:
+            check()
+        except ValueError as error:
+            strategy = type(getattr(runner, 'strategy', None)).__name__
+            fix = _WRAP_FIX.get(strategy)
+            if fix is None:
+                raise
+            raise ValueError(f'{error}. In this FlexibleRunner with '
+                             f'{strategy}, set {fix}') from error
 
     def before_train(self, runner):
         self.check_runner(runner)
+        self.check_target(runner)
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):
         self.on_iter_start(runner)
