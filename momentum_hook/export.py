@@ -1,0 +1,173 @@
+"""The full, unsharded weights of a (sharded) run, as one ordinary file.
+
+Under FSDP or DeepSpeed ZeRO-3 each rank holds a shard of every network and
+the checkpoints are per rank; the teacher people evaluate and publish is the
+target network's plain ``state_dict``. :func:`export_target` writes it on
+rank 0, loadable with ``torch.load`` into an unwrapped copy of the network::
+
+    export_target(runner.model, 'teacher.pth')   # on every rank
+    teacher = copy.deepcopy(plain_model.online_net)
+    teacher.load_state_dict(torch.load('teacher.pth'))
+
+How the weights are gathered (public APIs; a collective on every rank):
+
+========================  ==============================================
+engine                    gathering
+========================  ==============================================
+FSDP1, FSDP2              ``torch.distributed.checkpoint.state_dict.get_
+                          model_state_dict(full_state_dict=True,
+                          cpu_offload=True)``: rank 0 gets CPU tensors
+DeepSpeed ZeRO-3          ``deepspeed.zero.GatheredParameters``, one
+                          parameter at a time (memory: one parameter)
+none, DDP, ZeRO-1/2       the parameters as they are
+========================  ==============================================
+
+Nothing distributed is imported before a call needs it.
+"""
+import sys
+
+import torch
+from torch import nn
+
+__all__ = ['full_state_dict', 'export_target']
+
+
+def _loaded(module_name, attribute):
+    """``module_name.attribute`` if that module is already imported."""
+    return getattr(sys.modules.get(module_name), attribute, None)
+
+
+def _without_engine(model):
+    """``model`` without MMEngine's DeepSpeed wrapper, DeepSpeed's engine,
+    DDP or DataParallel, whose state dicts prefix the model's keys."""
+    engine_wrapper = _loaded('mmengine._strategy.deepspeed',
+                             'MMDeepSpeedEngineWrapper')
+    engine = _loaded('deepspeed', 'DeepSpeedEngine')
+    plain = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while True:
+        if engine_wrapper is not None and isinstance(model, engine_wrapper):
+            model = model.model
+        elif isinstance(model, plain) or (engine is not None and
+                                          isinstance(model, engine)):
+            model = model.module
+        else:
+            return model
+
+
+def _user_model(model):
+    """The user's module inside an FSDP1 root as well."""
+    fsdp = _loaded('torch.distributed.fsdp', 'FullyShardedDataParallel')
+    while fsdp is not None and isinstance(model, fsdp):
+        model = model.module
+    return model
+
+
+def _is_sharded(model):
+    """Whether ``model`` holds FSDP1 units or FSDP2 (DTensor) parameters."""
+    fsdp = _loaded('torch.distributed.fsdp', 'FullyShardedDataParallel')
+    dtensor = _loaded('torch.distributed.tensor', 'DTensor')
+    return (fsdp is not None and any(isinstance(module, fsdp)
+                                     for module in model.modules())) or (
+        dtensor is not None and any(isinstance(param, dtensor)
+                                    for param in model.parameters()))
+
+
+def _rank():
+    distributed = torch.distributed
+    return (distributed.get_rank() if distributed.is_available() and
+            distributed.is_initialized() else 0)
+
+
+def _zero3_state_dict(model, keep):
+    """Rank 0's CPU copy of ``model``'s state dict, ZeRO-3 parameters
+    gathered one by one; only the keys for which ``keep(key)`` holds."""
+    gathered = sys.modules['deepspeed'].zero.GatheredParameters
+    state, rank = {}, _rank()
+    for key, value in model.state_dict(keep_vars=True).items():
+        if not keep(key):
+            continue
+        if hasattr(value, 'ds_tensor'):
+            with gathered([value]):
+                if rank == 0:
+                    state[key] = value.detach().cpu().clone()
+        elif rank == 0:
+            state[key] = value.detach().cpu().clone()
+    return state
+
+
+def full_state_dict(model, prefix=''):
+    """The whole, unsharded ``state_dict`` of ``model``, on rank 0.
+
+    A collective under FSDP and ZeRO-3: call it on every rank.
+
+    Args:
+        model (nn.Module): The model, wrapped or not (FSDP1/FSDP2, DDP,
+            DeepSpeed's engine or MMEngine's ``MMDeepSpeedEngineWrapper``,
+            e.g. ``runner.model``).
+        prefix (str): Keep only the keys that start with it. Defaults to
+            all.
+
+    Returns:
+        dict[str, Tensor]: On rank 0 (or without a process group), the
+        model's keys as an unwrapped model names them, with detached CPU
+        tensors; on the other ranks an empty dict.
+    """
+    model = _without_engine(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'model must be an nn.Module or a DeepSpeed engine, '
+                        f'got {type(model).__name__}')
+    def keep(key):
+        return key.startswith(prefix)
+    if any(hasattr(param, 'ds_tensor') for param in model.parameters()):
+        return _zero3_state_dict(model, keep)
+    if _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, get_model_state_dict)
+        state = get_model_state_dict(model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+    elif _rank() == 0:
+        state = model.state_dict()
+    else:
+        state = {}
+    return {key: value.detach().cpu().clone() for key, value in state.items()
+            if keep(key)} if _rank() == 0 else {}
+
+
+def export_target(model, path, target='target_net'):
+    """Write the full, unsharded target network's ``state_dict`` to ``path``.
+
+    A collective under FSDP and ZeRO-3: call it on every rank; rank 0 writes
+    one ordinary ``torch.save`` file whose keys are the target network's own
+    (``target_net.0.weight`` is saved as ``0.weight``), so it loads into an
+    unwrapped copy of the network.
+
+    Args:
+        model (nn.Module): The model that holds the target, wrapped or not
+            (e.g. ``runner.model``).
+        path (str): The file to write on rank 0.
+        target (str): The target network's attribute path in the unwrapped
+            model. Defaults to ``'target_net'`` (MMSelfSup's BYOL, MoCo).
+
+    Returns:
+        dict[str, Tensor] | None: What was written, on rank 0; None on the
+        other ranks.
+
+    Raises:
+        ValueError: On every rank, before anything is gathered, if the model
+            has no submodule ``target``.
+    """
+    try:
+        _user_model(_without_engine(model)).get_submodule(target)
+    except AttributeError:
+        names = [name for name, _ in
+                 _user_model(_without_engine(model)).named_children()]
+        raise ValueError(
+            f'the model has no target network {target!r}: pass '
+            f'target=<its attribute path>, one of {names}') from None
+    prefix = f'{target}.'
+    state = full_state_dict(model, prefix)
+    if _rank() != 0:
+        return None
+    state = {key[len(prefix):]: value for key, value in state.items()}
+    torch.save(state, path)
+    return state
