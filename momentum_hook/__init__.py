@@ -3,8 +3,8 @@ MoCo v3 and DINO-style teachers.
 
 The core needs only torch: :func:`cosine_momentum` (the schedule),
 :func:`momentum_update_` (the EMA), :class:`MomentumTargetMixin` (the model
-side) and :class:`MomentumUpdater` (what the hook decides, free of any
-runner). The runner hooks are in their own modules,
+side), :class:`MomentumUpdater` (what the hook decides, free of any
+runner) and :func:`fully_shard_pair` (one FSDP2 plan for both networks). The runner hooks are in their own modules,
 :mod:`momentum_hook.mmcv_hook` (mmcv 1.x) and
 :mod:`momentum_hook.mmengine_hook` (MMEngine).
 
@@ -22,12 +22,14 @@ from .ema import BUFFER_POLICIES, momentum_update_
 from .frameworks import installed_adapters
 from .model import MomentumTargetMixin
 from .schedule import cosine_momentum
+from .sharding import fully_shard_pair
 from .updater import MomentumUpdater, check_momentum_contract
 from .version import __version__
 
 __all__ = [
     '__version__', 'cosine_momentum', 'momentum_update_', 'BUFFER_POLICIES',
-    'MomentumTargetMixin', 'MomentumUpdater', 'check_momentum_contract'
+    'MomentumTargetMixin', 'MomentumUpdater', 'check_momentum_contract',
+    'fully_shard_pair'
 ]
 
 installed_adapters()  # registers the hook in each installed framework
