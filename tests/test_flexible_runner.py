@@ -13,6 +13,9 @@ MMEngine 0.10.7's ``DeepSpeedStrategy`` cannot be built with DeepSpeed
 0.19.8, which no longer has ``deepspeed.runtime.fp16.onebit``: the ranks
 provide that module (three placeholder classes that MMEngine only
 registers) before building it. Nothing else is stubbed.
+
+The ranks are spawned, not forked: forked after the MMEngine runners of
+other test modules ran in this process, they hang.
 """
 import functools
 import os
@@ -363,7 +366,7 @@ def results(tmp_path_factory):
         out_dir = base / f'launch{launch}'
         out_dir.mkdir()
         ranks = launch_ranks(rank_main, (free_port(), out_dir, launch),
-                             out_dir, 'fork')
+                             out_dir, 'spawn')
         results.update({name: [rank[name] for rank in ranks]
                         for name in scenarios})
     return results
