@@ -84,22 +84,36 @@ def _device(requested):
     return requested or ('cuda' if torch.cuda.is_available() else 'cpu')
 
 
-def _plot(runner, work_dir):
+def _train_log(runner):
+    """The training records of the run's JSON log and the log interval,
+    or None without one."""
+    if hasattr(runner, 'train_dataloader'):  # MMEngine's FlexibleRunner
+        from .flexible import read_scalars
+        logger = next(h for h in runner.hooks if hasattr(h, 'json_log_path'))
+        return read_scalars(runner.log_dir), logger.interval
     logger = next((h for h in runner.hooks if hasattr(h, 'json_log_path')),
                   None)
     if logger is None or not osp.isfile(logger.json_log_path):
         return None
-    records = read_train_log(logger.json_log_path, len(runner.data_loader))
+    return (read_train_log(logger.json_log_path, len(runner.data_loader)),
+            logger.interval)
+
+
+def _plot(runner, model, work_dir):
+    log = _train_log(runner)
+    if log is None:
+        return None
+    records, interval = log
     out_file = osp.join(work_dir, 'momentum_and_loss.png')
-    plot_training(records, out_file, interval=logger.interval,
+    plot_training(records, out_file, interval=interval,
                   schedule=momentum_schedule(runner.hooks, runner.max_iters,
-                                             unwrap(runner.model)),
+                                             model),
                   title='The momentum hook at work in BYOL')
     return out_file
 
 
-def _evaluate(cfg, runner, initial_model, device, work_dir):
-    heldout = getattr(runner.data_loader.dataset, 'heldout', None)
+def _evaluate(cfg, dataset, model, initial_model, device, work_dir):
+    heldout = getattr(dataset, 'heldout', None)
     heldout = heldout() if cfg.get('evaluation') and heldout else None
     if heldout is None:
         print('No evaluation: the config has no `evaluation` or its dataset '
@@ -113,7 +127,7 @@ def _evaluate(cfg, runner, initial_model, device, work_dir):
         # nearest-centroid episodes ten times slower.
         with threadpool_limits(limits=torch.get_num_threads()):
             results = compare_features(
-                unwrap(runner.model).encoder, initial_model.encoder, images,
+                model.encoder, initial_model.encoder, images,
                 labels, device=device, **cfg.evaluation)
     except (TypeError, ValueError) as error:
         raise DemoError(f'cannot evaluate (the checkpoints are saved): '
@@ -158,9 +172,15 @@ def run(args):
         runner, initial_model = train(
             cfg, work_dir, device=device, distributed=distributed,
             resume_from=resume_from)
+        if hasattr(runner, 'train_dataloader'):  # FlexibleRunner, sharded
+            from .flexible import trained_copy
+            model = trained_copy(runner, initial_model, work_dir)
+            dataset = runner.train_dataloader.dataset
+        else:
+            model, dataset = unwrap(runner.model), runner.data_loader.dataset
         if rank == 0:
-            _evaluate(cfg, runner, initial_model, device, work_dir)
-            plot = _plot(runner, work_dir)
+            _evaluate(cfg, dataset, model, initial_model, device, work_dir)
+            plot = _plot(runner, model, work_dir)
             if plot:
                 print(f'Plot: {plot}')
     finally:

@@ -95,12 +95,31 @@ class DigitsBYOL(MomentumTargetMixin, nn.Module):
         """Encoder features ``(N, feat_dim)`` of images ``(N, C, H, W)``."""
         return self.encoder(img)
 
-    def train_step(self, data, optimizer=None):
-        """One BYOL step's loss, in the form mmcv runners expect.
+    def loss(self, img1, img2):
+        """BYOL's symmetric loss of two batches of views.
 
         Both views go through the online network and the predictor, and
         through the target network without gradients; each view's prediction
         is pulled towards the target projection of the other view.
+
+        Args:
+            img1 (Tensor): ``(N, C, H, W)``, the first view of each image.
+            img2 (Tensor): ``(N, C, H, W)``, the second view.
+
+        Returns:
+            Tensor: The scalar loss.
+        """
+        views = torch.cat([img1, img2])
+        prediction1, prediction2 = self.predictor(
+            self.online_net(views)).chunk(2)
+        with torch.no_grad():
+            target1, target2 = self.target_net(views).chunk(2)
+        return (byol_loss(prediction1, target2) +
+                byol_loss(prediction2, target1)) / 2
+
+    def train_step(self, data, optimizer=None):
+        """One BYOL step's loss (:meth:`loss`), in the form mmcv runners
+        expect.
 
         Args:
             data (dict): ``dict(img1=Tensor(N, C, H, W), img2=...)``.
@@ -110,13 +129,6 @@ class DigitsBYOL(MomentumTargetMixin, nn.Module):
             dict: ``loss`` (for the optimizer hook), ``log_vars`` and
             ``num_samples`` (for the logger).
         """
-        img1, img2 = data['img1'], data['img2']
-        views = torch.cat([img1, img2])
-        prediction1, prediction2 = self.predictor(
-            self.online_net(views)).chunk(2)
-        with torch.no_grad():
-            target1, target2 = self.target_net(views).chunk(2)
-        loss = (byol_loss(prediction1, target2) +
-                byol_loss(prediction2, target1)) / 2
+        loss = self.loss(data['img1'], data['img2'])
         return dict(loss=loss, log_vars=dict(loss=loss.item()),
-                    num_samples=len(img1))
+                    num_samples=len(data['img1']))

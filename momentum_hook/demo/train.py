@@ -307,6 +307,10 @@ def train(cfg, work_dir, device='cpu', distributed=False, resume_from=None,
             ``LOWEST`` so that they see what the other hooks did (tests use
             them to observe the run).
 
+    A config with ``runner = dict(type='FlexibleRunner', ...)`` trains in
+    MMEngine's ``FlexibleRunner`` with the config's ``strategy`` instead
+    (:mod:`.flexible`); ``hooks`` are then MMEngine hooks.
+
     Returns:
         tuple: ``(runner, initial_model)``: the trained runner and an
         untrained copy of the model (the same seed, the same weights as the
@@ -314,12 +318,27 @@ def train(cfg, work_dir, device='cpu', distributed=False, resume_from=None,
     """
     _set_threads(cfg.get('omp_num_threads'))
     set_random_seed(cfg.seed)
-    timestamp = time.strftime('%Y%m%d_%H%M%S', time.localtime())
-    logger = get_logger('momentum_hook.demo',
-                        log_file=osp.join(work_dir, f'{timestamp}.log'))
     dataset = build_dataset(cfg)
     model = build_model(cfg)
     initial_model = copy.deepcopy(model)
+    if cfg.runner.get('type') == 'FlexibleRunner':  # MMEngine's, sharded
+        if not distributed:
+            raise DemoError(
+                'a FlexibleRunner config shards the model over processes: '
+                'start it with torchrun --nproc_per_node=2 -m '
+                'momentum_hook.demo CONFIG --launcher pytorch')
+        if resume_from:
+            raise DemoError(
+                'the FlexibleRunner configs do not resume: MMEngine 0.10.7 '
+                "fails to load FSDP's optimizer state (see the README, "
+                '"FlexibleRunner: FSDP and DeepSpeed")')
+        from .flexible import train_flexible
+        runner = train_flexible(cfg, work_dir, model.to(device), dataset,
+                                distributed, hooks)
+        return runner, initial_model.to(device)
+    timestamp = time.strftime('%Y%m%d_%H%M%S', time.localtime())
+    logger = get_logger('momentum_hook.demo',
+                        log_file=osp.join(work_dir, f'{timestamp}.log'))
     loader = build_train_loader(dataset, cfg, cfg.seed, distributed)
     runner = build_demo_runner(cfg, _wrap(model, device, distributed),
                                work_dir, logger, timestamp)
