@@ -20,9 +20,11 @@ other test modules ran in this process, they hang.
 import functools
 import os
 import os.path as osp
+import re
 import sys
 import types
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +42,7 @@ from momentum_hook.export import export_target
 pytest.importorskip('deepspeed')
 
 HOOK = 'momentum_hook.MomentumUpdateHook'
+README = Path(__file__).resolve().parents[1] / 'README.md'
 BASE = 0.5
 ITERS = 6
 
@@ -263,18 +266,18 @@ def resumed(directory, strategy, stop, accumulation, rank=0):
 
 
 def fsdp_resume_strategy():
-    """``FSDPStrategy`` with the optimizer state loaded by torch's current
-    signature, ``optim_state_dict_to_load(model, optim, state_dict)``
-    (MMEngine 0.10.7 passes the state dict first)."""
-    from mmengine._strategy import FSDPStrategy
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    class FSDPResumeStrategy(FSDPStrategy):
-        def load_optim_state_dict(self, state_dict):
-            self.optim_wrapper.load_state_dict(FSDP.optim_state_dict_to_load(
-                self.model, self.optim_wrapper.optimizer, state_dict))
-
-    return FSDPResumeStrategy
+    """The README's ``FSDPResumeStrategy`` (the optimizer state loaded by
+    torch's current signature, ``optim_state_dict_to_load(model, optim,
+    state_dict)``; MMEngine 0.10.7 passes the state dict first), run as
+    printed there."""
+    section = README.read_text(encoding='utf-8').split(
+        '## FlexibleRunner: FSDP and DeepSpeed\n')[1].split('\n## ')[0]
+    (code, ) = [block for block in re.findall(r'```python\n(.*?)```',
+                                              section, re.S)
+                if 'class FSDPResumeStrategy' in block]
+    namespace = {}
+    exec(compile(code, 'README.md', 'exec'), namespace)
+    return namespace['FSDPResumeStrategy']
 
 
 def resumed_by_mmengine_fsdp(work_dir, strategy, rank):
