@@ -7,7 +7,8 @@ names it, and records the whole target and online weights (gathered with
 torch's and DeepSpeed's own APIs) and the momenta. The tests judge the
 records against a float64 EMA replayed from the recorded online weights and
 the schedule's formula (``momentum_testing``), resumed runs against the
-uninterrupted one, bit for bit, and the errors by their messages.
+uninterrupted one, bit for bit, and the errors by their messages. An
+in-process test covers the export of a model without a process group.
 
 MMEngine 0.10.7's ``DeepSpeedStrategy`` cannot be built with DeepSpeed
 0.19.8, which no longer has ``deepspeed.runtime.fp16.onebit``: the ranks
@@ -301,27 +302,30 @@ def launches(out_dir):
         return lambda: osp.join(out_dir, name.replace(' ', '_').replace(
             ',', ''))
 
-    fsdp, zero3 = fsdp_strategy, deepspeed_strategy
+    fsdp, zero = fsdp_strategy, deepspeed_strategy
     resume_fsdp = fsdp_resume_strategy()
     table = [{
         'fsdp by iter, accumulation 2': functools.partial(
             training, strategy=fsdp(), accumulation=2),
         'zero3 by iter, accumulation 2': functools.partial(
-            training, strategy=zero3(2), accumulation=2, checkpoint=4),
+            training, strategy=zero(2), accumulation=2, checkpoint=4),
         'fsdp root only': functools.partial(refused,
                                             strategy=fsdp(policy=False)),
         'fsdp accumulation 2, update_interval 1': functools.partial(
             refused, strategy=fsdp(), accumulation=2, update_interval=1),
     }, {
         'zero3 resumed, accumulation 2': lambda rank: resumed(
-            osp.join(out_dir, ZERO3_RUN), zero3(2), 4, 2),
-        'fsdp by epoch': functools.partial(training, strategy=fsdp(),
-                                           by_epoch=True),
+            osp.join(out_dir, ZERO3_RUN), zero(2), 4, 2),
         'fsdp resumed by MMEngine': functools.partial(
             resumed_by_mmengine_fsdp, strategy=fsdp()),
     }, {
+        'zero2 by epoch': functools.partial(training, strategy=zero(stage=2),
+                                            by_epoch=True),
+        'fsdp by epoch': functools.partial(training, strategy=fsdp(),
+                                           by_epoch=True),
+    }, {
         'zero3 accumulation 2, update_interval 1': functools.partial(
-            refused, strategy=zero3(2), update_interval=1),
+            refused, strategy=zero(2), update_interval=1),
         'fsdp resumed, full state dict': functools.partial(
             interrupted_and_resumed, strategy=fsdp(
                 cls=resume_fsdp, state_dict_cfg='full'), accumulation=2),
@@ -380,6 +384,7 @@ TRAININGS = {
     'fsdp by iter, accumulation 2': 2,
     'fsdp by epoch': 1,
     'zero3 by iter, accumulation 2': 2,
+    'zero2 by epoch': 1,
 }
 
 
@@ -481,3 +486,18 @@ def test_mmengine_fsdp_resume_fails_on_the_optimizer_state(results):
     # calls FSDP.optim_state_dict_to_load with the old argument order).
     for result in results['fsdp resumed by MMEngine']:
         assert raised(result, TypeError) == "unhashable type: 'dict'"
+
+
+def test_export_of_an_unwrapped_model_and_of_a_wrong_name(tmp_path):
+    model = build_model()
+    path = tmp_path / 'teacher.pth'
+    returned = export_target(model, str(path))
+    expected = model.target_net.state_dict()
+    for saved in (returned, torch.load(path, weights_only=True)):
+        assert list(saved) == list(expected)
+        assert all(torch.equal(saved[key], expected[key]) for key in saved)
+    with pytest.raises(ValueError, match=r"no target network 'teacher': "
+                       r"pass target=<its attribute path>, one of "
+                       r"\['data_preprocessor', 'online_net', 'target_net'\]"):
+        export_target(model, str(tmp_path / 'other.pth'), target='teacher')
+    assert not (tmp_path / 'other.pth').exists()
