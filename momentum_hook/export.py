@@ -29,29 +29,15 @@ import sys
 import torch
 from torch import nn
 
+from .wrappers import loaded as _loaded, wrapper_chain
+
 __all__ = ['full_state_dict', 'export_target']
-
-
-def _loaded(module_name, attribute):
-    """``module_name.attribute`` if that module is already imported."""
-    return getattr(sys.modules.get(module_name), attribute, None)
 
 
 def _without_engine(model):
     """``model`` without MMEngine's DeepSpeed wrapper, DeepSpeed's engine,
     DDP or DataParallel, whose state dicts prefix the model's keys."""
-    engine_wrapper = _loaded('mmengine._strategy.deepspeed',
-                             'MMDeepSpeedEngineWrapper')
-    engine = _loaded('deepspeed', 'DeepSpeedEngine')
-    plain = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    while True:
-        if engine_wrapper is not None and isinstance(model, engine_wrapper):
-            model = model.model
-        elif isinstance(model, plain) or (engine is not None and
-                                          isinstance(model, engine)):
-            model = model.module
-        else:
-            return model
+    return wrapper_chain(model)[-1]
 
 
 def _user_model(model):

@@ -42,6 +42,8 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
+from .wrappers import loaded as _loaded
+
 __all__ = ['LocalShard', 'local_shards', 'tensor_shard', 'check_alike',
            'gathered_copies', 'available_copies']
 
@@ -96,12 +98,6 @@ class LocalShard(NamedTuple):
     owner: Any = None
     link: Optional[str] = None
     base: Optional[torch.Tensor] = None
-
-
-def _loaded(module_name, attribute):
-    """``module_name.attribute`` if that module is already imported."""
-    module = sys.modules.get(module_name)
-    return getattr(module, attribute, None) if module is not None else None
 
 
 def _meta_error(name):

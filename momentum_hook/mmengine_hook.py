@@ -8,14 +8,13 @@ work and publishes the momentum through ``runner.message_hub``. Under
 gradient accumulation; it imports neither FSDP nor DeepSpeed, it only
 recognises their objects once the strategy has imported them.
 """
-import sys
-
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
 from .registration import register_hook_class
 from .updater import LOG_KEY, MomentumUpdater
+from .wrappers import loaded, wrapper_chain
 
 __all__ = ['MomentumUpdateHook', 'BYOLHook']
 
@@ -35,32 +34,11 @@ _WRAP_FIX = {
 }
 
 
-def _loaded(module_name, attribute):
-    """``module_name.attribute`` if that module is already imported."""
-    return getattr(sys.modules.get(module_name), attribute, None)
-
-
 def _wrapper_chain(model):
-    """``model`` and every wrapper inside it, outermost first.
-
-    MMEngine's wrappers (``is_model_wrapper``: DDP, ``MMFullyShardedData
-    Parallel``, ...) and DeepSpeed's ``DeepSpeedEngine`` hold the model as
-    ``module``; ``FlexibleRunner``'s ``MMDeepSpeedEngineWrapper`` holds the
-    engine as ``model``.
-    """
-    engine_wrapper = _loaded('mmengine._strategy.deepspeed',
-                             'MMDeepSpeedEngineWrapper')
-    engine = _loaded('deepspeed', 'DeepSpeedEngine')
-    chain = [model]
-    while True:
-        if engine_wrapper is not None and isinstance(model, engine_wrapper):
-            model = model.model
-        elif (engine is not None and isinstance(model, engine)) or \
-                is_model_wrapper(model):
-            model = model.module
-        else:
-            return chain
-        chain.append(model)
+    """``model`` and every wrapper inside it, outermost first: MMEngine's
+    wrappers (``is_model_wrapper``: DDP, ``MMFullyShardedDataParallel``, ...)
+    and DeepSpeed's (see :func:`~momentum_hook.wrappers.wrapper_chain`)."""
+    return wrapper_chain(model, is_model_wrapper)
 
 
 def _accumulative_counts(optim_wrapper):
@@ -116,7 +94,7 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
         for name, counts in _accumulative_counts(runner.optim_wrapper).items():
             self.check_accumulation(
                 counts, f'{name} has accumulative_counts={counts}')
-        engine = _loaded('deepspeed', 'DeepSpeedEngine')
+        engine = loaded('deepspeed', 'DeepSpeedEngine')
         for model in _wrapper_chain(runner.model):
             if engine is not None and isinstance(model, engine):
                 steps = model.gradient_accumulation_steps()
