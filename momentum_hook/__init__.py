@@ -4,7 +4,8 @@ MoCo v3 and DINO-style teachers.
 The core needs only torch: :func:`cosine_momentum` (the schedule),
 :func:`momentum_update_` (the EMA), :class:`MomentumTargetMixin` (the model
 side), :class:`MomentumUpdater` (what the hook decides, free of any
-runner) and :func:`fully_shard_pair` (one FSDP2 plan for both networks). The runner hooks are in their own modules,
+runner), :func:`fully_shard_pair` (one FSDP2 plan for both networks) and
+:func:`export_target` (the full target of a sharded run, as one file). The runner hooks are in their own modules,
 :mod:`momentum_hook.mmcv_hook` (mmcv 1.x) and
 :mod:`momentum_hook.mmengine_hook` (MMEngine).
 
@@ -19,6 +20,7 @@ Convention: the momentum ``m`` weighs the *old target*,
 ``ExponentialMovingAverage`` calls ``1 - m`` its momentum).
 """
 from .ema import BUFFER_POLICIES, momentum_update_
+from .export import export_target, full_state_dict
 from .frameworks import installed_adapters
 from .model import MomentumTargetMixin
 from .schedule import cosine_momentum
@@ -29,7 +31,7 @@ from .version import __version__
 __all__ = [
     '__version__', 'cosine_momentum', 'momentum_update_', 'BUFFER_POLICIES',
     'MomentumTargetMixin', 'MomentumUpdater', 'check_momentum_contract',
-    'fully_shard_pair'
+    'fully_shard_pair', 'export_target', 'full_state_dict'
 ]
 
 installed_adapters()  # registers the hook in each installed framework
