@@ -13,7 +13,10 @@ $(VENV)/.installed: setup.py $(wildcard requirements/*.txt)
 	$(BIN)/python -m pip install -q --no-build-isolation -r requirements/mmcv.txt
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation -r requirements/deepspeed.txt
 	$(BIN)/python -m pip install -q --no-deps -r requirements/mmselfsup.txt
-	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	# setuptools warns on every editable install that folders named like the
+	# package may shadow it; this checkout is the package.
+	PYTHONWARNINGS="ignore:Editable installation" \
+	    $(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 venv: $(VENV)/.installed
