@@ -82,16 +82,9 @@ class MomentumTargetMixin:
 
     def momentum_update(self):
         """``target = m * target + (1 - m) * online``, m = ``self.momentum``."""
-        if '_momentum_pair' not in self.__dict__:
-            raise RuntimeError(
-                f'{type(self).__name__}.momentum_update() was called before '
-                'init_momentum_target(): call it in __init__')
         plan = self.__dict__.get('_momentum_plan')
         if plan is None or not plan.is_current():
-            online, target, buffers = self.__dict__['_momentum_pair']
-            plan = ModuleUpdatePlan(self._outermost(target),
-                                    self._outermost(online), buffers)
-            self.__dict__['_momentum_plan'] = plan
+            plan = self._plan('momentum_update')
         plan.update_(self.momentum)
 
     def check_momentum_target(self):
@@ -105,9 +98,19 @@ class MomentumTargetMixin:
             ValueError: As :meth:`momentum_update` would, e.g. for networks
                 in one FSDP unit or sharded unlike each other.
         """
+        self._plan('check_momentum_target')
+
+    def _plan(self, caller):
+        """Plan the update of the networks as they are now, and keep it."""
+        if '_momentum_pair' not in self.__dict__:
+            raise RuntimeError(
+                f'{type(self).__name__}.{caller}() was called before '
+                'init_momentum_target(): call it in __init__')
         online, target, buffers = self.__dict__['_momentum_pair']
-        self.__dict__['_momentum_plan'] = ModuleUpdatePlan(
-            self._outermost(target), self._outermost(online), buffers)
+        plan = ModuleUpdatePlan(self._outermost(target),
+                                self._outermost(online), buffers)
+        self.__dict__['_momentum_plan'] = plan
+        return plan
 
     def _outermost(self, network):
         """``network``, or the wrapper inside ``self`` that now holds it.

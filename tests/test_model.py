@@ -85,14 +85,16 @@ def test_online_must_be_a_module():
         NotAModule().init_momentum_target([torch.zeros(2)])
 
 
-def test_momentum_update_before_init_is_refused():
+@pytest.mark.parametrize('method', ['momentum_update',
+                                    'check_momentum_target'])
+def test_momentum_update_before_init_is_refused(method):
     class Forgetful(MomentumTargetMixin, nn.Module):
         base_momentum = momentum = 0.99
 
     with pytest.raises(RuntimeError,
-                       match=r'Forgetful.momentum_update\(\).*before '
+                       match=rf'Forgetful.{method}\(\).*before '
                        r'init_momentum_target\(\)'):
-        Forgetful().momentum_update()
+        getattr(Forgetful(), method)()
 
 
 def test_momentum_update_matches_the_reference():
