@@ -22,9 +22,12 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
     """Cosine-scheduled momentum (EMA) update of a BYOL / MoCo v3 target.
 
     A drop-in for MMSelfSup 0.x's ``MomentumUpdateHook`` / ``BYOLHook``: the
-    same config line gives the same momenta, on plain and wrapped models
-    (``MMDataParallel``, ``MMDistributedDataParallel``, torch's ``DataParallel``
-    and ``DistributedDataParallel``). The schedule, the arguments and the
+    same arguments give the same momenta and target weights, on plain and
+    wrapped models (``MMDataParallel``, ``MMDistributedDataParallel``, torch's
+    ``DataParallel`` and ``DistributedDataParallel``). Configs name it
+    ``'momentum_hook.MomentumUpdateHook'``; their plain names build it after
+    ``momentum_hook_dropin`` is imported (see
+    :mod:`momentum_hook.registration`). The schedule, the arguments and the
     model contract are those of
     :class:`~momentum_hook.updater.MomentumUpdater`; the momentum is logged as
     ``target_momentum`` on the iterations that set it.
