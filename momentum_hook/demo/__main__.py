@@ -25,7 +25,8 @@ from ..mmcv_hook import unwrap
 from .plot import momentum_schedule, plot_training, read_train_log
 from .report import compare_features, format_table, write_results
 from .train import (CfgOptionsAction, DemoError, default_config_path,
-                    init_distributed, load_config, prepare_work_dir, train)
+                    init_distributed, is_flexible, load_config,
+                    prepare_work_dir, train)
 
 __all__ = ['main', 'parse_args', 'run']
 
@@ -86,10 +87,10 @@ def _device(requested):
     return requested or ('cuda' if torch.cuda.is_available() else 'cpu')
 
 
-def _train_log(runner):
+def _train_log(runner, flexible):
     """The training records of the run's JSON log and the log interval,
     or None without one."""
-    if hasattr(runner, 'train_dataloader'):  # MMEngine's FlexibleRunner
+    if flexible:  # MMEngine's FlexibleRunner
         from .flexible import read_scalars
         logger = next(h for h in runner.hooks if hasattr(h, 'json_log_path'))
         return read_scalars(runner.log_dir), logger.interval
@@ -101,8 +102,8 @@ def _train_log(runner):
             logger.interval)
 
 
-def _plot(runner, model, work_dir):
-    log = _train_log(runner)
+def _plot(runner, model, work_dir, flexible):
+    log = _train_log(runner, flexible)
     if log is None:
         return None
     records, interval = log
@@ -174,7 +175,8 @@ def run(args):
         runner, initial_model = train(
             cfg, work_dir, device=device, distributed=distributed,
             resume_from=resume_from)
-        if hasattr(runner, 'train_dataloader'):  # FlexibleRunner, sharded
+        flexible = is_flexible(cfg)
+        if flexible:
             from .flexible import trained_copy
             model = trained_copy(runner, initial_model, work_dir)
             dataset = runner.train_dataloader.dataset
@@ -182,7 +184,7 @@ def run(args):
             model, dataset = unwrap(runner.model), runner.data_loader.dataset
         if rank == 0:
             _evaluate(cfg, dataset, model, initial_model, device, work_dir)
-            plot = _plot(runner, model, work_dir)
+            plot = _plot(runner, model, work_dir, flexible)
             if plot:
                 print(f'Plot: {plot}')
     finally:

@@ -23,7 +23,7 @@ from torch import nn
 from ..export import export_target, full_state_dict
 from .model import MODELS, DigitsBYOL
 
-__all__ = ['FlexibleDigitsBYOL', 'sequential_wrap_policy', 'is_flexible',
+__all__ = ['FlexibleDigitsBYOL', 'sequential_wrap_policy',
            'train_flexible', 'trained_copy', 'read_scalars', 'TARGET_FILE']
 
 #: Where rank 0 writes the full target network's state dict.
@@ -91,11 +91,6 @@ def _runner(cfg, model, dataset, work_dir, distributed, hooks):
             data_src='target_momentum', method_name='mean',
             window_size=log_interval)]),
         env_cfg=dict(dist_cfg=dict(backend='gloo')))
-
-
-def is_flexible(cfg):
-    """Whether ``cfg`` trains in a ``FlexibleRunner``."""
-    return cfg.runner.get('type') == 'FlexibleRunner'
 
 
 def train_flexible(cfg, work_dir, model, dataset, distributed, hooks=()):

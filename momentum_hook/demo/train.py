@@ -34,6 +34,7 @@ from .model import DigitsBYOL  # noqa: F401, as 'momentum_hook.DigitsBYOL'
 
 __all__ = [
     'DemoError', 'DEFAULT_CONFIG', 'CfgOptionsAction', 'parse_cfg_options',
+    'is_flexible',
     'default_config_path', 'load_config', 'prepare_work_dir',
     'init_distributed', 'build_model', 'build_dataset', 'build_train_loader',
     'build_demo_runner', 'train'
@@ -151,6 +152,12 @@ def prepare_work_dir(work_dir):
         raise DemoError(f'cannot write to work dir {work_dir}: '
                         f'{error.strerror or error}') from None
     return osp.abspath(work_dir)
+
+
+def is_flexible(cfg):
+    """Whether ``cfg`` trains in MMEngine's ``FlexibleRunner`` (sharded,
+    :mod:`.flexible`) rather than in an mmcv 1.x runner."""
+    return cfg.runner.get('type') == 'FlexibleRunner'
 
 
 def init_distributed(device, backend=None):
@@ -321,7 +328,7 @@ def train(cfg, work_dir, device='cpu', distributed=False, resume_from=None,
     dataset = build_dataset(cfg)
     model = build_model(cfg)
     initial_model = copy.deepcopy(model)
-    if cfg.runner.get('type') == 'FlexibleRunner':  # MMEngine's, sharded
+    if is_flexible(cfg):
         if not distributed:
             raise DemoError(
                 'a FlexibleRunner config shards the model over processes: '
