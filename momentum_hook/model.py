@@ -91,6 +91,9 @@ class MomentumTargetMixin:
         # Plain attributes, not submodules: the caller registers both.
         self.__dict__['_momentum_pair'] = (online, target, buffers)
         self.__dict__['_momentum_masters'] = TargetMasters()
+        # A hook, not an override of _save_to_state_dict: mmcv's and
+        # MMEngine's checkpoint savers call the hooks but not that method.
+        self._register_state_dict_hook(_save_masters)
         return target
 
     def __getstate__(self):
@@ -98,13 +101,6 @@ class MomentumTargetMixin:
         # The plan holds this copy's tensors; a copy plans its own.
         state.pop('_momentum_plan', None)
         return state
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        masters = self.__dict__.get('_momentum_masters')
-        for name, master in (masters.state() if masters else {}).items():
-            destination[prefix + MASTER_KEY + name] = (
-                master if keep_vars else master.detach())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + MASTER_KEY
@@ -161,6 +157,13 @@ class MomentumTargetMixin:
                     getattr(module, 'module', None) is network:
                 return self._outermost(module)
         return network
+
+
+def _save_masters(module, destination, prefix, local_metadata):
+    """State-dict hook: the float32 masters of ``module``'s target."""
+    masters = module.__dict__.get('_momentum_masters')
+    for name, master in (masters.state() if masters else {}).items():
+        destination[prefix + MASTER_KEY + name] = master.detach()
 
 
 def _copy_of(online):
