@@ -44,9 +44,10 @@ __all__ = ['BUFFER_POLICIES', 'momentum_update_', 'ModuleUpdatePlan',
 BUFFER_POLICIES = ('keep', 'copy', 'average')
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-#: At most this many online elements are cast to float32 at once for the
-#: lerp of the masters (16 MiB), so that the temporary stays small.
-_CAST_CHUNK = 1 << 22
+#: The elements of one block of a master update: the online block is cast
+#: into a float32 scratch buffer of this size, lerped into the master and the
+#: master block rounded into the target while the block is still in cache.
+_BLOCK = 1 << 16
 
 
 def _as_tensor_list(tensors, name):
@@ -72,16 +73,43 @@ def _grouped(targets, onlines, masters):
     return groups
 
 
+def _blocks(target, online, master):
+    """The three as pieces of at most ``_BLOCK`` elements (flat views), or
+    whole when small or when one of them cannot be viewed flat."""
+    triple = (target, online, master)
+    if target.numel() <= _BLOCK or not all(
+            tensor.is_contiguous() for tensor in triple):
+        return [triple]
+    return list(zip(*(tensor.view(-1).split(_BLOCK) for tensor in triple)))
+
+
 def _chunks(targets, onlines, masters):
-    """``(targets, onlines, masters)`` slices of at most ``_CAST_CHUNK``
-    elements each (a larger tensor alone)."""
-    chunks, start, size = [], 0, 0
-    for stop, target in enumerate(targets, 1):
-        size += target.numel()
-        if size >= _CAST_CHUNK or stop == len(targets):
-            chunks.append((targets[start:stop], onlines[start:stop],
-                           masters[start:stop]))
-            start, size = stop, 0
+    """The master update of one device/dtype group, in cache-sized blocks.
+
+    Returns:
+        list[tuple]: ``(targets, onlines, masters, scratch)`` lists of
+        views of at most ``_BLOCK`` elements in all (a tensor that cannot be
+        split, alone), ``scratch`` the views of one float32 buffer, shaped
+        like the online views, that the cast writes into.
+    """
+    pieces = [piece for triple in zip(targets, onlines, masters)
+              for piece in _blocks(*triple)]
+    buffer = torch.empty(max(_BLOCK, *(p[0].numel() for p in pieces)),
+                         dtype=torch.float32, device=masters[0].device)
+    chunks, current, size = [], [], 0
+    for piece in pieces + [None]:
+        if current and (piece is None or size + piece[0].numel() > _BLOCK):
+            group_t, group_o, group_m = map(list, zip(*current))
+            offsets = [0]
+            for tensor in group_o:
+                offsets.append(offsets[-1] + tensor.numel())
+            scratch = [buffer[a:b].view(tensor.shape) for a, b, tensor in
+                       zip(offsets, offsets[1:], group_o)]
+            chunks.append((group_t, group_o, group_m, scratch))
+            current, size = [], 0
+        if piece is not None:
+            current.append(piece)
+            size += piece[0].numel()
     return chunks
 
 
@@ -111,17 +139,20 @@ def _lerp_masters(chunks, weight):
     """Lerp float32 masters, then round them into their targets.
 
     ``master = lerp(master, float32(online), weight)``, ``target = master``
-    (rounded to the target's dtype): per chunk, one cast of the online
-    tensors to float32 (a temporary of at most ``_CAST_CHUNK`` elements;
-    none for float32 online tensors on the master's device), one
-    ``torch._foreach_lerp_`` and one ``torch._foreach_copy_``.
+    (rounded to the target's dtype), block by block (:func:`_chunks`): the
+    online block is cast into a float32 scratch buffer, lerped into the
+    master and the master copied into the target while the block is in
+    cache, so that memory traffic stays close to one lerp. No allocation.
     """
-    for targets, onlines, masters in chunks:
-        ends = [online.to(master.device, torch.float32)
-                for online, master in zip(onlines, masters)]
-        torch._foreach_lerp_(masters, ends, weight)
-        del ends
-        torch._foreach_copy_(targets, masters)
+    for targets, onlines, masters, scratch in chunks:
+        if len(targets) == 1:
+            scratch[0].copy_(onlines[0])
+            masters[0].lerp_(scratch[0], weight)
+            targets[0].copy_(masters[0])
+        else:
+            torch._foreach_copy_(scratch, onlines)
+            torch._foreach_lerp_(masters, scratch, weight)
+            torch._foreach_copy_(targets, masters)
 
 
 def _run_lerp(steps, weight):

@@ -471,3 +471,25 @@ def test_the_masters_outlive_a_new_plan_and_restart_from_a_write():
                        torch.ones_like(target[0].weight))
     assert torch.equal(plan.masters.tensors['0.weight'],
                        torch.ones_like(plan.masters.tensors['0.weight']))
+
+
+def test_the_master_update_of_large_and_strided_tensors():
+    """Tensors above one block (split into flat views) and channels-last
+    ones (whole) go through their masters element for element."""
+    torch.manual_seed(0)
+    online = nn.Sequential(nn.Linear(300, 300), nn.Conv2d(64, 64, 3),
+                           nn.Linear(3, 3)).to(torch.bfloat16)
+    online[1].to(memory_format=torch.channels_last)
+    target = copy.deepcopy(online)
+    with torch.no_grad():
+        for param in online.parameters():
+            param.add_(torch.randn_like(param))
+    reference = float64_copy(params(target))
+    plan = ModuleUpdatePlan(target, online)
+    for momentum in (0.9, 0.99, 0.5):
+        plan.update_(momentum)
+        reference = ema_step(reference, params(online), momentum)
+    assert target[1].weight.is_contiguous(memory_format=torch.channels_last)
+    for tensor, ref in zip(params(target), reference):
+        torch.testing.assert_close(tensor.detach().double(), ref,
+                                   rtol=2**-8, atol=1e-6)

@@ -171,3 +171,61 @@ def test_mmengine_runner_bf16_resume_is_bit_for_bit(tmp_path, monkeypatch):
                             full.model.state_dict().items()):
         assert mine[0] == theirs[0] and torch.equal(mine[1], theirs[1]), \
             mine[0]
+
+
+# --- FlexibleRunner, DeepSpeed bf16 (ZeRO-2), two gloo ranks ----------------
+
+def bf16_zero2():
+    from test_flexible_runner import deepspeed_strategy
+    return dict(deepspeed_strategy(stage=2), bf16=dict(enabled=True),
+                inputs_to_half=['inputs'])
+
+
+def flexible_run(out_dir, rank, resume):
+    """Launch 0: the whole run, saving at iteration 4; launch 1: a new
+    runner resumed from that checkpoint. Both return the final state."""
+    from test_flexible_runner import build_runner, unwrapped
+    directory = osp.join(out_dir, 'run')
+    runner = build_runner(
+        directory, bf16_zero2(), [], checkpoint=None if resume else 4,
+        resume_from=osp.join(directory, 'iter_4.pth') if resume else None)
+    runner.train()
+    model = unwrapped(runner)
+    return {key: value.detach().clone()
+            for key, value in model.state_dict().items()}
+
+
+def flexible_main(rank, port, out_dir, resume):
+    from test_flexible_runner import provide_onebit
+    from momentum_testing import run_scenarios
+    torch.set_num_threads(1)
+    os.environ.update(DS_ACCELERATOR='cpu', RANK=str(rank),
+                      LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(SHARDED_WORLD_SIZE),
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port),
+                      TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD='1')
+    import deepspeed
+    provide_onebit()
+    deepspeed.init_distributed(dist_backend='gloo',
+                               timeout=timedelta(seconds=60))
+    run_scenarios(rank, {'run': lambda rank: flexible_run(
+        str(out_dir.parent), rank, resume)}, out_dir)
+
+
+def test_flexible_runner_deepspeed_bf16_resume_is_bit_for_bit(tmp_path):
+    pytest.importorskip('deepspeed')
+    finals = []
+    for resume in (False, True):
+        out_dir = tmp_path / f'launch{int(resume)}'
+        out_dir.mkdir()
+        ranks = launch_ranks(flexible_main, (free_port(), out_dir, resume),
+                             out_dir, 'spawn', timeout=300)
+        finals.append([rank['run'] for rank in ranks])
+    for straight, resumed in zip(*finals):
+        assert isinstance(straight, dict) and isinstance(resumed, dict), \
+            (straight, resumed)
+        assert straight.keys() == resumed.keys()
+        assert any(key.startswith(MASTER) for key in straight)
+        assert straight['target_net.0.weight'].dtype == BF16
+        for key in straight:
+            assert torch.equal(straight[key], resumed[key]), key
