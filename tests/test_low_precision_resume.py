@@ -7,15 +7,15 @@ masters restarts them from the loaded target.
 Without the masters in the checkpoint, the resumed target restarts from
 bfloat16 values and rounds differently from then on.
 """
-import os
 import os.path as osp
 from datetime import timedelta
 
 import pytest
 import torch
 from mmengine.model import BaseModel
-from momentum_testing import (SHARDED_WORLD_SIZE, Interrupt, InterruptBefore,
-                              float64_copy, free_port, launch_ranks, params)
+from momentum_testing import (Interrupt, InterruptBefore, float64_copy,
+                              free_port, launch_ranks, params, run_scenarios,
+                              set_rank_environment)
 from torch import nn
 
 from momentum_hook import MomentumTargetMixin
@@ -197,13 +197,7 @@ def flexible_run(out_dir, rank, resume):
 
 def flexible_main(rank, port, out_dir, resume):
     from test_flexible_runner import provide_onebit
-    from momentum_testing import run_scenarios
-    torch.set_num_threads(1)
-    os.environ.update(DS_ACCELERATOR='cpu', RANK=str(rank),
-                      LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(SHARDED_WORLD_SIZE),
-                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port),
-                      TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD='1')
+    set_rank_environment(rank, port, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD='1')
     import deepspeed
     provide_onebit()
     deepspeed.init_distributed(dist_backend='gloo',

@@ -11,7 +11,6 @@ target network's forward output with the same bfloat16 network holding that
 EMA rounded to bfloat16.
 """
 import functools
-import os
 from datetime import timedelta
 
 import pytest
@@ -19,7 +18,8 @@ import torch
 import torch.distributed as dist
 from momentum_testing import (SHARDED_WORLD_SIZE, TinyBYOL,
                               record_sharded_training, replay_ema,
-                              run_scenarios, sharded_results)
+                              run_scenarios, set_rank_environment,
+                              sharded_results)
 from test_sharded import fsdp1, gather_fsdp2, sgd_step
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -171,14 +171,8 @@ SCENARIOS = {
 
 
 def rank_main(rank, port, out_dir):
-    torch.set_num_threads(1)
-    os.environ.update(DS_ACCELERATOR='cpu', RANK=str(rank),
-                      LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(SHARDED_WORLD_SIZE),
-                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}',
-                            rank=rank, world_size=SHARDED_WORLD_SIZE,
-                            timeout=timedelta(seconds=60))
+    set_rank_environment(rank, port)
+    dist.init_process_group('gloo', timeout=timedelta(seconds=60))
     run_scenarios(rank, SCENARIOS, out_dir)
 
 
