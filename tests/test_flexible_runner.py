@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from momentum_testing import (SHARDED_WORLD_SIZE, Interrupt,
                               assert_matches_reference, free_port,
+                              gather_zero3,
                               launch_ranks, raised, reference_momentum,
                               replay_ema, run_scenarios)
 from torch import nn
@@ -100,14 +101,11 @@ def unwrapped(runner):
 
 def gather(runner, network):
     """The whole parameters of ``network`` (a list), from every rank."""
-    import deepspeed
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     params = list(network.parameters())
     if hasattr(params[0], 'ds_tensor'):
-        context = deepspeed.zero.GatheredParameters(params)
-    else:
-        context = FSDP.summon_full_params(runner.model, writeback=False)
-    with context:
+        return gather_zero3(params)
+    with FSDP.summon_full_params(runner.model, writeback=False):
         return [param.detach().clone() for param in network.parameters()]
 
 
