@@ -417,7 +417,7 @@ def launch_ranks(function, args, out_dir, start_method,
     return [torch.load(path, weights_only=False) for path in files]
 
 
-def sharded_results(rank_main, out_dir, scenarios, start_method='fork'):
+def sharded_results(rank_main, out_dir, scenarios, start_method='spawn'):
     """Launch ``rank_main(rank, port, out_dir)`` on two ranks.
 
     Returns:
