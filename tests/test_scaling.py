@@ -9,7 +9,6 @@ Runners are real (mmcv ``EpochBasedRunner``/``IterBasedRunner``, MMEngine
 import glob
 import json
 import os.path as osp
-import re
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import test_hook_mmengine as engine_case
 from mmcv.runner import HOOKS as MMCV_HOOKS
 from mmcv.utils import build_from_cfg
 from momentum_testing import TinyBYOL, ema_step, float64_copy, params
-from momentum_testing import reference_momentum
+from momentum_testing import reference_momentum, run_doc_example
 from torch.utils.data import DataLoader
 
 import momentum_hook
@@ -281,18 +280,8 @@ def test_mmengine_loader_without_a_batch_size_is_refused_before_iteration_one(
 
 # -- the docs ------------------------------------------------------------
 
-def docs_block(heading):
-    """The first ```python block under ``## heading`` of docs/scaling.md."""
-    section = DOCS.read_text(encoding='utf-8').split(f'## {heading}\n')[1]
-    return re.search(r'```python\n(.*?)```', section, re.S).group(1)
-
-
 def test_the_plain_loop_example_uses_the_scaled_momenta():
-    code = docs_block('Without a runner')
-    assert 'mmcv' not in code and 'mmengine' not in code
-    torch.manual_seed(0)
-    namespace = {}
-    exec(compile(code, str(DOCS), 'exec'), namespace)
+    namespace = run_doc_example(DOCS, 'Without a runner')
     kappa = namespace['kappa']
     assert kappa == 256 / 4096
     assert namespace['m'] == pytest.approx(
@@ -301,3 +290,23 @@ def test_the_plain_loop_example_uses_the_scaled_momenta():
     for t, o in zip(namespace['target'].parameters(),
                     namespace['online'].parameters()):
         assert not torch.equal(t, o)
+
+
+# -- the experiment's grid -------------------------------------------------
+
+def test_the_grid_scales_the_learning_rate_in_both_arms_and_the_momentum_in_one():
+    from momentum_hook.demo.scaling import arms, markdown_table
+    grid = arms([1, 4], batch=128, lr=5e-3)
+    assert [name for name, _, _ in grid] == [
+        '1B per update', '4B per update', '4B scaled']
+    (_, _, one), (_, _, plain), (_, _, scaled) = grid
+    assert one == ['data.samples_per_gpu=128', 'optimizer.lr=0.005']
+    assert plain == ['data.samples_per_gpu=512', 'optimizer.lr=0.01']
+    assert scaled == plain + ['custom_hooks.0.base_batch_size=128']
+    runs = [{'1-shot': 0.5, '5-shot': 0.6, 'knn': 0.7, 'seconds': 10.},
+            {'1-shot': 0.7, '5-shot': 0.8, 'knn': 0.9, 'seconds': 12.}]
+    table = markdown_table(dict(arms=[dict(name='4B scaled', multiplier=4,
+                                           lr=0.01, runs=runs)]))
+    assert table.splitlines()[-1] == (
+        '| 4B scaled | m ** 4 | 0.01 | 2 | 0.600 ± 0.141 | 0.700 ± 0.141 | '
+        '0.800 ± 0.141 | 11 ± 1 |')
