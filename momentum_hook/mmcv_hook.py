@@ -73,7 +73,7 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
             self.check_accumulation(steps, f'{name} accumulates over {steps}')
 
     def before_run(self, runner):
-        self.check_runner(runner)
+        self.check_runner(runner, loader_known=False)
 
     def before_train_iter(self, runner):
         self.on_iter_start(runner)

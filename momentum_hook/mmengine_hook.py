@@ -130,7 +130,7 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
         return runner.train_dataloader
 
     def before_train(self, runner):
-        self.check_runner(runner, self.train_loader(runner))
+        self.check_runner(runner)
         self.check_target(runner)
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):

@@ -154,7 +154,7 @@ class MomentumUpdater:
         self.base_batch_size = base_batch_size
         #: The run's samples per update and S / base_batch_size, known from
         #: the start of the run on (None without base_batch_size).
-        self.samples_per_update = self.kappa = None
+        self.samples_per_update = self.kappa = self._batch = None
         self._started = False
 
     def check_run(self, model, max_iters):
@@ -287,38 +287,40 @@ class MomentumUpdater:
                 'iterations, with an update after every iteration k with '
                 f'(k + 1) % {self.update_interval} == 0{scaling}')
 
-    def start(self, runner, loader):
-        """Find the batch scaling (with ``base_batch_size``) from ``loader``
-        and the process group, then say in ``runner.logger`` what the hook
-        will do.
+    def start(self, runner):
+        """Find the batch scaling (with ``base_batch_size``) from the
+        runner's train data loader and the process group, then say in
+        ``runner.logger`` what the hook will do.
 
         Raises:
-            ValueError: If ``base_batch_size`` is set and ``loader`` has no
+            ValueError: If ``base_batch_size`` is set and the loader has no
                 fixed batch size.
         """
         if self.base_batch_size is not None:
-            self.scale_to(loader_batch_size(loader), world_size())
+            self.scale_to(loader_batch_size(self.train_loader(runner)),
+                          world_size())
         self._started = True
         runner.logger.info(self.describe(self.unwrap_model(runner.model),
                                          runner.max_iters))
 
-    def check_runner(self, runner, loader=None):
+    def check_runner(self, runner, loader_known=True):
         """Before the run: the model contract, the run length, the optimizer;
-        then :meth:`start`, unless ``base_batch_size`` needs the train
-        ``loader`` and the runner has none yet (mmcv 1.x sets it just before
-        the first iteration: :meth:`on_iter_start` starts then)."""
+        then :meth:`start`, unless ``base_batch_size`` needs the train data
+        loader and the runner has none yet (``loader_known=False``: mmcv 1.x
+        sets it just before the first iteration, when
+        :meth:`on_iter_start` starts)."""
         model = self.unwrap_model(runner.model)
         self.check_run(model, getattr(runner, 'max_iters', None))
         self.check_optimizer(runner)
         self.samples_per_update = self.kappa = None
         self._started = False
-        if self.base_batch_size is None or loader is not None:
-            self.start(runner, loader)
+        if self.base_batch_size is None or loader_known:
+            self.start(runner)
 
     def on_iter_start(self, runner):
         """Before iteration ``runner.iter``: write and publish the momentum."""
         if not self._started:
-            self.start(runner, self.train_loader(runner))
+            self.start(runner)
         momentum = self.write_momentum(self.unwrap_model(runner.model),
                                        runner.iter, runner.max_iters)
         if momentum is not None:
