@@ -310,3 +310,25 @@ def test_the_grid_scales_the_learning_rate_in_both_arms_and_the_momentum_in_one(
     assert table.splitlines()[-1] == (
         '| 4B scaled | m ** 4 | 0.01 | 2 | 0.600 ± 0.141 | 0.700 ± 0.141 | '
         '0.800 ± 0.141 | 11 ± 1 |')
+
+
+def test_mmengine_flexible_runner_uses_the_scaled_momenta(tmp_path):
+    """MMEngine's FlexibleRunner (one process, its default strategy): batch
+    2 on one process, base_batch_size 8, kappa 1/4."""
+    from mmengine.runner._flexible_runner import FlexibleRunner
+    torch.manual_seed(0)
+    model = engine_case.TinyMomentumModel(base_momentum=0.5)
+    runner = FlexibleRunner(
+        model=model, work_dir=str(tmp_path), experiment_name='flexible',
+        train_dataloader=dict(
+            dataset=engine_case.TinySamples(8), batch_size=2,
+            sampler=dict(type='DefaultSampler', shuffle=False),
+            collate_fn=dict(type='default_collate')),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
+        train_cfg=dict(by_epoch=False, max_iters=4),
+        default_hooks=dict(checkpoint=None),
+        custom_hooks=[dict(type=engine_case.HOOK, base_batch_size=8)])
+    runner.train()
+    expected = [reference_momentum(k, 4, 0.5)**0.25 for k in range(4)]
+    assert model.seen == pytest.approx(expected, rel=0, abs=1e-15)
+    assert engine_case.logged_momenta(runner) == model.seen
