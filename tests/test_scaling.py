@@ -22,7 +22,7 @@ from momentum_testing import reference_momentum, run_doc_example
 from torch.utils.data import DataLoader
 
 import momentum_hook
-from momentum_hook import mmcv_hook, mmengine_hook, scaled_momentum
+from momentum_hook import mmcv_hook, scaled_momentum
 
 DOCS = Path(__file__).resolve().parents[1] / 'docs' / 'scaling.md'
 
@@ -294,7 +294,7 @@ def test_the_plain_loop_example_uses_the_scaled_momenta():
 
 # -- the experiment's grid -------------------------------------------------
 
-def test_the_grid_scales_the_learning_rate_in_both_arms_and_the_momentum_in_one():
+def test_the_grid_scales_the_lr_in_both_arms_and_the_momentum_in_one():
     from momentum_hook.demo.scaling import arms, markdown_table
     grid = arms([1, 4], batch=128, lr=5e-3)
     assert [name for name, _, _ in grid] == [
