@@ -63,7 +63,9 @@ def _run(options, seed, work_dir, log):
                        check=True)
     seconds = time.monotonic() - start
     with open(osp.join(work_dir, 'results.json')) as f:
-        return dict(json.load(f)['byol'], seconds=seconds)
+        results = json.load(f)
+    return dict(results['byol'], seconds=seconds,
+                random_init=results['random_init'])
 
 
 def summarise(runs):
@@ -88,6 +90,13 @@ def markdown_table(grid):
         rows.append(f"| {arm['name']} | {rule} | {arm['lr']:.4g} | "
                     f"{len(arm['runs'])} | {' | '.join(cells)} | "
                     f"{s['seconds'][0]:.0f} ± {s['seconds'][1]:.0f} |")
+    untrained = [run['random_init'] for run in grid['arms'][0]['runs']
+                 if 'random_init' in run]
+    if untrained:  # the same seeds' encoders before training
+        s = summarise([dict(run, seconds=0.) for run in untrained])
+        cells = [f'{s[m][0]:.3f} ± {s[m][1]:.3f}' for m in METRICS]
+        rows.append(f"| untrained encoder | | | {len(untrained)} | "
+                    f"{' | '.join(cells)} | |")
     return '\n'.join(rows)
 
 
