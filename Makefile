@@ -12,7 +12,7 @@ PIP := PIP_CONSTRAINT=$(TORCH) $(BIN)/python -m pip
 # not in ~/.cache: a new venv builds them once, in `make venv`.
 EXTENSIONS := TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions
 
-.PHONY: venv demo test test-torch-latest bench clean
+.PHONY: venv demo demo-scaling test test-torch-latest bench clean
 
 $(VENV)/.installed: setup.py $(wildcard requirements/*.txt)
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ QUIET_PYTHON := $(QUIET) $(BIN)/python -W "ignore:On January 1:UserWarning"
 
 demo: venv
 	$(QUIET_PYTHON) -m momentum_hook.demo $(ARGS)
+
+# The EMA scaling rule on the demo at batches B, 4B and 8B (docs/scaling.md).
+demo-scaling: venv
+	$(QUIET_PYTHON) -m momentum_hook.demo.scaling $(ARGS)
 
 test: venv
 	$(QUIET_PYTHON) -m pytest -q tests $(ARGS)

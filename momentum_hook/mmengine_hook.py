@@ -81,7 +81,9 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
     ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``.
 
     It takes :class:`~momentum_hook.updater.MomentumUpdater`'s arguments:
-    ``end_momentum=1.``, ``update_interval=1``, ``reach_end_momentum=False``.
+    ``end_momentum=1.``, ``update_interval=1``, ``reach_end_momentum=False``,
+    ``base_batch_size=None``; with ``base_batch_size`` the batch is that of
+    ``runner.train_dataloader``.
     """
 
     def unwrap_model(self, model):
@@ -123,6 +125,9 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
                 raise
             raise ValueError(f'{error}. In this FlexibleRunner with '
                              f'{strategy}, set {fix}') from error
+
+    def train_loader(self, runner):
+        return runner.train_dataloader
 
     def before_train(self, runner):
         self.check_runner(runner)

@@ -6,6 +6,7 @@ the schedule's formula, so that the code under test never judges itself.
 """
 import math
 import os
+import re
 import socket
 import time
 
@@ -19,6 +20,21 @@ from momentum_hook import MomentumTargetMixin
 #: Tests that need a CUDA device; ``pytest -m cuda`` runs only those, and
 #: without a device they are skipped (see ``conftest.py``).
 cuda_only = pytest.mark.cuda
+
+
+def run_doc_example(path, heading):
+    """Run the first ```python block under ``## heading`` of the markdown
+    file ``path``, after ``torch.manual_seed(0)``; its namespace.
+
+    The block must run with torch alone: it may not name mmcv or mmengine.
+    """
+    section = path.read_text(encoding='utf-8').split(f'## {heading}\n')[1]
+    code = re.search(r'```python\n(.*?)```', section, re.S).group(1)
+    assert 'mmcv' not in code and 'mmengine' not in code
+    torch.manual_seed(0)
+    namespace = {}
+    exec(compile(code, str(path), 'exec'), namespace)
+    return namespace
 
 
 def free_port():
