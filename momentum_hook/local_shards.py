@@ -31,7 +31,23 @@ A ZeRO-3 parameter below ``stage3_param_persistence_threshold`` is
 which DeepSpeed refreshes from the partitions only after the next optimizer
 step. :func:`gathered_copies` lists those pairs, so that the update can
 lerp the copies too (both are whole on every rank, so no communication) and
-the target's next forward sees the update.
+the target's next forward sees the update. A target copy whose online copy
+was released (a user's ``GatheredParameters`` over the online network) is
+released too (:func:`available_copies`): DeepSpeed re-gathers it from the
+updated partition at the target's next forward.
+
+Under ZeRO++ hierarchical partitioning (``zero_hpz_partition_size`` > 1),
+DeepSpeed gathers a parameter from a secondary partition that it never
+refreshes for a frozen one: :func:`secondary_partitions` lists the target's,
+and the update drops them (:func:`drop_secondary_partitions`), so that the
+next gather reads the updated partitions. ZeRO++ quantized weights are
+refused: by the plan where a partition is stored quantized, and from the
+DeepSpeed config by :func:`check_zero_config`.
+
+Planning (:class:`~momentum_hook.ema.ModuleUpdatePlan`) ends with one
+verdict on every rank (:func:`agree_across_ranks`), so that a shard that
+differs on one rank is refused on all of them instead of leaving the others
+waiting in their next collective.
 
 Nothing here imports a distributed package: a tensor can only be a DTensor or
 an FSDP1 unit if ``torch.distributed.tensor`` or ``torch.distributed.fsdp``
@@ -366,16 +382,14 @@ def check_zero_config(config):
     refuses a partition that DeepSpeed stored quantized.
 
     Args:
-        config (dict | None): A DeepSpeed config (``zero_optimization``
-            read from it), or None.
+        config (dict | None): A DeepSpeed config as a dict (its
+            ``zero_optimization`` is read), or None.
 
     Raises:
         ValueError: If ``zero_quantized_weights`` or
             ``zero_quantized_nontrainable_weights`` is set.
     """
     zero = (config or {}).get('zero_optimization') or {}
-    if not isinstance(zero, dict):  # a DeepSpeedZeroConfig object
-        zero = vars(zero)
     enabled = [key for key in QUANTIZED_WEIGHTS if zero.get(key)]
     if enabled:
         raise ValueError(

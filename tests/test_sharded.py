@@ -26,6 +26,7 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.distributed.tensor import DTensor, Shard
 
 from momentum_hook import momentum_update_
+from momentum_hook.local_shards import check_zero_config
 from momentum_hook.sharding import fully_shard_pair
 
 POLICIES = ('keep', 'copy', 'average')
@@ -302,3 +303,28 @@ def test_fully_shard_pair_checks_its_arguments(online, submodules, error,
                                                match):
     with pytest.raises(error, match=match):
         fully_shard_pair(online, nn.Linear(2, 2), submodules=submodules)
+
+
+# --- ZeRO++ options, from a DeepSpeed config --------------------------------
+
+@pytest.mark.parametrize('config', [
+    None, {}, dict(zero_optimization=None),
+    dict(zero_optimization=dict(stage=3, zero_hpz_partition_size=8,
+                                zero_quantized_gradients=True,
+                                zero_quantized_weights=False))])
+def test_check_zero_config_accepts_what_the_update_handles(config):
+    check_zero_config(config)
+
+
+@pytest.mark.parametrize('options', [
+    ('zero_quantized_weights',), ('zero_quantized_nontrainable_weights',),
+    ('zero_quantized_weights', 'zero_quantized_nontrainable_weights')])
+def test_check_zero_config_refuses_quantized_weights(options):
+    config = dict(zero_optimization=dict(stage=3, **dict.fromkeys(options,
+                                                                  True)))
+    with pytest.raises(ValueError) as error:
+        check_zero_config(config)
+    assert str(error.value).startswith(
+        f'the DeepSpeed config sets {" and ".join(options)}=True: ')
+    assert ('zero_quantized_weights=False, '
+            'zero_quantized_nontrainable_weights=False') in str(error.value)
