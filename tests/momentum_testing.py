@@ -8,6 +8,7 @@ import math
 import os
 import socket
 import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -303,6 +304,60 @@ def sharded_results(rank_main, out_dir, scenarios, start_method='fork'):
     ranks = launch_ranks(rank_main, (free_port(), out_dir), out_dir,
                          start_method)
     return {name: [rank[name] for rank in ranks] for name in scenarios}
+
+
+def launch_each(rank_main, base, launches, start_method='spawn'):
+    """Launch ``rank_main(rank, port, out_dir, index)`` on two ranks once per
+    scenario table of ``launches``, in ``base/launch<index>``.
+
+    Returns:
+        dict: ``results[name]``, the two ranks' results of scenario ``name``.
+    """
+    results = {}
+    for index, scenarios in enumerate(launches):
+        out_dir = base / f'launch{index}'
+        out_dir.mkdir()
+        ranks = launch_ranks(rank_main, (free_port(), out_dir, index),
+                             out_dir, start_method)
+        results.update({name: [rank[name] for rank in ranks]
+                        for name in scenarios})
+    return results
+
+
+def init_deepspeed_rank(rank, port):
+    """Make this process rank ``rank`` of a two-rank DeepSpeed run on the
+    CPU (``DS_ACCELERATOR=cpu``, gloo)."""
+    torch.set_num_threads(1)
+    os.environ.update(DS_ACCELERATOR='cpu', RANK=str(rank),
+                      LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(SHARDED_WORLD_SIZE),
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    import deepspeed
+    deepspeed.init_distributed(dist_backend='gloo',
+                               timeout=timedelta(seconds=60))
+
+
+#: ZeRO-3 options for gloo: gather parameters one at a time. DeepSpeed
+#: 0.19.6's coalesced gathers launch one asynchronous all-gather per
+#: parameter and wait for the last only, which gloo may finish before the
+#: others: now and then a gathered parameter (a persistent one re-gathered
+#: after the optimizer step, or one in a ``GatheredParameters``) still
+#: holds uninitialised memory. NCCL runs them in order.
+GLOO_SAFE_ZERO3 = dict(stage3_allgather_sequential=True)
+
+
+def gather_zero3(params):
+    """Whole detached copies of ZeRO-3 ``params``, one
+    ``GatheredParameters`` each: for several, DeepSpeed 0.19.6 launches one
+    asynchronous all-gather per parameter and waits for the last only,
+    which gloo may finish before the others (now and then a gathered tensor
+    still held uninitialised memory); for one, it gathers synchronously."""
+    import deepspeed
+    gathered = []
+    for param in params:
+        with deepspeed.zero.GatheredParameters([param]):
+            gathered.append(param.detach().clone())
+    return gathered
 
 
 def assert_trainings_match(results, trainings, name):

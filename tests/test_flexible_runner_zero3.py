@@ -3,7 +3,8 @@
 Two launches of two gloo ranks (CPU), one ``DeepSpeedStrategy`` each (MMEngine
 0.10.7 builds one per process), with ``test_flexible_runner``'s runner:
 
-- a run whose user hook reads the online weights with
+- a run (ZeRO-3 gathering one parameter at a time, ``GLOO_SAFE_ZERO3``)
+  whose user hook reads the online weights with
   ``deepspeed.zero.GatheredParameters`` after each optimizer step and before
   the momentum update (which releases the online network's persistent
   gathered copies), judged against a float64 replay: the target's forward
@@ -13,31 +14,19 @@ Two launches of two gloo ranks (CPU), one ``DeepSpeedStrategy`` each (MMEngine
   engine without CUDA, so the runner runs the hooks' ``before_train`` as
   ``train()`` would once the engine is built.
 """
-import os
 import os.path as osp
-from datetime import timedelta
 
 import pytest
 import torch
-from momentum_testing import (SHARDED_WORLD_SIZE, assert_matches_reference,
-                              free_port, launch_ranks, raised,
-                              reference_momentum, replay_ema, run_scenarios)
+from momentum_testing import (GLOO_SAFE_ZERO3, assert_matches_reference,
+                              gather_zero3, init_deepspeed_rank, launch_each,
+                              raised, reference_momentum, replay_ema,
+                              run_scenarios)
 
 deepspeed = pytest.importorskip('deepspeed')
 from test_flexible_runner import (BASE, ITERS, build_model,  # noqa: E402
                                   build_runner, deepspeed_strategy,
                                   unwrapped)
-
-
-def gather(network):
-    """``network``'s whole parameters, one ``GatheredParameters`` each (for
-    several, DeepSpeed 0.19.6 waits for the last all-gather only, which
-    gloo may finish first)."""
-    gathered = []
-    for param in network.parameters():
-        with deepspeed.zero.GatheredParameters([param]):
-            gathered.append(param.detach().clone())
-    return gathered
 
 
 def online_reader(record):
@@ -57,7 +46,7 @@ def online_reader(record):
                     list(online.parameters())):
                 norm = sum(param.norm() for param in online.parameters())
             assert torch.isfinite(norm)
-            record.append(gather(online))
+            record.append(gather_zero3(online.parameters()))
 
     return OnlineReader()
 
@@ -66,9 +55,9 @@ def user_gathers_online(work_dir, rank):
     """A ZeRO-3 run (every parameter persistent, DeepSpeed's default
     threshold) with the user's hook: the target's forward passes, the
     online weights each update used, and the final target."""
-    online = []
-    runner = build_runner(work_dir, deepspeed_strategy(),
-                          [online_reader(online)])
+    online, strategy = [], deepspeed_strategy()
+    strategy['zero_optimization'].update(GLOO_SAFE_ZERO3)
+    runner = build_runner(work_dir, strategy, [online_reader(online)])
     model = runner.model  # the user's model, until train() wraps it
     initial = [param.detach().clone() for param in
                model.target_net.parameters()]
@@ -78,7 +67,7 @@ def user_gathers_online(work_dir, rank):
             (args[0].detach().clone(), output.detach().clone())))
     runner.train()
     return dict(initial=initial, online=online, forwards=forwards,
-                final=gather(unwrapped(runner).target_net))
+                final=gather_zero3(unwrapped(runner).target_net.parameters()))
 
 
 #: ZeRO++ quantized weights (qwZ) options.
@@ -119,13 +108,7 @@ def launches(out_dir):
 
 
 def rank_main(rank, port, out_dir, launch):
-    torch.set_num_threads(1)
-    os.environ.update(DS_ACCELERATOR='cpu', RANK=str(rank),
-                      LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(SHARDED_WORLD_SIZE),
-                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend='gloo',
-                               timeout=timedelta(seconds=60))
+    init_deepspeed_rank(rank, port)
     run_scenarios(rank, launches(str(out_dir.parent))[launch], out_dir)
 
 
@@ -133,15 +116,7 @@ def rank_main(rank, port, out_dir, launch):
 def results(tmp_path_factory):
     """``results[name]``: the two ranks' results of scenario ``name``."""
     base = tmp_path_factory.mktemp('flexible_zero3')
-    results = {}
-    for launch, scenarios in enumerate(launches(str(base))):
-        out_dir = base / f'launch{launch}'
-        out_dir.mkdir()
-        ranks = launch_ranks(rank_main, (free_port(), out_dir, launch),
-                             out_dir, 'spawn')
-        results.update({name: [rank[name] for rank in ranks]
-                        for name in scenarios})
-    return results
+    return launch_each(rank_main, base, launches(str(base)))
 
 
 def test_a_user_hook_gathering_the_online_network_keeps_the_target_right(

@@ -9,13 +9,12 @@ steps; the target is checked both ways: gathered by DeepSpeed, and rebuilt
 here from the ranks' partitions.
 """
 import functools
-import os
-from datetime import timedelta
 
 import pytest
 import torch
-from momentum_testing import (SHARDED_WORLD_SIZE, TinyBYOL,
-                              assert_trainings_match, build_sharded, raised,
+from momentum_testing import (GLOO_SAFE_ZERO3, SHARDED_WORLD_SIZE, TinyBYOL,
+                              assert_trainings_match, build_sharded,
+                              gather_zero3, init_deepspeed_rank, raised,
                               record_sharded_training, replay_ema,
                               run_scenarios, sharded_results)
 
@@ -25,9 +24,12 @@ deepspeed = pytest.importorskip('deepspeed')
 
 
 def config(stage, **zero):
+    """A DeepSpeed config; ZeRO-3 gathers one parameter at a time (see
+    :data:`~momentum_testing.GLOO_SAFE_ZERO3`)."""
     return dict(train_micro_batch_size_per_gpu=4,
                 optimizer=dict(type='SGD', params=dict(lr=0.1, momentum=0.9)),
-                zero_optimization=dict(stage=stage, **zero),
+                zero_optimization=dict(stage=stage, **GLOO_SAFE_ZERO3,
+                                       **zero),
                 zero_allow_untested_optimizer=True)
 
 
@@ -48,19 +50,9 @@ def partitions(network):
 
 
 def gather(network):
-    """``network``'s whole parameters and buffers.
-
-    One parameter per ``GatheredParameters``: for several, DeepSpeed 0.19.6
-    launches one asynchronous all-gather each and waits for the last only,
-    which gloo may finish before the others (now and then a gathered tensor
-    still held uninitialised memory); for one, it gathers synchronously.
-    """
-    params = []
-    for param in network.parameters():
-        with deepspeed.zero.GatheredParameters([param]):
-            params.append(param.detach().clone())
-    return params, {name: buffer.detach().clone()
-                    for name, buffer in network.named_buffers()}
+    return gather_zero3(network.parameters()), {
+        name: buffer.detach().clone()
+        for name, buffer in network.named_buffers()}
 
 
 def record_forward(network):
@@ -148,13 +140,7 @@ SCENARIOS = {
 
 
 def rank_main(rank, port, out_dir):
-    torch.set_num_threads(1)
-    os.environ.update(DS_ACCELERATOR='cpu', RANK=str(rank),
-                      LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(SHARDED_WORLD_SIZE),
-                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend='gloo',
-                               timeout=timedelta(seconds=60))
+    init_deepspeed_rank(rank, port)
     run_scenarios(rank, SCENARIOS, out_dir)
 
 
