@@ -15,7 +15,7 @@ from mmengine.registry import HOOKS
 from .local_shards import check_zero_config
 from .registration import register_hook_class
 from .updater import LOG_KEY, MomentumUpdater
-from .wrappers import loaded, wrapper_chain
+from .wrappers import check_zero3_gathers, loaded, wrapper_chain
 
 __all__ = ['MomentumUpdateHook', 'BYOLHook']
 
@@ -100,6 +100,7 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
         engine = loaded('deepspeed', 'DeepSpeedEngine')
         for model in _wrapper_chain(runner.model):
             if engine is not None and isinstance(model, engine):
+                check_zero3_gathers(model)
                 steps = model.gradient_accumulation_steps()
                 self.check_accumulation(
                     steps, f'DeepSpeed has gradient_accumulation_steps='

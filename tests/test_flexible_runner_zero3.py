@@ -3,8 +3,7 @@
 Two launches of two gloo ranks (CPU), one ``DeepSpeedStrategy`` each (MMEngine
 0.10.7 builds one per process), with ``test_flexible_runner``'s runner:
 
-- a run (ZeRO-3 gathering one parameter at a time, ``GLOO_SAFE_ZERO3``)
-  whose user hook reads the online weights with
+- a run whose user hook reads the online weights with
   ``deepspeed.zero.GatheredParameters`` after each optimizer step and before
   the momentum update (which releases the online network's persistent
   gathered copies), judged against a float64 replay: the target's forward
@@ -18,8 +17,7 @@ import os.path as osp
 
 import pytest
 import torch
-from momentum_testing import (GLOO_SAFE_ZERO3, assert_matches_reference,
-                              gather_zero3, init_deepspeed_rank, launch_each,
+from momentum_testing import (assert_matches_reference, gather_zero3, init_deepspeed_rank, launch_each,
                               raised, reference_momentum, replay_ema,
                               run_scenarios)
 
@@ -55,9 +53,9 @@ def user_gathers_online(work_dir, rank):
     """A ZeRO-3 run (every parameter persistent, DeepSpeed's default
     threshold) with the user's hook: the target's forward passes, the
     online weights each update used, and the final target."""
-    online, strategy = [], deepspeed_strategy()
-    strategy['zero_optimization'].update(GLOO_SAFE_ZERO3)
-    runner = build_runner(work_dir, strategy, [online_reader(online)])
+    online = []
+    runner = build_runner(work_dir, deepspeed_strategy(),
+                          [online_reader(online)])
     model = runner.model  # the user's model, until train() wraps it
     initial = [param.detach().clone() for param in
                model.target_net.parameters()]
