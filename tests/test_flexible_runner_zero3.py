@@ -17,9 +17,9 @@ import os.path as osp
 
 import pytest
 import torch
-from momentum_testing import (assert_matches_reference, gather_zero3, init_deepspeed_rank, launch_each,
-                              raised, reference_momentum, replay_ema,
-                              run_scenarios)
+from momentum_testing import (assert_matches_reference, gather_zero3,
+                              init_deepspeed_rank, launch_each, raised,
+                              reference_momentum, replay_ema, run_scenarios)
 
 deepspeed = pytest.importorskip('deepspeed')
 from test_flexible_runner import (BASE, ITERS, build_model,  # noqa: E402

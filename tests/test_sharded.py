@@ -266,7 +266,7 @@ def test_every_rank_refuses_a_shard_that_differs_on_one_rank(tmp_path):
     within seconds, instead of rank 0 training into a collective that
     rank 1 never joins."""
     ranks = launch_ranks(one_rank_differs_main, (free_port(), tmp_path),
-                         tmp_path, 'fork', timeout=90)
+                         tmp_path, 'fork')
     messages = []
     for rank, result in enumerate(ranks):
         result = result['one rank differs']
