@@ -62,8 +62,12 @@ def record_forward(network):
     return calls
 
 
-def training(stage, buffers, functional=False, zero_init=False, rank=0,
-             **zero):
+def training(stage, buffers, functional=False, zero_init=False,
+             read_online=False, rank=0, **zero):
+    """Train and record (``record_sharded_training``), with the target's
+    forward passes. ``read_online``: gather the online network between each
+    optimizer step and the update, as a user's hook may (which releases the
+    gathered copies of its persistent parameters)."""
     if zero_init:  # partitioned as built: the target copies placeholders
         with deepspeed.zero.Init(config_dict_or_path=config(stage, **zero)):
             model, online, target = build_sharded(buffers)
@@ -75,6 +79,9 @@ def training(stage, buffers, functional=False, zero_init=False, rank=0,
     def train_step(batch):
         wrapped.backward(wrapped(batch))
         wrapped.step()
+        if read_online:
+            with deepspeed.zero.GatheredParameters(list(online.parameters())):
+                pass
 
     def update():
         momentum_update_(target, online, model.momentum, buffers)
@@ -126,6 +133,13 @@ TRAININGS = {
     'zero3 hpz, some persistent': ('keep', functools.partial(
         training, 3, 'keep', zero_hpz_partition_size=2,
         stage3_param_persistence_threshold=10)),
+    'zero3 all persistent, online read before the update': (
+        'keep', functools.partial(training, 3, 'keep', read_online=True)),
+    'zero3 hpz, some persistent, online read before the update': (
+        'average', functools.partial(
+            training, 3, 'average', read_online=True,
+            zero_hpz_partition_size=2,
+            stage3_param_persistence_threshold=10)),
     'zero3 hpz, momentum_update_': ('keep', functools.partial(
         training, 3, 'keep', True, zero_hpz_partition_size=2,
         stage3_param_persistence_threshold=0)),
