@@ -31,7 +31,23 @@ A ZeRO-3 parameter below ``stage3_param_persistence_threshold`` is
 which DeepSpeed refreshes from the partitions only after the next optimizer
 step. :func:`gathered_copies` lists those pairs, so that the update can
 lerp the copies too (both are whole on every rank, so no communication) and
-the target's next forward sees the update.
+the target's next forward sees the update. A target copy whose online copy
+was released (a user's ``GatheredParameters`` over the online network) is
+released too (:func:`available_copies`): DeepSpeed re-gathers it from the
+updated partition at the target's next forward.
+
+Under ZeRO++ hierarchical partitioning (``zero_hpz_partition_size`` > 1),
+DeepSpeed gathers a parameter from a secondary partition that it never
+refreshes for a frozen one: :func:`secondary_partitions` lists the target's,
+and the update drops them (:func:`drop_secondary_partitions`), so that the
+next gather reads the updated partitions. ZeRO++ quantized weights are
+refused: by the plan where a partition is stored quantized, and from the
+DeepSpeed config by :func:`check_zero_config`.
+
+Planning (:class:`~momentum_hook.ema.ModuleUpdatePlan`) ends with one
+verdict on every rank (:func:`agree_across_ranks`), so that a shard that
+differs on one rank is refused on all of them instead of leaving the others
+waiting in their next collective.
 
 Nothing here imports a distributed package: a tensor can only be a DTensor or
 an FSDP1 unit if ``torch.distributed.tensor`` or ``torch.distributed.fsdp``
@@ -45,7 +61,9 @@ import torch
 from .wrappers import loaded as _loaded
 
 __all__ = ['LocalShard', 'local_shards', 'tensor_shard', 'check_alike',
-           'gathered_copies', 'available_copies']
+           'gathered_copies', 'available_copies', 'secondary_partitions',
+           'drop_secondary_partitions', 'check_zero_config',
+           'agree_across_ranks']
 
 #: How to shard a target so that a shard-local update is correct.
 HOW_TO_SHARD = (
@@ -74,6 +92,23 @@ SHARED_UNIT = (
     'online_net)})); or use FSDP2 '
     '(momentum_hook.sharding.fully_shard_pair). If that unit wraps this '
     'network alone, pass the FSDP unit instead of the module inside it')
+
+
+#: Why ZeRO++ quantized weights (qwZ) are refused, and what to set.
+QUANTIZED = (
+    'the momentum update needs the target\'s partitions in floating point, '
+    'and its forward must use the EMA it computes, but ZeRO++ quantized '
+    'weights store the frozen target\'s partitions in int8 '
+    '(zero_quantized_nontrainable_weights) or round every gather of them '
+    'to int8 (zero_quantized_weights), so updates would be lost or never '
+    'reach the forward: set zero_optimization=dict(..., '
+    'zero_quantized_weights=False, zero_quantized_nontrainable_weights='
+    'False) in the DeepSpeed config (zero_quantized_gradients and '
+    'zero_hpz_partition_size may stay)')
+
+#: The ZeRO++ options :func:`check_zero_config` refuses.
+QUANTIZED_WEIGHTS = ('zero_quantized_weights',
+                     'zero_quantized_nontrainable_weights')
 
 
 class LocalShard(NamedTuple):
@@ -115,6 +150,13 @@ def _group_position(group):
 
 def _zero3_shard(name, param):
     partition = param.ds_tensor
+    for what, tensor in (('partition', partition), ('secondary partition',
+                         getattr(param, 'ds_secondary_tensor', None))):
+        if hasattr(tensor, 'ds_quant_scale'):
+            raise ValueError(
+                f'{name!r} is a DeepSpeed ZeRO-3 parameter whose {what} is '
+                f'stored quantized to {tensor.dtype} '
+                f'(zero_quantized_nontrainable_weights): {QUANTIZED}')
     if partition is None or partition.is_meta or (
             partition.numel() == 0 and param.ds_numel > 0):
         raise ValueError(
@@ -269,25 +311,158 @@ def available_copies(pairs):
     Returns:
         tuple[list[Tensor], list[Tensor]]: The target and online copies.
 
-    Raises:
-        ValueError: If a target copy is gathered and its online one is not,
-            so that the copy cannot be updated without communication.
+    A target copy whose online copy is not gathered now (a user's
+    ``deepspeed.zero.GatheredParameters`` over the online network releases
+    its persistent copies on exit) cannot be updated locally: it is
+    released here (:func:`release_copies`), so that the target's next
+    forward gathers it from its updated partition.
     """
-    targets, onlines = [], []
+    targets, onlines, stale = [], [], []
     for target, online in pairs:
         if target.data.shape != target.ds_shape:
             continue  # not gathered: the partition is all there is
         if online.data.shape != online.ds_shape:
-            raise ValueError(
-                'a persistent ZeRO-3 target parameter of shape '
-                f'{tuple(target.ds_shape)} is gathered but its online '
-                'parameter is not, so the gathered copy cannot be updated '
-                'locally: run the online network forward before the first '
-                'momentum update, or set stage3_param_persistence_threshold '
-                'to 0')
+            stale.append(target)
+            continue
         targets.append(target.data)
         onlines.append(online.data)
+    release_copies(stale)
     return targets, onlines
+
+
+def release_copies(params):
+    """Free the gathered copies of ZeRO-3 ``params``; DeepSpeed re-gathers
+    them from their partitions when a forward next needs them."""
+    if params:
+        params[0].partition(param_list=params)
+
+
+def secondary_partitions(targets):
+    """The ZeRO-3 target parameters with a ZeRO++ hpZ secondary partition.
+
+    Under ``zero_hpz_partition_size`` > 1, DeepSpeed gathers a parameter from
+    its secondary partition (``ds_secondary_tensor``: this rank's slice of
+    the parameter split over its hpZ group, larger than its partition
+    ``ds_tensor``) whenever that exists, and rebuilds it only after the
+    parameter's next gather from ``ds_tensor``; for trainable parameters it
+    drops them after every optimizer step, never for a frozen target. Its
+    elements are not all local to ``ds_tensor``, so it cannot be updated
+    without communication: :func:`drop_secondary_partitions` drops it after
+    each update instead.
+
+    Args:
+        targets (list[LocalShard]): The target's shards.
+
+    Returns:
+        list[Parameter]: The parameters to pass to
+        :func:`drop_secondary_partitions`.
+    """
+    return [shard.owner for shard in targets
+            if shard.layout[0] == 'ZeRO-3 partition' and
+            getattr(shard.owner, 'ds_zero_param_process_group', None)
+            is not None]
+
+
+def drop_secondary_partitions(params):
+    """Drop the hpZ secondary partitions of ``params`` (no communication), as
+    DeepSpeed does for trainable parameters after an optimizer step: the
+    next gather reads the updated partitions over the whole data-parallel
+    group and rebuilds them."""
+    for param in params:
+        if param.ds_secondary_tensor is not None:
+            param.ds_secondary_tensor = None
+
+
+def check_zero_config(config):
+    """Refuse a DeepSpeed config whose ZeRO++ options break the update.
+
+    Quantized weights (qwZ) need CUDA kernels, so this reads the config
+    instead of the engine: the MMEngine hook calls it with
+    ``DeepSpeedStrategy``'s config before training, and a model's plan
+    refuses a partition that DeepSpeed stored quantized.
+
+    Args:
+        config (dict | None): A DeepSpeed config as a dict (its
+            ``zero_optimization`` is read), or None.
+
+    Raises:
+        ValueError: If ``zero_quantized_weights`` or
+            ``zero_quantized_nontrainable_weights`` is set.
+    """
+    zero = (config or {}).get('zero_optimization') or {}
+    enabled = [key for key in QUANTIZED_WEIGHTS if zero.get(key)]
+    if enabled:
+        raise ValueError(
+            f'the DeepSpeed config sets {" and ".join(enabled)}=True: '
+            f'{QUANTIZED}')
+
+
+def _world():
+    """The default process group's size, or 1 without one (no import)."""
+    distributed = sys.modules.get('torch.distributed')
+    if (distributed is None or not distributed.is_available() or
+            not distributed.is_initialized()):
+        return 1
+    return distributed.get_world_size()
+
+
+def _ranks(ranks):
+    return f'rank{"s" if len(ranks) > 1 else ""} {", ".join(map(str, ranks))}'
+
+
+def agree_across_ranks(plan):
+    """Run ``plan()`` on every rank and reach one verdict on all of them.
+
+    A refusal raised on some ranks only (a shard laid out differently on one
+    rank) would leave the others to go on into their next collective and
+    block there until the process group's timeout. So each rank plans, then
+    every rank of the default process group shares whether and why it
+    refused (one ``all_gather_object`` of a short string, at plan time
+    only), and every rank raises the same error, naming the ranks that
+    refused. Without a process group (or with one rank) nothing is
+    communicated.
+
+    Args:
+        plan (Callable[[], Any]): Plans and checks; may raise.
+
+    Returns:
+        Any: What ``plan()`` returned, when no rank refused.
+
+    Raises:
+        ValueError, TypeError: The first refusing rank's error (its type;
+            other exception types become RuntimeError on the other ranks),
+            on every rank.
+    """
+    world = _world()
+    try:
+        result = plan()
+    except Exception as error:
+        if world == 1:
+            raise
+        verdict, local = (type(error).__name__, str(error)), error
+    else:
+        if world == 1:
+            return result
+        verdict, local = None, None
+    verdicts = [None] * world
+    sys.modules['torch.distributed'].all_gather_object(verdicts, verdict)
+    refused = [rank for rank, each in enumerate(verdicts) if each]
+    if not refused:
+        return result
+    kind, message = verdicts[refused[0]]
+    if len(refused) < world or len(set(verdicts)) > 1:
+        notes = []
+        if len(refused) > 1:
+            notes.append(f'{_ranks(refused[1:])} refused too')
+        if len(refused) < world:
+            accepted = [rank for rank in range(world) if rank not in refused]
+            notes.append(f'{_ranks(accepted)} found nothing wrong: the '
+                         'layout differs between ranks')
+        message = (f'rank {refused[0]} of {world} refused the momentum '
+                   f'target ({"; ".join(notes)}): {message}')
+    error_type = {'ValueError': ValueError, 'TypeError': TypeError}.get(
+        kind, RuntimeError)
+    raise error_type(message) from local
 
 
 def _describe(layout):
