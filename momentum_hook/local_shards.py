@@ -53,6 +53,7 @@ Nothing here imports a distributed package: a tensor can only be a DTensor or
 an FSDP1 unit if ``torch.distributed.tensor`` or ``torch.distributed.fsdp``
 is already imported.
 """
+import importlib
 import sys
 from typing import Any, NamedTuple, Optional
 
@@ -135,6 +136,48 @@ class LocalShard(NamedTuple):
     base: Optional[torch.Tensor] = None
 
 
+def _torch_internal(obj, name):
+    """``obj.name``: a private torch attribute that the shard lookup reads.
+
+    torch has no public API for an FSDP1 unit's flat shard and its layout,
+    so these few attributes are read here and nowhere else; where a torch
+    version lacks one, the update stops with the version rather than guess.
+
+    Raises:
+        RuntimeError: Naming the attribute and the torch version.
+    """
+    try:
+        return getattr(obj, name)
+    except AttributeError:
+        raise RuntimeError(
+            f'the shard-local momentum update reads torch\'s '
+            f'{type(obj).__name__}.{name}, which torch {torch.__version__} '
+            'does not have: use a torch version within momentum_hook\'s '
+            'tested range (setup.py: torch>=2.14,<2.16)') from None
+
+
+def _fsdp1_internal(module_name, name):
+    """torch's ``module_name.name`` once FSDP is imported, else None (no
+    tensor can then belong to an FSDP1 unit)."""
+    if 'torch.distributed.fsdp' not in sys.modules:
+        return None
+    return _torch_internal(importlib.import_module(module_name), name)
+
+
+def _fsdp1_flattened(tensor):
+    """Whether FSDP1 flattened ``tensor`` into a unit (torch's own test)."""
+    flattened = _fsdp1_internal('torch.distributed.fsdp._common_utils',
+                                '_is_fsdp_flattened')
+    return flattened is not None and flattened(tensor)
+
+
+def _is_flat_param(tensor):
+    """Whether ``tensor`` is an FSDP1 ``FlatParameter`` (torch's own test)."""
+    flat_param = _fsdp1_internal('torch.distributed.fsdp._flat_param',
+                                 'FlatParameter')
+    return flat_param is not None and isinstance(tensor, flat_param)
+
+
 def _meta_error(name):
     return ValueError(
         f'{name!r} is a meta tensor, with no values to update: materialise '
@@ -183,7 +226,8 @@ def tensor_shard(name, tensor):
     """
     dtensor = _loaded('torch.distributed.tensor', 'DTensor')
     if dtensor is not None and isinstance(tensor, dtensor):
-        local = tensor._local_tensor  # what to_local() views, without autograd
+        # What to_local() views, without autograd.
+        local = _torch_internal(tensor, '_local_tensor')
         if local.is_meta:
             raise _meta_error(name)
         layout = ('DTensor', tuple(tensor.shape), tuple(tensor.placements),
@@ -191,7 +235,7 @@ def tensor_shard(name, tensor):
         return LocalShard(name, local, layout, tensor, '_local_tensor', local)
     if hasattr(tensor, 'ds_tensor'):  # a DeepSpeed ZeRO-3 parameter
         return _zero3_shard(name, tensor)
-    if getattr(tensor, '_fsdp_flattened', False):
+    if _fsdp1_flattened(tensor):
         raise ValueError(f'{name!r} {SHARED_UNIT}')
     if tensor.is_meta:
         raise _meta_error(name)
@@ -201,7 +245,7 @@ def tensor_shard(name, tensor):
 
 def _fsdp1_shard(path, unit):
     """The :class:`LocalShard` of an FSDP1 unit's ``FlatParameter``."""
-    flat = unit._flat_param
+    flat = _torch_internal(unit, '_flat_param')
     name = f'FSDP unit {path or "<root>"!r}'
     if flat.is_meta:
         raise _meta_error(name)
@@ -213,9 +257,10 @@ def _fsdp1_shard(path, unit):
             f'{name} is unsharded now (inside its forward or '
             'summon_full_params), so its FlatParameter is not this rank\'s '
             'shard: call the momentum update outside them')
-    layout = ('FSDP1 unit', tuple(flat._fqns),
-              tuple(tuple(shape) for shape in flat._shapes),
-              tuple(flat._numels_with_padding),
+    layout = ('FSDP1 unit', tuple(_torch_internal(flat, '_fqns')),
+              tuple(tuple(shape) for shape in _torch_internal(flat,
+                                                              '_shapes')),
+              tuple(_torch_internal(flat, '_numels_with_padding')),
               _group_position(unit.process_group), tuple(flat.shape))
     return LocalShard(name, flat, layout, base=flat)
 
@@ -236,7 +281,7 @@ def _check_views_covered(modules, covered):
         for key, value in vars(submodule).items():
             base = getattr(value, '_base', None) if isinstance(
                 value, torch.Tensor) else None
-            if getattr(base, '_is_flat_param', False) and \
+            if _is_flat_param(base) and \
                     id(base) not in covered:
                 raise ValueError(
                     f'{(path + "." if path else "") + key!r} {SHARED_UNIT}')
@@ -262,9 +307,9 @@ def local_shards(module):
     # One walk; the parameters in named_parameters() order, without repeats.
     for path, submodule in module.named_modules():
         if fsdp is not None and isinstance(submodule, fsdp) and \
-                submodule._flat_param is not None:
+                _torch_internal(submodule, '_flat_param') is not None:
             flat = submodule._flat_param
-            covered.update(map(id, flat._params or ()))
+            covered.update(map(id, _torch_internal(flat, '_params') or ()))
             covered.add(id(flat))
             shards.append(_fsdp1_shard(path, submodule))
         if not submodule._parameters:
