@@ -213,7 +213,7 @@ def test_flexible_runner_deepspeed_bf16_resume_is_bit_for_bit(tmp_path):
         out_dir = tmp_path / f'launch{int(resume)}'
         out_dir.mkdir()
         ranks = launch_ranks(flexible_main, (free_port(), out_dir, resume),
-                             out_dir, 'spawn', timeout=300)
+                             out_dir, 'spawn')
         finals.append([rank['run'] for rank in ranks])
     for straight, resumed in zip(*finals):
         assert isinstance(straight, dict) and isinstance(resumed, dict), \
