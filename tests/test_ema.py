@@ -380,8 +380,9 @@ def drifting_pair(dtype, seed=0):
                          ids=['bf16 0.996', 'bf16 0.99', 'fp16 0.99'])
 def test_the_master_keeps_a_low_precision_target_on_the_float64_ema(
         dtype, momentum):
-    """1000 small online steps: a 16-bit lerp of the target alone leaves
-    many elements unchanged and lands far off; the master does not."""
+    """1000 small online steps. Lerped in bfloat16 alone, 40% of the target
+    (bf16, m=0.996) never changes and it ends 0.6 of the EMA's move away
+    from it; through the master, it is the float64 EMA rounded once."""
     target, online = drifting_pair(dtype)
     initial, reference = snapshot(params(target)), float64_copy(params(target))
     plan = ModuleUpdatePlan(target, online)
@@ -389,24 +390,29 @@ def test_the_master_keeps_a_low_precision_target_on_the_float64_ema(
     for _ in range(1000):
         with torch.no_grad():
             for param in online.parameters():
-                param.add_(0.01 * torch.randn(param.shape,
-                                              generator=generator).to(dtype))
+                param.add_(0.002 * torch.randn(param.shape,
+                                               generator=generator).to(dtype))
         plan.update_(momentum)
         reference = ema_step(reference, params(online), momentum)
-    final = params(target)
+    final = [tensor.detach() for tensor in params(target)]
     assert all(tensor.dtype == dtype for tensor in final)
-    unchanged = sum(int((a == b).sum()) for a, b in zip(final, initial))
-    total = sum(tensor.numel() for tensor in final)
-    assert unchanged / total < 0.01, unchanged / total
+
+    def unchanged(tensors):
+        return sum(int((a == b).sum()) for a, b in zip(tensors, initial)) / \
+            sum(tensor.numel() for tensor in initial)
+    # Only elements whose EMA rounds to their start may stay unchanged.
+    rounded = [ref.to(dtype) for ref in reference]
+    assert unchanged(final) <= unchanged(rounded) + 0.01, (
+        unchanged(final), unchanged(rounded))
     # Distance to the float64 EMA, relative to how far the EMA moved.
     moved = sum(float((ref - start.double()).norm()**2)
                 for ref, start in zip(reference, initial))**0.5
-    off = sum(float((tensor.detach().double() - ref).norm()**2)
+    off = sum(float((tensor.double() - ref).norm()**2)
               for tensor, ref in zip(final, reference))**0.5
-    assert off / moved < 0.01, off / moved
+    assert off / moved < 0.05, off / moved
     # Each element is the EMA rounded once to the target's dtype.
     for tensor, ref in zip(final, reference):
-        torch.testing.assert_close(tensor.detach().double(), ref,
+        torch.testing.assert_close(tensor.double(), ref,
                                    rtol=torch.finfo(dtype).eps / 2, atol=1e-6)
 
 
