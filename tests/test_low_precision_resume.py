@@ -1,8 +1,9 @@
 """The float32 masters of a bfloat16 target in checkpoints: a bf16 run
 resumed at iteration k ends bit for bit equal to the uninterrupted one, on
 mmcv's EpochBasedRunner, MMEngine's Runner and FlexibleRunner with a
-DeepSpeed bf16 engine (ZeRO-2, two gloo ranks); an older checkpoint without
-masters restarts them from the loaded target.
+DeepSpeed bf16 engine (ZeRO-2 and ZeRO-3, two gloo ranks; under ZeRO-3
+each rank's partitions and masters); an older checkpoint without masters
+restarts them from the loaded target.
 
 Without the masters in the checkpoint, the resumed target restarts from
 bfloat16 values and rounds differently from then on.
@@ -173,29 +174,35 @@ def test_mmengine_runner_bf16_resume_is_bit_for_bit(tmp_path, monkeypatch):
             mine[0]
 
 
-# --- FlexibleRunner, DeepSpeed bf16 (ZeRO-2), two gloo ranks ----------------
+# --- FlexibleRunner, DeepSpeed bf16 (ZeRO-2/3), two gloo ranks --------------
 
-def bf16_zero2():
+def bf16_zero(stage):
     from test_flexible_runner import deepspeed_strategy
-    return dict(deepspeed_strategy(stage=2), bf16=dict(enabled=True),
+    return dict(deepspeed_strategy(stage=stage), bf16=dict(enabled=True),
                 inputs_to_half=['inputs'])
 
 
-def flexible_run(out_dir, rank, resume):
+def flexible_run(out_dir, rank, resume, stage):
     """Launch 0: the whole run, saving at iteration 4; launch 1: a new
     runner resumed from that checkpoint. Both return the final state."""
     from test_flexible_runner import build_runner, unwrapped
     directory = osp.join(out_dir, 'run')
     runner = build_runner(
-        directory, bf16_zero2(), [], checkpoint=None if resume else 4,
+        directory, bf16_zero(stage), [], checkpoint=None if resume else 4,
         resume_from=osp.join(directory, 'iter_4.pth') if resume else None)
     runner.train()
     model = unwrapped(runner)
+    if stage == 3:  # each rank's partitions, as each rank holds them
+        return {name: param.ds_tensor.detach().clone() for name, param in
+                model.named_parameters()} | {
+            key: value.detach().clone()
+            for key, value in model.state_dict().items()
+            if key.startswith(MASTER)}
     return {key: value.detach().clone()
             for key, value in model.state_dict().items()}
 
 
-def flexible_main(rank, port, out_dir, resume):
+def flexible_main(rank, port, out_dir, resume, stage):
     from test_flexible_runner import provide_onebit
     set_rank_environment(rank, port, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD='1')
     import deepspeed
@@ -203,17 +210,20 @@ def flexible_main(rank, port, out_dir, resume):
     deepspeed.init_distributed(dist_backend='gloo',
                                timeout=timedelta(seconds=60))
     run_scenarios(rank, {'run': lambda rank: flexible_run(
-        str(out_dir.parent), rank, resume)}, out_dir)
+        str(out_dir.parent), rank, resume, stage)}, out_dir)
 
 
-def test_flexible_runner_deepspeed_bf16_resume_is_bit_for_bit(tmp_path):
+@pytest.mark.parametrize('stage', [2, 3])
+def test_flexible_runner_deepspeed_bf16_resume_is_bit_for_bit(tmp_path,
+                                                              stage):
     pytest.importorskip('deepspeed')
     finals = []
     for resume in (False, True):
         out_dir = tmp_path / f'launch{int(resume)}'
         out_dir.mkdir()
-        ranks = launch_ranks(flexible_main, (free_port(), out_dir, resume),
-                             out_dir, 'spawn')
+        ranks = launch_ranks(flexible_main,
+                             (free_port(), out_dir, resume, stage), out_dir,
+                             'spawn')
         finals.append([rank['run'] for rank in ranks])
     for straight, resumed in zip(*finals):
         assert isinstance(straight, dict) and isinstance(resumed, dict), \
@@ -221,5 +231,7 @@ def test_flexible_runner_deepspeed_bf16_resume_is_bit_for_bit(tmp_path):
         assert straight.keys() == resumed.keys()
         assert any(key.startswith(MASTER) for key in straight)
         assert straight['target_net.0.weight'].dtype == BF16
+        assert not torch.equal(straight['target_net.0.weight'],
+                               straight['online_net.0.weight'])
         for key in straight:
             assert torch.equal(straight[key], resumed[key]), key
