@@ -8,7 +8,7 @@ from mmcv.parallel import is_module_wrapper
 from mmcv.runner import HOOKS, Hook, OptimizerHook
 
 from .registration import register_hook_class
-from .updater import LOG_KEY, MomentumUpdater, read_only
+from .updater import LOG_KEY, HookOptions
 
 __all__ = ['MomentumUpdateHook', 'BYOLHook', 'unwrap']
 
@@ -18,7 +18,7 @@ def unwrap(model):
     return model.module if is_module_wrapper(model) else model
 
 
-class MomentumUpdateHook(Hook):
+class MomentumUpdateHook(HookOptions, Hook):
     """Cosine-scheduled momentum (EMA) update of a BYOL / MoCo v3 target.
 
     A drop-in for MMSelfSup 0.x's ``MomentumUpdateHook`` / ``BYOLHook``: the
@@ -46,18 +46,6 @@ class MomentumUpdateHook(Hook):
     the hook logs its line and refuses a loader without a fixed batch size
     then, before the first forward pass.
     """
-
-    end_momentum = read_only('end_momentum')
-    update_interval = read_only('update_interval')
-    reach_end_momentum = read_only('reach_end_momentum')
-    base_batch_size = read_only('base_batch_size')
-
-    def __init__(self, end_momentum=1., update_interval=1,
-                 reach_end_momentum=False, base_batch_size=None):
-        self.updater = MomentumUpdater(
-            end_momentum=end_momentum, update_interval=update_interval,
-            reach_end_momentum=reach_end_momentum,
-            base_batch_size=base_batch_size)
 
     def before_run(self, runner):
         self.updater.check_run(unwrap(runner.model),

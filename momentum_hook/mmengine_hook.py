@@ -14,7 +14,7 @@ from mmengine.registry import HOOKS
 
 from .local_shards import check_zero_config
 from .registration import register_hook_class
-from .updater import LOG_KEY, MomentumUpdater, read_only
+from .updater import LOG_KEY, HookOptions
 from .wrappers import check_zero3_gathers, loaded, wrapper_chain
 
 __all__ = ['MomentumUpdateHook', 'BYOLHook']
@@ -55,7 +55,7 @@ def _accumulative_counts(optim_wrapper):
             for name, wrapper in wrappers.items()}
 
 
-class MomentumUpdateHook(Hook):
+class MomentumUpdateHook(HookOptions, Hook):
     """Cosine-scheduled momentum (EMA) update of a BYOL / MoCo v3 target.
 
     The MMEngine counterpart of the mmcv 1.x hook: the same config line, the
@@ -94,18 +94,6 @@ class MomentumUpdateHook(Hook):
     ``base_batch_size=None``; with ``base_batch_size`` the batch is that of
     ``runner.train_dataloader``.
     """
-
-    end_momentum = read_only('end_momentum')
-    update_interval = read_only('update_interval')
-    reach_end_momentum = read_only('reach_end_momentum')
-    base_batch_size = read_only('base_batch_size')
-
-    def __init__(self, end_momentum=1., update_interval=1,
-                 reach_end_momentum=False, base_batch_size=None):
-        self.updater = MomentumUpdater(
-            end_momentum=end_momentum, update_interval=update_interval,
-            reach_end_momentum=reach_end_momentum,
-            base_batch_size=base_batch_size)
 
     def _check_optimizer(self, runner):
         for name, counts in _accumulative_counts(runner.optim_wrapper).items():

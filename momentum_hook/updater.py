@@ -308,8 +308,30 @@ class MomentumUpdater:
         return True
 
 
-def read_only(name):
-    """A read-only hook attribute that reads ``hook.updater.<name>``, so
-    that configs and users can read the options the hook was built with."""
+def _option(name):
     return property(lambda hook: getattr(hook.updater, name),
-                    doc=f'The ``{name}`` of ``hook.updater`` (read-only).')
+                    doc=f'``updater.{name}``, read-only.')
+
+
+class HookOptions:
+    """What the two runner hooks share: the arguments of
+    :class:`MomentumUpdater`, which the hook holds as :attr:`updater`, and
+    those options as read-only attributes.
+
+    Args:
+        end_momentum, update_interval, reach_end_momentum, base_batch_size:
+            As for :class:`MomentumUpdater`.
+    """
+
+    end_momentum = _option('end_momentum')
+    update_interval = _option('update_interval')
+    reach_end_momentum = _option('reach_end_momentum')
+    base_batch_size = _option('base_batch_size')
+
+    def __init__(self, end_momentum=1., update_interval=1,
+                 reach_end_momentum=False, base_batch_size=None):
+        #: The framework-free schedule: :class:`MomentumUpdater`.
+        self.updater = MomentumUpdater(
+            end_momentum=end_momentum, update_interval=update_interval,
+            reach_end_momentum=reach_end_momentum,
+            base_batch_size=base_batch_size)
