@@ -538,3 +538,32 @@ def test_export_of_an_unwrapped_model_and_of_a_wrong_name(tmp_path):
                        r"\['data_preprocessor', 'online_net', 'target_net'\]"):
         export_target(model, str(tmp_path / 'other.pth'), target='teacher')
     assert not (tmp_path / 'other.pth').exists()
+
+
+def test_the_resume_strategy_has_its_scoped_name_only():
+    from mmengine.registry import STRATEGIES
+
+    from momentum_hook.mmengine_strategies import FSDPResumeStrategy
+    assert STRATEGIES.get(RESUME_STRATEGY) is FSDPResumeStrategy
+    assert 'FSDPResumeStrategy' not in STRATEGIES.module_dict
+
+
+def test_only_equal_adam_moments_are_refused():
+    from momentum_hook.mmengine_strategies import check_adam_state
+    moments = torch.tensor([0.1, -0.2]), torch.tensor([0.001, 0.004])
+    fine = [
+        {'exp_avg': moments[0], 'exp_avg_sq': moments[1], 'step': 1},
+        {'exp_avg': torch.zeros(2), 'exp_avg_sq': torch.zeros(2)},  # no step
+        {'momentum_buffer': moments[0]},  # SGD
+    ]
+    for state in fine:
+        check_adam_state(dict(state={'w': state}, param_groups=[]), 'x')
+    corrupted = dict(state={
+        'w': {'exp_avg': moments[1], 'exp_avg_sq': moments[1].clone()},
+        'b': {'exp_avg': torch.zeros(1), 'exp_avg_sq': torch.zeros(1)}})
+    with pytest.raises(ValueError, match=r'^the optimizer state of ckpt\.pth '
+                       r'is corrupted: every exp_avg equals its exp_avg_sq'):
+        check_adam_state(corrupted, 'ckpt.pth')
+    # One parameter with distinct moments: a real state, accepted.
+    corrupted['state']['v'] = fine[0]
+    check_adam_state(corrupted, 'ckpt.pth')
