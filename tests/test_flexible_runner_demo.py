@@ -111,6 +111,22 @@ def test_the_exported_target_is_the_demo_target_network(sharded_run):
                            state['online_net.0.0.0.weight'])
 
 
+def test_the_deepspeed_engine_steps_every_iteration(sharded_run):
+    # DeepSpeed's engine steps (its optimizer, gradient accumulation and
+    # clipping) only through MMEngine's DeepSpeedOptimWrapper, and counts
+    # samples by the micro batch the demo gives it.
+    work_dir, _, strategy = sharded_run
+    if strategy != 'deepspeed':
+        pytest.skip('DeepSpeed only')
+    max_iters = EPOCHS * (len(DigitsTwoViews(repeat=1)) // (BATCH * RANKS))
+    states = torch.load(
+        osp.join(work_dir, f'epoch_{EPOCHS}.pth',
+                 'zero_pp_rank_0_mp_rank_00_model_states.pt'),
+        weights_only=False, map_location='cpu')
+    assert states['global_steps'] == max_iters
+    assert states['global_samples'] == max_iters * BATCH * RANKS
+
+
 @pytest.mark.parametrize('extra, fragment', [
     ([], 'start it with torchrun --nproc_per_node=2'),
     (['--launcher', 'pytorch', '--resume-from', '{ckpt}'],
