@@ -15,8 +15,16 @@ _base_ = 'byol_digits_fsdp.py'
 # zero_allow_untested_optimizer. train_micro_batch_size_per_gpu defaults to
 # data.samples_per_gpu. On a CPU-only machine DeepSpeed picks its CPU
 # accelerator by itself (DS_ACCELERATOR=cpu says so explicitly).
+#
+# stage3_allgather_sequential: DeepSpeed 0.19.6 gathers several ZeRO-3
+# parameters at once with asynchronous all-gathers and waits for the last one
+# only; over gloo (the CPU) the others may not have arrived, and the weights
+# read are partly stale or garbage (the persistent parameters regathered
+# after each step, a GatheredParameters of several). Sequential gathers wait
+# for each. DeepSpeed 0.19.8 waits for all, but MMEngine 0.10.7 cannot build
+# its DeepSpeedStrategy with it.
 strategy = dict(
     _delete_=True,
     type='DeepSpeedStrategy',
     config=dict(zero_allow_untested_optimizer=True),
-    zero_optimization=dict(stage=3))
+    zero_optimization=dict(stage=3, stage3_allgather_sequential=True))

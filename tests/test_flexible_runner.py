@@ -160,9 +160,11 @@ def optimizer_state(runner):
 
 
 def deepspeed_strategy(accumulation=1, stage=3):
+    # stage3_allgather_sequential: see configs/byol_digits_deepspeed.py.
     return dict(type='DeepSpeedStrategy',
                 config=dict(zero_allow_untested_optimizer=True),
-                zero_optimization=dict(stage=stage),
+                zero_optimization=dict(stage=stage,
+                                       stage3_allgather_sequential=True),
                 gradient_accumulation_steps=accumulation,
                 train_micro_batch_size_per_gpu=2)
 
