@@ -12,9 +12,10 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
+from .local_shards import check_zero_config
 from .registration import register_hook_class
 from .updater import LOG_KEY, MomentumUpdater
-from .wrappers import loaded, wrapper_chain
+from .wrappers import check_zero3_gathers, loaded, wrapper_chain
 
 __all__ = ['MomentumUpdateHook', 'BYOLHook']
 
@@ -71,7 +72,9 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
     target (``MomentumTargetMixin.check_momentum_target``), the hook has it
     plan the update once before training, after the strategy wrapped the
     model, so that a target sharded unlike the online network stops the run
-    before iteration 1 with the config key to set.
+    before iteration 1 with the config key to set; a ``DeepSpeedStrategy``
+    config with ZeRO++ quantized weights (``zero_quantized_weights``,
+    ``zero_quantized_nontrainable_weights``) is refused there too.
 
     The hook keeps no state: a resumed run (``resume=True``) takes ``k`` from
     the restored ``runner.iter`` and the target from the model's checkpoint.
@@ -81,7 +84,9 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
     ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``.
 
     It takes :class:`~momentum_hook.updater.MomentumUpdater`'s arguments:
-    ``end_momentum=1.``, ``update_interval=1``, ``reach_end_momentum=False``.
+    ``end_momentum=1.``, ``update_interval=1``, ``reach_end_momentum=False``,
+    ``base_batch_size=None``; with ``base_batch_size`` the batch is that of
+    ``runner.train_dataloader``.
     """
 
     def unwrap_model(self, model):
@@ -97,6 +102,7 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
         engine = loaded('deepspeed', 'DeepSpeedEngine')
         for model in _wrapper_chain(runner.model):
             if engine is not None and isinstance(model, engine):
+                check_zero3_gathers(model)
                 steps = model.gradient_accumulation_steps()
                 self.check_accumulation(
                     steps, f'DeepSpeed has gradient_accumulation_steps='
@@ -123,7 +129,24 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
             raise ValueError(f'{error}. In this FlexibleRunner with '
                              f'{strategy}, set {fix}') from error
 
+    def train_loader(self, runner):
+        return runner.train_dataloader
+
+    def check_strategy(self, runner):
+        """Refuse a ``DeepSpeedStrategy`` config with ZeRO++ quantized
+        weights (see :func:`~momentum_hook.local_shards.check_zero_config`).
+
+        Raises:
+            ValueError: Naming the option and what to set.
+        """
+        strategy = getattr(runner, 'strategy', None)
+        config = getattr(strategy, 'config', None)
+        if type(strategy).__name__ == 'DeepSpeedStrategy' and \
+                isinstance(config, dict):
+            check_zero_config(config)
+
     def before_train(self, runner):
+        self.check_strategy(runner)
         self.check_runner(runner)
         self.check_target(runner)
 

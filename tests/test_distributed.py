@@ -11,9 +11,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from mmcv.runner import Hook
-from momentum_testing import free_port, reference_momentum
+from momentum_testing import free_port, launch_ranks, reference_momentum
 
 from momentum_hook.demo.train import (default_config_path, init_distributed,
                                       load_config, train)
@@ -37,14 +36,14 @@ class MomentumRecorder(Hook):
         self.seen.append((runner.iter, runner.model.module.momentum))
 
 
-def _rank(rank, port, work_dir, out_dir):
+def _rank(rank, port, work_dir, out_dir, options=OPTIONS):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR='127.0.0.1',
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     assert init_distributed('cpu') == (rank, WORLD_SIZE)  # gloo on CPU
     try:
-        cfg = load_config(default_config_path(), OPTIONS)
+        cfg = load_config(default_config_path(), options)
         recorder = MomentumRecorder()
         runner, initial = train(cfg, work_dir, device='cpu',
                                 distributed=True, hooks=[recorder])
@@ -60,21 +59,21 @@ def _rank(rank, port, work_dir, out_dir):
                          model.online_net.named_parameters()},
                  initial={k: v.clone() for k, v in
                           initial.target_net.named_parameters()}),
-            os.path.join(out_dir, f'rank{rank}.pt'))
+            os.path.join(out_dir, f'rank{rank}.pth'))
     finally:
         dist.destroy_process_group()
 
 
+def _train_on_ranks(tmp_path_factory, options=OPTIONS):
+    work_dir = str(tmp_path_factory.mktemp('work'))
+    out_dir = tmp_path_factory.mktemp('ranks')
+    return launch_ranks(_rank, (free_port(), work_dir, out_dir, options),
+                        out_dir, 'spawn')
+
+
 @pytest.fixture(scope='module')
 def ranks(tmp_path_factory):
-    work_dir = str(tmp_path_factory.mktemp('work'))
-    out_dir = str(tmp_path_factory.mktemp('ranks'))
-    mp.spawn(_rank, args=(free_port(), work_dir, out_dir),
-             nprocs=WORLD_SIZE, join=True)
-    return [
-        torch.load(os.path.join(out_dir, f'rank{r}.pt'), weights_only=False)
-        for r in range(WORLD_SIZE)
-    ]
+    return _train_on_ranks(tmp_path_factory)
 
 
 def test_ranks_train_with_mmddp_and_a_distributed_sampler(ranks):
@@ -105,3 +104,21 @@ def test_momentum_followed_the_cosine_schedule_on_every_rank(ranks):
         assert iters == list(range(max_iters))
         assert [m for _, m in result['seen']] == pytest.approx(
             [m for _, m in expected], abs=1e-12)
+
+
+def test_base_batch_size_scales_the_momenta_by_the_global_batch(
+        tmp_path_factory):
+    """64 per rank x 2 ranks = 128 samples per update; base 512: kappa
+    = 1/4 on every rank, and the ranks' targets still agree."""
+    ranks = _train_on_ranks(tmp_path_factory, OPTIONS + [
+        'custom_hooks.0.base_batch_size=512'])
+    max_iters = ranks[0]['max_iters']
+    expected = [reference_momentum(k, max_iters, 0.99)**0.25
+                for k in range(max_iters)]
+    for result in ranks:
+        assert [k for k, _ in result['seen']] == list(range(max_iters))
+        assert [m for _, m in result['seen']] == pytest.approx(
+            expected, rel=0, abs=1e-15)
+    first, second = ranks
+    for name, weight in first['target'].items():
+        assert torch.equal(weight, second['target'][name]), name

@@ -26,8 +26,9 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from momentum_testing import (SHARDED_WORLD_SIZE, Interrupt,
+from momentum_testing import (SHARDED_WORLD_SIZE, ZERO3_ON_GLOO, Interrupt,
                               assert_matches_reference, free_port,
+                              gather_zero3,
                               launch_ranks, raised, reference_momentum,
                               replay_ema, run_scenarios)
 from torch import nn
@@ -96,14 +97,11 @@ def unwrapped(runner):
 
 def gather(runner, network):
     """The whole parameters of ``network`` (a list), from every rank."""
-    import deepspeed
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     params = list(network.parameters())
     if hasattr(params[0], 'ds_tensor'):
-        context = deepspeed.zero.GatheredParameters(params)
-    else:
-        context = FSDP.summon_full_params(runner.model, writeback=False)
-    with context:
+        return gather_zero3(params)
+    with FSDP.summon_full_params(runner.model, writeback=False):
         return [param.detach().clone() for param in network.parameters()]
 
 
@@ -159,12 +157,13 @@ def optimizer_state(runner):
             runner.optim_wrapper.optimizer.state_dict()['state'].items()}
 
 
-def deepspeed_strategy(accumulation=1, stage=3):
-    # stage3_allgather_sequential: see configs/byol_digits_deepspeed.py.
+def deepspeed_strategy(accumulation=1, stage=3, sequential=True):
+    zero = dict(stage=stage)
+    if stage == 3 and sequential:
+        zero.update(ZERO3_ON_GLOO)
     return dict(type='DeepSpeedStrategy',
                 config=dict(zero_allow_untested_optimizer=True),
-                zero_optimization=dict(stage=stage,
-                                       stage3_allgather_sequential=True),
+                zero_optimization=zero,
                 gradient_accumulation_steps=accumulation,
                 train_micro_batch_size_per_gpu=2)
 
@@ -353,6 +352,9 @@ def launches(out_dir):
         'fsdp resumed, local state dict': functools.partial(
             interrupted_and_resumed, strategy=fsdp(cls=RESUME_STRATEGY),
             accumulation=2),
+    }, {
+        'zero3 gathering all at once on gloo': functools.partial(
+            refused, strategy=zero(sequential=False)),
     }]
     return [{name: functools.partial(scenario, work_dir(name))
              if isinstance(scenario, functools.partial) else scenario

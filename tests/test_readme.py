@@ -1,26 +1,15 @@
 """The README's plain-PyTorch example runs as printed and does what it says."""
 import copy
-import re
 from pathlib import Path
 
 import torch
-from momentum_testing import reference_momentum
+from momentum_testing import reference_momentum, run_doc_example
 
 README = Path(__file__).resolve().parents[1] / 'README.md'
 
 
-def readme_block(heading):
-    """The first ```python block under ``## heading``."""
-    section = README.read_text(encoding='utf-8').split(f'## {heading}\n')[1]
-    return re.search(r'```python\n(.*?)```', section, re.S).group(1)
-
-
 def test_the_plain_loop_example_schedules_and_averages():
-    code = readme_block('Without a runner')
-    assert 'mmcv' not in code and 'mmengine' not in code
-    torch.manual_seed(0)
-    namespace = {}
-    exec(compile(code, 'README.md', 'exec'), namespace)
+    namespace = run_doc_example(README, 'Without a runner')
     target, online = namespace['target'], namespace['online']
     assert namespace['m'] == reference_momentum(99, 100, 0.99)
     # The initial weights again: the same seed, the same initialisation.
