@@ -203,10 +203,8 @@ def flexible_run(out_dir, rank, resume, stage):
 
 
 def flexible_main(rank, port, out_dir, resume, stage):
-    from test_flexible_runner import provide_onebit
     set_rank_environment(rank, port, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD='1')
     import deepspeed
-    provide_onebit()
     deepspeed.init_distributed(dist_backend='gloo',
                                timeout=timedelta(seconds=60))
     run_scenarios(rank, {'run': lambda rank: flexible_run(
