@@ -13,7 +13,7 @@ Importing the package (or listing it in a config's ``custom_imports``)
 registers the hook in every installed framework's ``HOOKS`` registry as
 ``'momentum_hook.MomentumUpdateHook'`` and ``'momentum_hook.BYOLHook'``.
 The plain names that MMSelfSup 0.x configs use are taken over only by
-:mod:`momentum_hook.dropin`.
+the top-level module :mod:`momentum_hook_dropin`.
 
 Convention: the momentum ``m`` weighs the *old target*,
 ``target = m * target + (1 - m) * online`` (MMEngine's

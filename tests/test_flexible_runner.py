@@ -21,15 +21,14 @@ other test modules ran in this process, they hang.
 import functools
 import os
 import os.path as osp
-import re
 import sys
 import types
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from doc_snippets import code_block
 from momentum_testing import (SHARDED_WORLD_SIZE, Interrupt,
                               assert_matches_reference, free_port,
                               launch_ranks, raised, reference_momentum,
@@ -43,7 +42,6 @@ from momentum_hook.export import export_target
 pytest.importorskip('deepspeed')
 
 HOOK = 'momentum_hook.MomentumUpdateHook'
-README = Path(__file__).resolve().parents[1] / 'README.md'
 BASE = 0.5
 ITERS = 6
 
@@ -267,17 +265,14 @@ def resumed(directory, strategy, stop, accumulation, rank=0):
 
 
 def fsdp_resume_strategy():
-    """The README's ``FSDPResumeStrategy`` (the optimizer state loaded by
+    """The docs' ``FSDPResumeStrategy`` (docs/mmengine.md) (the optimizer state loaded by
     torch's current signature, ``optim_state_dict_to_load(model, optim,
     state_dict)``; MMEngine 0.10.7 passes the state dict first), run as
     printed there."""
-    section = README.read_text(encoding='utf-8').split(
-        '## FlexibleRunner: FSDP and DeepSpeed\n')[1].split('\n## ')[0]
-    (code, ) = [block for block in re.findall(r'```python\n(.*?)```',
-                                              section, re.S)
-                if 'class FSDPResumeStrategy' in block]
+    code = code_block('docs/mmengine.md', 'Checkpoint and resume',
+                      containing='class FSDPResumeStrategy')
     namespace = {}
-    exec(compile(code, 'README.md', 'exec'), namespace)
+    exec(compile(code, 'docs/mmengine.md', 'exec'), namespace)
     return namespace['FSDPResumeStrategy']
 
 
@@ -482,7 +477,7 @@ def test_an_unusable_set_up_stops_before_iteration_1(results, name,
 
 
 def test_mmengine_fsdp_resume_fails_on_the_optimizer_state(results):
-    # What the README's FSDPResumeStrategy works around (MMEngine 0.10.7
+    # What the docs' FSDPResumeStrategy works around (MMEngine 0.10.7
     # calls FSDP.optim_state_dict_to_load with the old argument order).
     for result in results['fsdp resumed by MMEngine']:
         assert raised(result, TypeError) == "unhashable type: 'dict'"

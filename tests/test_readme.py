@@ -1,22 +1,17 @@
-"""The README's plain-PyTorch example runs as printed and does what it says."""
+"""The README and docs/: their examples run as printed and do what they say,
+and every link between them resolves."""
 import copy
-import re
-from pathlib import Path
+import runpy
 
+import pytest
 import torch
+from doc_snippets import (PAGES, ROOT, anchors, code_block, relative_links,
+                          section)
 from momentum_testing import reference_momentum
-
-README = Path(__file__).resolve().parents[1] / 'README.md'
-
-
-def readme_block(heading):
-    """The first ```python block under ``## heading``."""
-    section = README.read_text(encoding='utf-8').split(f'## {heading}\n')[1]
-    return re.search(r'```python\n(.*?)```', section, re.S).group(1)
 
 
 def test_the_plain_loop_example_schedules_and_averages():
-    code = readme_block('Without a runner')
+    code = code_block('README.md', 'A plain PyTorch loop')
     assert 'mmcv' not in code and 'mmengine' not in code
     torch.manual_seed(0)
     namespace = {}
@@ -34,3 +29,63 @@ def test_the_plain_loop_example_schedules_and_averages():
         assert not t.requires_grad
         assert not torch.equal(t, start)  # the target followed
         assert not torch.equal(t, o)  # slowly: it is no copy
+
+
+def config_lines(code):
+    """The names a config snippet defines, as a config file would."""
+    namespace = {}
+    exec(compile(code, 'snippet', 'exec'), namespace)
+    return {key: value for key, value in namespace.items()
+            if not key.startswith('__')}
+
+
+@pytest.mark.parametrize('page, heading, config', [
+    ('README.md', 'An MMEngine or mmcv 1.x config',
+     'configs/mmengine_momentum_hook.py'),
+    ('docs/mmengine.md', 'Runner', 'configs/mmengine_momentum_hook.py'),
+    ('README.md', 'MMSelfSup 0.x: one line', 'configs/mmselfsup_dropin.py'),
+    ('docs/migrating.md', 'The one-line drop-in',
+     'configs/mmselfsup_dropin.py'),
+    ('docs/migrating.md', 'Without the drop-in',
+     'configs/mmcv_momentum_hook.py'),
+])
+def test_config_snippets_are_the_shipped_configs(page, heading, config):
+    """The snippets say what the shipped configs say; the configs are built
+    and trained by test_hook_mmcv.py and test_hook_mmengine.py."""
+    shipped = runpy.run_path(str(ROOT / config))
+    shipped = {key: value for key, value in shipped.items()
+               if not key.startswith('__')}
+    snippet = config_lines(code_block(page, heading))
+    assert snippet == {key: shipped[key] for key in snippet}
+    assert set(snippet) >= {'custom_imports'}
+
+
+@pytest.mark.parametrize('page', PAGES, ids=lambda path: path.name)
+def test_every_relative_link_resolves(page):
+    links = relative_links(page)
+    for file, anchor in links:
+        target = (page.parent / file).resolve() if file else page
+        assert target.exists(), f'{page.name}: {file} does not exist'
+        assert ROOT in target.parents or target == ROOT, file
+        if anchor:
+            assert target.suffix == '.md', f'{page.name}: {file}#{anchor}'
+            assert anchor in anchors(target), (
+                f'{page.name}: {file or page.name} has no heading '
+                f'#{anchor}; it has {sorted(anchors(target))}')
+
+
+def test_the_readme_is_a_front_page():
+    text = (ROOT / 'README.md').read_text(encoding='utf-8')
+    assert len(text.splitlines()) <= 250
+
+
+def test_the_module_map_matches_the_tree():
+    listed = {line.split()[0] for line in
+              section('docs/development.md', 'Module map').splitlines()
+              if line.startswith('  ') and line.split()}
+    package = ROOT / 'momentum_hook'
+    actual = {path.name for path in package.glob('*.py')
+              if path.name != '__init__.py'}
+    actual |= {path.name + '/' for path in package.iterdir()
+               if (path / '__init__.py').exists()}
+    assert listed == actual

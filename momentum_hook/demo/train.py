@@ -337,8 +337,8 @@ def train(cfg, work_dir, device='cpu', distributed=False, resume_from=None,
         if resume_from:
             raise DemoError(
                 'the FlexibleRunner configs do not resume: MMEngine 0.10.7 '
-                "fails to load FSDP's optimizer state (see the README, "
-                '"FlexibleRunner: FSDP and DeepSpeed")')
+                "fails to load FSDP's optimizer state (see docs/mmengine.md, "
+                '"Checkpoint and resume")')
         from .flexible import train_flexible
         runner = train_flexible(cfg, work_dir, model.to(device), dataset,
                                 distributed, hooks)
