@@ -11,7 +11,8 @@ user's tensors are never moved, re-laid out or re-allocated. Nothing here
 synchronises host and device: the momentum is a Python float.
 """
 import warnings
-from operator import getitem
+import weakref
+from operator import attrgetter, getitem
 
 import torch
 from torch import nn
@@ -36,6 +37,7 @@ __all__ = ['BUFFER_POLICIES', 'momentum_update_', 'ModuleUpdatePlan']
 BUFFER_POLICIES = ('keep', 'copy', 'average')
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_REQUIRES_GRAD = attrgetter('requires_grad')
 _warned_dtypes = set()
 
 
@@ -61,6 +63,41 @@ def _warn_if_lost(dtype, weight):
             f'{eps:.3g}: most target updates in {dtype} round to no change. '
             'Keep the target network in float32 (autocast still computes in '
             'low precision).', RuntimeWarning, stacklevel=3)
+
+
+def _trainable(shard):
+    """The tensor whose ``requires_grad`` says whether an optimizer trains
+    the elements of ``shard``: the parameter that owns a shard, or the
+    tensor itself."""
+    return shard.tensor if shard.owner is None else shard.owner
+
+
+def check_frozen(trainables, names):
+    """Refuse a target that an optimizer may train: most often the online
+    network passed as the target.
+
+    Args:
+        trainables (list[Tensor]): The target's parameters (or tensors).
+        names (list[str]): Their names, for the message.
+
+    Raises:
+        ValueError: If any of ``trainables`` requires grad, naming the first
+            and both likely causes.
+    """
+    trained = [name for name, tensor in zip(names, trainables)
+               if tensor.requires_grad]
+    if trained:
+        more = f' and {len(trained) - 1} more' if len(trained) > 1 else ''
+        raise ValueError(
+            f"the target's parameters require grad ({trained[0]!r}{more}), "
+            'so the update would overwrite weights that an optimizer '
+            'trains. Either the arguments are swapped: the target comes '
+            'first, momentum_update_(target, online, momentum) (lightly\'s '
+            'update_momentum and fully_shard_pair take the online network '
+            'first); or the target was never frozen: call '
+            'target.requires_grad_(False) once after copying it '
+            '(MomentumTargetMixin.init_momentum_target does). Nothing was '
+            'updated')
 
 
 def _grouped(targets, onlines):
@@ -153,12 +190,14 @@ class ModuleUpdatePlan:
     :meth:`is_current` says whether the plan still describes the modules,
     with a check local to them: every parameter, submodule (and, for the
     ``'copy'``/``'average'`` policies, buffer) slot of both networks still
-    holds the object it held when planned, every sharded parameter still
+    holds the object it held when planned (and none was added), every
+    sharded parameter still
     links to the same local tensor, and every planned tensor still has the
-    storage address it was planned with. That catches assignments
-    (``module.x = ...``, ``load_state_dict(assign=True)``), ``.data`` swaps
-    and device or dtype moves (``.to()``, ``.cuda()``, ``.half()``). It
-    costs a few C-level passes over lists, no walk of the modules.
+    storage address it was planned with, and no target parameter requires
+    grad. That catches assignments (``module.x = ...``,
+    ``load_state_dict(assign=True)``), ``.data`` swaps, device or dtype moves
+    (``.to()``, ``.cuda()``, ``.half()``) and an unfrozen target. It costs a
+    few C-level passes over lists, no walk of the modules.
 
     Args:
         target (nn.Module): The target network.
@@ -168,20 +207,14 @@ class ModuleUpdatePlan:
 
     Raises:
         ValueError: If the modules differ in parameter count, shape or
-            sharding layout, share memory, hold meta tensors, or (for
-            ``'copy'`` and ``'average'``) differ in their buffers.
+            sharding layout, share memory, hold meta tensors, the target's
+            parameters require grad, or (for ``'copy'`` and ``'average'``)
+            the modules differ in their buffers.
     """
 
     def __init__(self, target, online, buffers='keep'):
         shards, buffer_tensors = self._plan(target, online, buffers)
         self._track(target, online, shards, buffer_tensors)
-
-    @classmethod
-    def _one_shot(cls, target, online, buffers):
-        """A plan for one update: without what :meth:`is_current` needs."""
-        plan = cls.__new__(cls)
-        plan._plan(target, online, buffers)
-        return plan
 
     def _plan(self, target, online, buffers):
         """Find, check and group the local tensors of both networks.
@@ -194,6 +227,8 @@ class ModuleUpdatePlan:
         self.buffers = buffers
         targets, onlines = local_shards(target), local_shards(online)
         check_alike(targets, onlines)
+        self._trainables = list(map(_trainable, targets))
+        check_frozen(self._trainables, [shard.name for shard in targets])
         if not targets:
             raise ValueError(
                 'the online network has no parameters, so the momentum '
@@ -225,6 +260,9 @@ class ModuleUpdatePlan:
         modules = dict.fromkeys([*target.modules(), *online.modules()])
         self._containers, self._keys, self._ids = _structure(
             modules, self.buffers != 'keep')
+        self._slots = list({id(slot): slot for slot in self._containers}
+                           .values())
+        self._sizes = list(map(len, self._slots))
 
     def is_current(self):
         """Whether the plan still matches the modules (see the class doc)."""
@@ -232,11 +270,13 @@ class ModuleUpdatePlan:
             slots = list(map(id, map(getitem, self._containers, self._keys)))
         except KeyError:  # a parameter, buffer or submodule was deleted
             return False
-        return (slots == self._ids and list(
+        return (slots == self._ids and
+                list(map(len, self._slots)) == self._sizes and list(
             map(id, map(getattr, self._owners, self._links))) ==
                 self._linked_ids and
                 list(map(torch.Tensor.data_ptr, self._bases)) ==
-                self._pointers)
+                self._pointers and
+                not any(map(_REQUIRES_GRAD, self._trainables)))
 
     @torch.no_grad()
     def update_(self, momentum):
@@ -249,6 +289,42 @@ class ModuleUpdatePlan:
             _update_buffers(*self.buffer_pairs, momentum, self.buffers)
 
 
+# --- The stateless call's plans ---------------------------------------------
+#: The plan of the latest ``momentum_update_(target, online)`` on modules, by
+#: target module: ``(weak reference to online, buffers, plan)``. A plan is
+#: reused only while :meth:`ModuleUpdatePlan.is_current` holds, so every
+#: check of a fresh plan still applies; an entry goes when either module is
+#: collected, so it keeps no tensor of a dead network alive.
+_STATELESS_PLANS = weakref.WeakKeyDictionary()
+
+
+def _forget_on_collect(target):
+    """A weakref callback: drop ``target``'s entry when its online dies."""
+    target_ref = weakref.ref(target)
+
+    def forget(online_ref):
+        key = target_ref()
+        entry = None if key is None else _STATELESS_PLANS.get(key)
+        if entry is not None and entry[0] is online_ref:
+            del _STATELESS_PLANS[key]
+    return forget
+
+
+def _stateless_plan(target, online, buffers):
+    """The cached plan of ``(target, online, buffers)``, or a new one."""
+    entry = _STATELESS_PLANS.get(target)
+    if entry is not None:
+        online_ref, planned_buffers, plan = entry
+        if online_ref() is online and planned_buffers == buffers and \
+                plan.is_current():
+            return plan
+        del _STATELESS_PLANS[target]  # its tensors go before planning anew
+    plan = ModuleUpdatePlan(target, online, buffers)  # raises before caching
+    _STATELESS_PLANS[target] = (
+        weakref.ref(online, _forget_on_collect(target)), buffers, plan)
+    return plan
+
+
 @torch.no_grad()
 def momentum_update_(target, online, momentum, buffers='keep'):
     """In place, ``target = momentum * target + (1 - momentum) * online``.
@@ -259,6 +335,13 @@ def momentum_update_(target, online, momentum, buffers='keep'):
     their flat shards, ZeRO-3 parameters through their partitions (and the
     gathered copy a persistent one keeps). Nothing is communicated, gathered
     or allocated in proportion to the model.
+
+    For modules, the plan of the update (a :class:`ModuleUpdatePlan`: the
+    local tensors, the checks, the groups) is kept from one call to the next
+    for the same ``target`` and reused while it is current (see
+    :meth:`ModuleUpdatePlan.is_current`), so a call in a training loop costs
+    about what a hand-written ``torch._foreach_lerp_`` costs. The plan is
+    dropped when either network is garbage collected.
 
     Args:
         target (nn.Module | Sequence[Tensor]): The target network, or its
@@ -274,10 +357,14 @@ def momentum_update_(target, online, momentum, buffers='keep'):
         TypeError: If ``target``/``online`` are not both modules or both
             tensor sequences, or ``momentum`` is not a real number.
         ValueError: If the two differ in count, shape or sharding, share
-            memory, hold meta tensors, ``momentum`` is outside [0, 1] or
-            ``buffers`` is unknown.
+            memory, hold meta tensors, the target's parameters require grad
+            (the target is not frozen, or the two arguments are swapped),
+            ``momentum`` is outside [0, 1] or ``buffers`` is unknown. Nothing
+            is written then.
 
     Warns:
+        UserWarning: Once per process, for a momentum in (0, 0.5): MMEngine's
+            ``momentum=x`` is ``m = 1 - x`` here.
         RuntimeWarning: Once per dtype, when the target is float16/bfloat16
             and ``1 - momentum`` is below that dtype's epsilon, so that most
             updates round to no change.
@@ -290,7 +377,7 @@ def momentum_update_(target, online, momentum, buffers='keep'):
                         f'tensor sequences, got {type(target).__name__} and '
                         f'{type(online).__name__}')
     if modules[0]:
-        ModuleUpdatePlan._one_shot(target, online, buffers).update_(momentum)
+        _stateless_plan(target, online, buffers).update_(momentum)
         return
     if buffers != 'keep':
         raise ValueError(f'buffers={buffers!r} needs nn.Modules, got tensor '
@@ -300,6 +387,8 @@ def momentum_update_(target, online, momentum, buffers='keep'):
          for index, tensor in enumerate(_as_tensor_list(tensors, name))]
         for name, tensors in (('target', target), ('online', online)))
     check_alike(targets, onlines, what='tensors')
+    check_frozen(list(map(_trainable, targets)),
+                 [shard.name for shard in targets])
     _run_lerp(_plan_lerp([shard.tensor for shard in targets],
                          [shard.tensor for shard in onlines]),
               1.0 - momentum)
