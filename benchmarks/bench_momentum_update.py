@@ -278,12 +278,13 @@ HOST_LABELS = (HAND_LABEL, ) + OURS_LABELS
 
 
 @torch.no_grad()
-def host_times(name, device, rounds, calls=50):
+def host_times(name, device, rounds, stat='median', calls=50):
     """Microseconds per call with 1-element tensors, in interleaved rounds.
 
     Returns:
-        dict[str, float]: The median over the rounds of each style's mean
-        time per call, by label; ``'tensors'``: the parameter count.
+        dict[str, float]: The ``stat`` (median or min) over the rounds of
+        each style's mean time per call, by label; ``'tensors'``: the
+        parameter count.
     """
     with torch.device(device):
         online = one_element(getattr(torchvision.models, name)(weights=None))
@@ -302,7 +303,7 @@ def host_times(name, device, rounds, calls=50):
                 samples[label].append(elapsed * 1e3)
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
-    times = {label: statistics.median(us) for label, us in samples.items()}
+    times = {label: STATS[stat](us) for label, us in samples.items()}
     times['tensors'] = len(list(online.parameters()))
     return times
 
@@ -449,7 +450,8 @@ def bench_model(name, args, device):
     result['host_us'] = host_costs(nets, device)
     del nets, styles
     gc.collect()
-    result['host_only_us'] = host_times(name, device, args.repeats)
+    result['host_only_us'] = host_times(name, device, args.repeats,
+                                        args.stat)
     return result
 
 
@@ -504,8 +506,8 @@ def print_text(result):
 def host_table(results):
     """Host time per call with 1-element tensors, as a Markdown table."""
     lines = ['Host time per call, every parameter a 1-element tensor '
-             '(median of the rounds, us per call, x the hand-written '
-             'foreach).', '',
+             f"({results[0]['stat']} of the rounds, us per call, x the "
+             'hand-written foreach).', '',
              '| update style | ' + ' | '.join(
                  f"{MODELS[r['model']]} ({r['host_only_us']['tensors']} "
                  'tensors)' for r in results) + ' |',
@@ -519,7 +521,7 @@ def host_table(results):
 
 
 def markdown_table(results, machine):
-    """All models in one Markdown table, as in the issue."""
+    """All models in one Markdown table, as docs/performance.md shows it."""
     lines = [f'{machine}, fp32, momentum {MOMENTUM}, {results[0]["stat"]} '
              'ms per update (x the bandwidth limit).', '',
              '| update style | ' + ' | '.join(map(model_title, results)) +

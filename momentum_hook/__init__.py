@@ -21,8 +21,8 @@ Convention: the momentum ``m`` weighs the *old target*,
 """
 from .ema import BUFFER_POLICIES, momentum_update_
 from .export import export_target, full_state_dict
-from .frameworks import installed_adapters
 from .model import MomentumTargetMixin
+from .registration import installed_adapters
 from .schedule import cosine_momentum
 from .sharding import fully_shard_pair
 from .updater import MomentumUpdater, check_momentum_contract

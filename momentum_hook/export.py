@@ -29,15 +29,9 @@ import sys
 import torch
 from torch import nn
 
-from .wrappers import loaded as _loaded, wrapper_chain
+from .wrappers import loaded as _loaded, unwrap
 
 __all__ = ['full_state_dict', 'export_target']
-
-
-def _without_engine(model):
-    """``model`` without MMEngine's DeepSpeed wrapper, DeepSpeed's engine,
-    DDP or DataParallel, whose state dicts prefix the model's keys."""
-    return wrapper_chain(model)[-1]
 
 
 def _user_model(model):
@@ -98,7 +92,9 @@ def full_state_dict(model, prefix=''):
         model's keys as an unwrapped model names them, with detached CPU
         tensors; on the other ranks an empty dict.
     """
-    model = _without_engine(model)
+    # MMEngine's DeepSpeed wrapper, DeepSpeed's engine, DDP and DataParallel
+    # prefix the model's keys: gather from the model inside them.
+    model = unwrap(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f'model must be an nn.Module or a DeepSpeed engine, '
                         f'got {type(model).__name__}')
@@ -143,10 +139,10 @@ def export_target(model, path, target='target_net'):
             has no submodule ``target``.
     """
     try:
-        _user_model(_without_engine(model)).get_submodule(target)
+        _user_model(unwrap(model)).get_submodule(target)
     except AttributeError:
         names = [name for name, _ in
-                 _user_model(_without_engine(model)).named_children()]
+                 _user_model(unwrap(model)).named_children()]
         raise ValueError(
             f'the model has no target network {target!r}: pass '
             f'target=<its attribute path>, one of {names}') from None
