@@ -162,27 +162,30 @@ def test_correct_calls_stay_silent(fresh_warning, momentum):
 
 # --- The stateless call's cached plan --------------------------------------
 
-def test_a_replaced_parameter_is_updated():
-    online, target = networks()
-    momentum_update_(target, online, 0.5)
-    target[0].weight = nn.Parameter(torch.zeros(4, 3), requires_grad=False)
-    expected = expected_lerp(target, online, 0.5)
-    momentum_update_(target, online, 0.5)
+def assert_update_matches_reference(target, online, momentum):
+    expected = expected_lerp(target, online, momentum)
+    momentum_update_(target, online, momentum)
     for got, want in zip(target.parameters(), expected):
         torch.testing.assert_close(got, want)
 
 
-def test_a_layer_added_to_both_networks_is_updated():
-    online, target = networks()
-    momentum_update_(target, online, 0.5)
+def replace_a_parameter(online, target):
+    target[0].weight = nn.Parameter(torch.zeros(4, 3), requires_grad=False)
+
+
+def add_a_layer_to_both(online, target):
     online.add_module('3', nn.Linear(2, 2))
     target.add_module('3', copy.deepcopy(online[3]).requires_grad_(False))
     with torch.no_grad():
         target[3].weight.zero_()
-    expected = expected_lerp(target, online, 0.5)
+
+
+@pytest.mark.parametrize('change', [replace_a_parameter, add_a_layer_to_both])
+def test_a_network_changed_between_calls_is_planned_again(change):
+    online, target = networks()
     momentum_update_(target, online, 0.5)
-    for got, want in zip(target.parameters(), expected):
-        torch.testing.assert_close(got, want)
+    change(online, target)
+    assert_update_matches_reference(target, online, 0.5)
 
 
 def test_a_layer_added_to_one_network_is_refused():
@@ -201,10 +204,7 @@ def test_another_online_network_and_another_buffer_policy_replan():
     with torch.no_grad():
         for param in other.parameters():
             param.mul_(-1)
-    expected = expected_lerp(target, other, 0.5)
-    momentum_update_(target, other, 0.5)
-    for got, want in zip(target.parameters(), expected):
-        torch.testing.assert_close(got, want)
+    assert_update_matches_reference(target, other, 0.5)
     bn_online = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     bn_target = copy.deepcopy(bn_online).requires_grad_(False)
     bn_online[1].running_mean.fill_(1.)
