@@ -14,12 +14,11 @@ How the weights are gathered (public APIs; a collective on every rank):
 ========================  ==============================================
 engine                    gathering
 ========================  ==============================================
-FSDP1, FSDP2              ``torch.distributed.checkpoint.state_dict.get_
-                          model_state_dict(full_state_dict=True,
+none, DDP, FSDP1, FSDP2,  ``torch.distributed.checkpoint.state_dict.get_
+ZeRO-1/2                  model_state_dict(full_state_dict=True,
                           cpu_offload=True)``: rank 0 gets CPU tensors
 DeepSpeed ZeRO-3          ``deepspeed.zero.GatheredParameters``, one
                           parameter at a time (memory: one parameter)
-none, DDP, ZeRO-1/2       the parameters as they are
 ========================  ==============================================
 
 Nothing distributed is imported before a call needs it.
@@ -40,16 +39,6 @@ def _user_model(model):
     while fsdp is not None and isinstance(model, fsdp):
         model = model.module
     return model
-
-
-def _is_sharded(model):
-    """Whether ``model`` holds FSDP1 units or FSDP2 (DTensor) parameters."""
-    fsdp = _loaded('torch.distributed.fsdp', 'FullyShardedDataParallel')
-    dtensor = _loaded('torch.distributed.tensor', 'DTensor')
-    return (fsdp is not None and any(isinstance(module, fsdp)
-                                     for module in model.modules())) or (
-        dtensor is not None and any(isinstance(param, dtensor)
-                                    for param in model.parameters()))
 
 
 def _rank():
@@ -102,15 +91,13 @@ def full_state_dict(model, prefix=''):
         return key.startswith(prefix)
     if any(hasattr(param, 'ds_tensor') for param in model.parameters()):
         return _zero3_state_dict(model, keep)
-    if _is_sharded(model):
+    if torch.distributed.is_available():  # plain, FSDP1 and FSDP2 alike
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions, get_model_state_dict)
         state = get_model_state_dict(model, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True))
-    elif _rank() == 0:
-        state = model.state_dict()
     else:
-        state = {}
+        state = model.state_dict()
     return {key: value.detach().cpu().clone() for key, value in state.items()
             if keep(key)} if _rank() == 0 else {}
 
