@@ -1,30 +1,36 @@
 # Everything a fresh machine needs: `make demo` (the main job) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
+# Which torch: requirements/torch.txt (the tested stack) or, for
+# `make test-torch-latest`, requirements/torch-latest.txt.
+TORCH ?= requirements/torch.txt
 BIN := $(VENV)/bin
-# DeepSpeed's JIT-compiled ops (its CPU shared-memory op) live in the venv, not in ~/.cache, so that a
-# new venv builds them once in `make venv` and `make clean` removes them.
+# Every install is constrained to that torch, so that no later package
+# (mmcv, DeepSpeed, ...) re-resolves it.
+PIP := PIP_CONSTRAINT=$(TORCH) $(BIN)/python -m pip
+# DeepSpeed's JIT-compiled ops (its CPU shared-memory op) live in the venv,
+# not in ~/.cache: a new venv builds them once, in `make venv`.
 EXTENSIONS := TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo demo-scaling test test-torch-latest bench clean
 
 $(VENV)/.installed: setup.py $(wildcard requirements/*.txt)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip "setuptools<81" wheel
-	$(BIN)/python -m pip install -q -r requirements/stack.txt
+	$(PIP) install -q --upgrade pip "setuptools<81" wheel
+	$(PIP) install -q -r $(TORCH) -r requirements/stack.txt
 	# mmcv 1.x builds from source and imports pkg_resources in its setup.py
-	$(BIN)/python -m pip install -q --no-build-isolation -r requirements/mmcv.txt
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation -r requirements/deepspeed.txt
+	$(PIP) install -q --no-build-isolation -r requirements/mmcv.txt
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation -r requirements/deepspeed.txt
 	# DeepSpeed compiles its CPU shared-memory op at its first init_distributed
 	# (about a minute on 2 cores); build it now, into the venv, not at the
 	# first test launch.
 	DS_ACCELERATOR=cpu $(EXTENSIONS) $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; \
 	    assert build_shm_op() is not None, 'deepspeed_shm_comm did not build'"
-	$(BIN)/python -m pip install -q --no-deps -r requirements/mmselfsup.txt
+	$(PIP) install -q --no-deps -r requirements/mmselfsup.txt
 	# setuptools warns on every editable install that folders named like the
 	# package may shadow it; this checkout is the package.
 	PYTHONWARNINGS="ignore:Editable installation" \
-	    $(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	    $(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 venv: $(VENV)/.installed
@@ -39,11 +45,19 @@ QUIET_PYTHON := $(QUIET) $(BIN)/python -W "ignore:On January 1:UserWarning"
 demo: venv
 	$(QUIET_PYTHON) -m momentum_hook.demo $(ARGS)
 
+# The EMA scaling rule on the demo at batches B, 4B and 8B (docs/scaling.md).
+demo-scaling: venv
+	$(QUIET_PYTHON) -m momentum_hook.demo.scaling $(ARGS)
+
 test: venv
 	$(QUIET_PYTHON) -m pytest -q tests $(ARGS)
+
+# The same suite with the newest torch on the index, in .venv-torch-latest.
+test-torch-latest:
+	$(MAKE) test VENV=.venv-torch-latest TORCH=requirements/torch-latest.txt
 
 bench: venv
 	$(QUIET_PYTHON) benchmarks/bench_momentum_update.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) work_dirs .pytest_cache
+	rm -rf $(VENV) .venv-torch-latest work_dirs .pytest_cache

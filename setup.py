@@ -36,9 +36,11 @@ setup(
     # a submodule would run momentum_hook/__init__.py first (registration.py
     # says why that matters).
     py_modules=['momentum_hook_dropin'],
-    # untyped_storage() (the shared-memory check) needs torch 2.0; FSDP2's
-    # fully_shard, which the sharding helper wraps, torch 2.6.
-    install_requires=['torch>=2.0'],
+    # The range the test suite passes on: requirements/torch.txt (the tested
+    # stack) and requirements/torch-latest.txt (the newest on the index),
+    # both run by .ci/run. The sharded update reads torch internals (FSDP1's
+    # FlatParameter, DTensor's local tensor) that other versions may lack.
+    install_requires=['torch>=2.14,<2.16'],
     extras_require={
         # mmcv 1.x builds from source and needs pkg_resources at build time:
         # pip install "setuptools<81" wheel, then --no-build-isolation.

@@ -50,7 +50,11 @@ runner = dict(type='EpochBasedRunner', max_epochs=5)
 # The hook under demonstration: before every iteration it writes
 # m = end - (end - base) * (cos(pi k / K) + 1) / 2 into model.momentum,
 # after it calls model.momentum_update(); it logs m as target_momentum.
-custom_hooks = [dict(type='momentum_hook.MomentumUpdateHook', end_momentum=1.)]
+# base_batch_size=128 (this config's batch) would keep the EMA per image
+# seen at any other batch: each m is then used as m ** (S / 128), with S the
+# samples per update (see docs/scaling.md). None: m as scheduled.
+custom_hooks = [dict(type='momentum_hook.MomentumUpdateHook', end_momentum=1.,
+                     base_batch_size=None)]
 
 log_config = dict(interval=20, hooks=[dict(type='TextLoggerHook')])
 checkpoint_config = dict(interval=1, max_keep_ckpts=2)

@@ -2,6 +2,7 @@
 MoCo v3 and DINO-style teachers.
 
 The core needs only torch: :func:`cosine_momentum` (the schedule),
+:func:`scaled_momentum` (the schedule at another batch size),
 :func:`momentum_update_` (the EMA), :class:`MomentumTargetMixin` (the model
 side), :class:`MomentumUpdater` (what the hook decides, free of any
 runner), :func:`fully_shard_pair` (one FSDP2 plan for both networks) and
@@ -23,13 +24,14 @@ from .ema import BUFFER_POLICIES, momentum_update_
 from .export import export_target, full_state_dict
 from .model import MomentumTargetMixin
 from .registration import installed_adapters
-from .schedule import cosine_momentum
+from .schedule import cosine_momentum, scaled_momentum
 from .sharding import fully_shard_pair
 from .updater import MomentumUpdater, check_momentum_contract
 from .version import __version__
 
 __all__ = [
-    '__version__', 'cosine_momentum', 'momentum_update_', 'BUFFER_POLICIES',
+    '__version__', 'cosine_momentum', 'scaled_momentum', 'momentum_update_',
+    'BUFFER_POLICIES',
     'MomentumTargetMixin', 'MomentumUpdater', 'check_momentum_contract',
     'fully_shard_pair', 'export_target', 'full_state_dict'
 ]

@@ -39,10 +39,19 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
     ``update_interval`` of MMSelfSup's ``DistOptimizerHook``).
 
     It takes :class:`~momentum_hook.updater.MomentumUpdater`'s arguments:
-    ``end_momentum=1.``, ``update_interval=1``, ``reach_end_momentum=False``.
+    ``end_momentum=1.``, ``update_interval=1``, ``reach_end_momentum=False``,
+    ``base_batch_size=None``. With ``base_batch_size`` the batch is read from
+    ``runner.data_loader``, which mmcv sets just before the first iteration:
+    the hook logs its line and refuses a loader without a fixed batch size
+    then, before the first forward pass.
     """
 
     unwrap_model = staticmethod(unwrap)
+
+    def train_loader(self, runner):
+        loader = getattr(runner, 'data_loader', None)
+        # IterBasedRunner trains from an IterLoader around the DataLoader.
+        return getattr(loader, '_dataloader', loader)
 
     def publish(self, runner, momentum):
         runner.log_buffer.update({LOG_KEY: momentum})
@@ -64,7 +73,7 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
             self.check_accumulation(steps, f'{name} accumulates over {steps}')
 
     def before_run(self, runner):
-        self.check_runner(runner)
+        self.check_runner(runner, loader_known=False)
 
     def before_train_iter(self, runner):
         self.on_iter_start(runner)

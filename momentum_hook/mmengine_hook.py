@@ -14,7 +14,7 @@ from mmengine.registry import HOOKS
 
 from .registration import register_hook_class
 from .updater import LOG_KEY, MomentumUpdater
-from .wrappers import loaded, wrapper_chain
+from .wrappers import check_zero3_gathers, loaded, wrapper_chain
 
 __all__ = ['MomentumUpdateHook', 'BYOLHook']
 
@@ -81,7 +81,9 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
     ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``.
 
     It takes :class:`~momentum_hook.updater.MomentumUpdater`'s arguments:
-    ``end_momentum=1.``, ``update_interval=1``, ``reach_end_momentum=False``.
+    ``end_momentum=1.``, ``update_interval=1``, ``reach_end_momentum=False``,
+    ``base_batch_size=None``; with ``base_batch_size`` the batch is that of
+    ``runner.train_dataloader``.
     """
 
     def unwrap_model(self, model):
@@ -97,6 +99,7 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
         engine = loaded('deepspeed', 'DeepSpeedEngine')
         for model in _wrapper_chain(runner.model):
             if engine is not None and isinstance(model, engine):
+                check_zero3_gathers(model)
                 steps = model.gradient_accumulation_steps()
                 self.check_accumulation(
                     steps, f'DeepSpeed has gradient_accumulation_steps='
@@ -122,6 +125,9 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
                 raise
             raise ValueError(f'{error}. In this FlexibleRunner with '
                              f'{strategy}, set {fix}') from error
+
+    def train_loader(self, runner):
+        return runner.train_dataloader
 
     def before_train(self, runner):
         self.check_runner(runner)

@@ -1,4 +1,5 @@
 """Give a model the hook's contract from an (online, target) pair."""
+import contextlib
 import copy
 import sys
 
@@ -130,11 +131,15 @@ def _copy_of(online):
     """A deep copy of ``online``, with its values even under ZeRO-3.
 
     A copy of a ZeRO-3 parameter is its 0-element placeholder, so the
-    parameters partitioned already (``zero.Init``) are gathered first.
+    parameters partitioned already (``zero.Init``) are gathered first, one
+    ``GatheredParameters`` each: for several at once, DeepSpeed up to 0.19.7
+    waits for the last all-gather only, and on gloo the others may still be
+    in flight when the copy reads them.
     """
     partitioned = [param for param in online.parameters()
                    if hasattr(param, 'ds_tensor')]
-    if not partitioned:
-        return copy.deepcopy(online)
-    with sys.modules['deepspeed'].zero.GatheredParameters(partitioned):
+    with contextlib.ExitStack() as gathered:
+        for param in partitioned:
+            gathered.enter_context(
+                sys.modules['deepspeed'].zero.GatheredParameters([param]))
         return copy.deepcopy(online)

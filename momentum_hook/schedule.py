@@ -6,10 +6,11 @@ momentum of 1 freezes the target; 0 copies the online network into it.
 """
 import math
 
-from .validation import (check_momentum, check_non_negative_int,
+from .validation import (check_kappa, check_momentum, check_non_negative_int,
                          check_positive_int)
 
-__all__ = ['cosine_momentum', 'is_update_iter', 'last_update_iter']
+__all__ = ['cosine_momentum', 'scaled_momentum', 'is_update_iter',
+           'last_update_iter']
 
 
 def cosine_momentum(cur_iter, max_iters, base_momentum, end_momentum):
@@ -53,6 +54,44 @@ def cosine_momentum(cur_iter, max_iters, base_momentum, end_momentum):
         return end_momentum
     return end_momentum - (end_momentum - base_momentum) * (
         math.cos(math.pi * cur_iter / float(max_iters)) + 1) / 2
+
+
+def scaled_momentum(momentum, kappa):
+    """The momentum for an update over ``kappa`` times the samples.
+
+    .. math::
+
+        \\hat m = m^{\\kappa}
+
+    The EMA scaling rule of Busbridge et al., "How to Scale Your EMA"
+    (NeurIPS 2023): where ``momentum`` was tuned for ``B`` samples per
+    update, an update over ``kappa * B`` samples uses ``momentum **
+    kappa``. One such update moves the target as far towards a fixed online
+    network as ``kappa`` updates with ``momentum`` would (for an integer
+    ``kappa``), so the target averages over the same number of samples.
+    ``kappa = 1`` returns ``momentum`` unchanged.
+
+    Args:
+        momentum (float): The momentum tuned for ``B`` samples per update,
+            in [0, 1]; for a schedule, its value at this point of training.
+        kappa (float): Samples per update now over ``B``, a finite real
+            number > 0 (e.g. 0.25 on 4x fewer samples per update).
+
+    Returns:
+        float: ``momentum ** kappa``, a plain Python float.
+
+    Raises:
+        TypeError: If an argument is not a real number (``bool`` and
+            strings included).
+        ValueError: If ``momentum`` is NaN or outside [0, 1], or ``kappa``
+            is NaN, infinite, zero or negative.
+
+    Example:
+        >>> scaled_momentum(0.99, kappa=2)  # twice the samples per update
+        0.9801
+    """
+    momentum = check_momentum(momentum, 'momentum')
+    return momentum**check_kappa(kappa, 'kappa')
 
 
 def is_update_iter(cur_iter, update_interval):

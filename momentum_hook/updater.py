@@ -16,7 +16,12 @@ The contract with the model (the same as MMSelfSup 0.x):
 - ``momentum_update()``: ``target = m * target + (1 - m) * online`` with
   ``m = self.momentum``, called after the iteration's optimizer step.
 """
-from .schedule import cosine_momentum, is_update_iter, last_update_iter
+import numbers
+
+import torch.distributed as dist
+
+from .schedule import (cosine_momentum, is_update_iter, last_update_iter,
+                       scaled_momentum)
 from .validation import check_momentum, check_positive_int
 
 __all__ = ['MomentumUpdater', 'check_momentum_contract', 'LOG_KEY']
@@ -54,6 +59,42 @@ def check_momentum_contract(model):
     check_momentum(model.base_momentum, f'{cls}.base_momentum')
 
 
+def loader_batch_size(loader):
+    """The fixed batch size of each process's training data loader.
+
+    Args:
+        loader: A torch ``DataLoader`` (its ``batch_size``, or its batch
+            sampler's ``batch_size`` when it was given a ``batch_sampler``).
+
+    Returns:
+        int: The samples of one batch on one process.
+
+    Raises:
+        ValueError: If the loader has no fixed, positive batch size.
+    """
+    size = getattr(loader, 'batch_size', None)
+    if size is None:
+        size = getattr(getattr(loader, 'batch_sampler', None), 'batch_size',
+                       None)
+    if (isinstance(size, bool) or not isinstance(size, numbers.Integral)
+            or size < 1):
+        raise ValueError(
+            'base_batch_size needs the samples per target update, but the '
+            f"runner's train data loader ({type(loader).__name__}) has no "
+            f'fixed batch size (batch_size={size!r}): give it a batch_size '
+            '(a DataLoader argument, or batch_size of the batch sampler), or '
+            'set base_batch_size=None and pass momenta scaled with '
+            'momentum_hook.scaled_momentum yourself')
+    return int(size)
+
+
+def world_size():
+    """The processes of the default process group; 1 without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
 class MomentumUpdater:
     """Schedules the target momentum and triggers the model's EMA update.
 
@@ -72,6 +113,12 @@ class MomentumUpdater:
     exactly :math:`m_{end}`. After that iteration the model's
     ``momentum_update()`` is called.
 
+    With ``base_batch_size`` set, every update uses :math:`m^{\\kappa}`
+    instead of :math:`m` (:func:`~momentum_hook.schedule.scaled_momentum`),
+    with :math:`\\kappa = S / B_{base}` and :math:`S` the samples per
+    update: the batch of each process (the runner's train data loader) times
+    the processes of the default process group times ``update_interval``.
+
     Args:
         end_momentum (float): The momentum the schedule rises to, in [0, 1].
             Defaults to 1.
@@ -80,13 +127,17 @@ class MomentumUpdater:
             optimizer steps. Defaults to 1.
         reach_end_momentum (bool): Make the run's last update use exactly
             ``end_momentum``. Defaults to False (MMSelfSup 0.x's sequence).
+        base_batch_size (int, optional): The samples per target update for
+            which ``model.base_momentum`` and ``end_momentum`` were tuned
+            (4096 for MMSelfSup's ``byol_resnet50_8xb32-accum16``). Defaults
+            to None: the momenta are used as scheduled, whatever the batch.
 
     Raises:
         TypeError, ValueError: For an argument of the wrong type or range.
     """
 
     def __init__(self, end_momentum=1., update_interval=1,
-                 reach_end_momentum=False):
+                 reach_end_momentum=False, base_batch_size=None):
         self.end_momentum = check_momentum(end_momentum, 'end_momentum')
         self.update_interval = check_positive_int(update_interval,
                                                   'update_interval')
@@ -94,6 +145,17 @@ class MomentumUpdater:
             raise TypeError('reach_end_momentum must be a bool, got '
                             f'{reach_end_momentum!r}')
         self.reach_end_momentum = reach_end_momentum
+        if base_batch_size is not None:
+            base_batch_size = check_positive_int(
+                base_batch_size, 'base_batch_size',
+                hint='the samples per target update that base_momentum and '
+                'end_momentum were tuned for, e.g. 4096 for 8 GPUs x 32 '
+                'images x 16 accumulation steps; or None not to scale')
+        self.base_batch_size = base_batch_size
+        #: The run's samples per update and S / base_batch_size, known from
+        #: the start of the run on (None without base_batch_size).
+        self.samples_per_update = self.kappa = self._batch = None
+        self._started = False
 
     def check_run(self, model, max_iters):
         """Check the model's contract and the run length once, before a run.
@@ -148,9 +210,26 @@ class MomentumUpdater:
             horizon = last_update_iter(max_iters, self.update_interval)
             if horizon <= 0:  # a single update: it is the last one
                 return self.end_momentum
-        return cosine_momentum(cur_iter=cur_iter, max_iters=horizon,
-                               base_momentum=base_momentum,
-                               end_momentum=self.end_momentum)
+        momentum = cosine_momentum(cur_iter=cur_iter, max_iters=horizon,
+                                   base_momentum=base_momentum,
+                                   end_momentum=self.end_momentum)
+        if self.kappa is None:
+            return momentum
+        return scaled_momentum(momentum, self.kappa)
+
+    def scale_to(self, batch_size, processes):
+        """Set :attr:`kappa` for ``batch_size`` samples on each of
+        ``processes`` processes per iteration.
+
+        Returns:
+            float: ``kappa = batch_size * processes * update_interval /
+            base_batch_size``.
+        """
+        self._batch = (batch_size, processes)
+        self.samples_per_update = (batch_size * processes *
+                                   self.update_interval)
+        self.kappa = self.samples_per_update / self.base_batch_size
+        return self.kappa
 
     def write_momentum(self, model, cur_iter, max_iters):
         """Write the scheduled momentum into ``model`` on update iterations.
@@ -172,6 +251,10 @@ class MomentumUpdater:
         """The model inside a data-parallel wrapper; the framework's rule."""
         return model
 
+    def train_loader(self, runner):
+        """The runner's training data loader; the framework's rule."""
+        return getattr(runner, 'data_loader', None)
+
     def publish(self, runner, momentum):
         """Log ``momentum`` under :data:`LOG_KEY`, the framework's way."""
 
@@ -183,26 +266,61 @@ class MomentumUpdater:
         """One line for the run's log: which hook, with which arguments, on
         which model and run."""
         cls = type(self)
-        return (f'{cls.__module__}.{cls.__qualname__}(end_momentum='
-                f'{self.end_momentum!r}, update_interval='
-                f'{self.update_interval!r}, reach_end_momentum='
-                f'{self.reach_end_momentum!r}) schedules the target momentum '
-                f'of {type(model).__name__} from base_momentum='
-                f'{model.base_momentum!r} over {max_iters} iterations, with '
-                'an update after every iteration k with (k + 1) % '
-                f'{self.update_interval} == 0')
+        arguments = (f'end_momentum={self.end_momentum!r}, update_interval='
+                     f'{self.update_interval!r}, reach_end_momentum='
+                     f'{self.reach_end_momentum!r}')
+        scaling = ''
+        if self.kappa is not None:
+            arguments += f', base_batch_size={self.base_batch_size!r}'
+            batch, processes = self._batch
+            scaling = (
+                f'; S = {batch} per process x {processes} processes x '
+                f'update_interval {self.update_interval} = '
+                f'{self.samples_per_update} samples per update, so kappa = '
+                f'S / base_batch_size = {self.kappa:.6g} and every scheduled '
+                f'momentum m is used as m ** kappa (base_momentum '
+                f'{model.base_momentum!r} -> '
+                f'{scaled_momentum(model.base_momentum, self.kappa)!r})')
+        return (f'{cls.__module__}.{cls.__qualname__}({arguments}) schedules '
+                f'the target momentum of {type(model).__name__} from '
+                f'base_momentum={model.base_momentum!r} over {max_iters} '
+                'iterations, with an update after every iteration k with '
+                f'(k + 1) % {self.update_interval} == 0{scaling}')
 
-    def check_runner(self, runner):
+    def start(self, runner):
+        """Find the batch scaling (with ``base_batch_size``) from the
+        runner's train data loader and the process group, then say in
+        ``runner.logger`` what the hook will do.
+
+        Raises:
+            ValueError: If ``base_batch_size`` is set and the loader has no
+                fixed batch size.
+        """
+        if self.base_batch_size is not None:
+            self.scale_to(loader_batch_size(self.train_loader(runner)),
+                          world_size())
+        self._started = True
+        runner.logger.info(self.describe(self.unwrap_model(runner.model),
+                                         runner.max_iters))
+
+    def check_runner(self, runner, loader_known=True):
         """Before the run: the model contract, the run length, the optimizer;
-        then say in ``runner.logger`` what the hook will do."""
+        then :meth:`start`, unless ``base_batch_size`` needs the train data
+        loader and the runner has none yet (``loader_known=False``: mmcv 1.x
+        sets it just before the first iteration, when
+        :meth:`on_iter_start` starts)."""
         model = self.unwrap_model(runner.model)
-        max_iters = getattr(runner, 'max_iters', None)
-        self.check_run(model, max_iters)
+        self.check_run(model, getattr(runner, 'max_iters', None))
         self.check_optimizer(runner)
-        runner.logger.info(self.describe(model, max_iters))
+        self.samples_per_update = self.kappa = None
+        self._started = False
+        if self.base_batch_size is None or loader_known:
+            self.start(runner)
 
     def on_iter_start(self, runner):
         """Before iteration ``runner.iter``: write and publish the momentum."""
+        if not self._started:
+            self.start(runner)
         momentum = self.write_momentum(self.unwrap_model(runner.model),
                                        runner.iter, runner.max_iters)
         if momentum is not None:

@@ -9,7 +9,8 @@ import os
 import sys
 import warnings
 
-__all__ = ['check_momentum', 'check_positive_int', 'check_non_negative_int']
+__all__ = ['check_momentum', 'check_positive_int', 'check_non_negative_int',
+           'check_kappa']
 
 #: Whether :func:`check_momentum` has warned about a momentum below 0.5 in
 #: this process; it warns once.
@@ -87,15 +88,22 @@ def _check_int(value, name, minimum, wording):
     return int(value)
 
 
-def check_positive_int(value, name):
+def check_positive_int(value, name, hint=None):
     """Return ``value`` as an int after checking it is an integer >= 1.
+
+    Args:
+        value: The candidate.
+        name (str): The argument name used in the error message.
+        hint (str, optional): What the argument means and what to pass,
+            added to the error message.
 
     Raises:
         TypeError: If ``value`` is not an integer (``bool`` and ``1.0``
             included).
         ValueError: If ``value`` is smaller than 1.
     """
-    return _check_int(value, name, 1, 'a positive int')
+    wording = 'a positive int' + (f' ({hint})' if hint else '')
+    return _check_int(value, name, 1, wording)
 
 
 def check_non_negative_int(value, name):
@@ -106,3 +114,27 @@ def check_non_negative_int(value, name):
         ValueError: If ``value`` is negative.
     """
     return _check_int(value, name, 0, 'a non-negative int')
+
+
+def check_kappa(value, name='kappa'):
+    """Return ``value`` as a float after checking it is a finite real > 0.
+
+    Args:
+        value: The candidate batch-size ratio: the samples per update now
+            over the samples per update the momentum was tuned for.
+        name (str): The argument name used in the error message.
+
+    Raises:
+        TypeError: If ``value`` is not a real number (strings, ``None`` and
+            ``bool`` included).
+        ValueError: If ``value`` is NaN, infinite, zero or negative.
+    """
+    wording = ('a finite real number > 0 (the samples per update over the '
+               'samples per update the momentum was tuned for)')
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f'{name} must be {wording}, got {value!r} of type '
+                        f'{type(value).__name__}')
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f'{name} must be {wording}, got {value!r}')
+    return value

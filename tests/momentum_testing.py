@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from doc_snippets import code_block
 from mmcv.runner import Hook
 from torch import nn
 
@@ -19,6 +20,20 @@ from momentum_hook import MomentumTargetMixin
 #: Tests that need a CUDA device; ``pytest -m cuda`` runs only those, and
 #: without a device they are skipped (see ``conftest.py``).
 cuda_only = pytest.mark.cuda
+
+
+def run_doc_example(path, heading):
+    """Run the first ```python block under ``heading`` (of any level) of the
+    markdown file ``path``, after ``torch.manual_seed(0)``; its namespace.
+
+    The block must run with torch alone: it may not name mmcv or mmengine.
+    """
+    code = code_block(path, heading)
+    assert 'mmcv' not in code and 'mmengine' not in code
+    torch.manual_seed(0)
+    namespace = {}
+    exec(compile(code, str(path), 'exec'), namespace)
+    return namespace
 
 
 def free_port():
@@ -148,6 +163,31 @@ class InterruptBefore(Hook):
             raise Interrupt
 
 
+#: The ZeRO-3 options of every DeepSpeed run in the tests. DeepSpeed 0.19.6
+#: (the newest with which MMEngine 0.10.7's DeepSpeedStrategy builds) gathers
+#: several parameters at once without waiting for all of its gloo
+#: all-gathers: the persistent parameters it re-gathers after each optimizer
+#: step, for one, may still be in flight when the next computation reads
+#: them. One at a time, each gather completes (fixed in DeepSpeed 0.19.8).
+ZERO3_ON_GLOO = dict(stage3_allgather_sequential=True)
+
+
+def gather_zero3(params):
+    """Whole copies of ZeRO-3 ``params``, gathered one at a time.
+
+    DeepSpeed 0.19.6 waits only for the last of the all-gathers it issues for
+    a ``GatheredParameters`` of several parameters; on gloo the others may
+    still be in flight, and their values are then read unfinished (fixed in
+    DeepSpeed 0.19.8). A single parameter is gathered synchronously.
+    """
+    import deepspeed
+    copies = []
+    for param in params:
+        with deepspeed.zero.GatheredParameters([param]):
+            copies.append(param.detach().clone())
+    return copies
+
+
 # --- Sharded training (tests/test_sharded*.py) -----------------------------
 #
 # Each engine's test launches two ranks once; every rank runs a list of
@@ -244,17 +284,20 @@ def run_scenarios(rank, scenarios, out_dir):
 
     A scenario that raises is recorded as ``('raised', type name,
     message)``, so that a failure test can judge the error and one broken
-    scenario does not hide the others. The process group, set up by the
-    caller, is torn down at the end.
+    scenario does not hide the others. Before each scenario the rank notes
+    its name in its progress file (see :func:`launch_ranks`). The process
+    group, set up by the caller, is torn down at the end.
     """
     import torch.distributed as dist
     results = {}
     try:
         for name, scenario in scenarios.items():
+            note_progress(out_dir, rank, f'scenario {name!r}')
             try:
                 results[name] = scenario(rank=rank)
             except Exception as error:  # judged by the tests
                 results[name] = ('raised', type(error).__name__, str(error))
+        note_progress(out_dir, rank, 'saving its results')
         # Written whole or not at all: the launcher trusts a file it finds.
         partial = out_dir / f'rank{rank}.pth.partial'
         torch.save(results, partial)
@@ -263,23 +306,120 @@ def run_scenarios(rank, scenarios, out_dir):
         dist.destroy_process_group()
 
 
-def launch_ranks(function, args, out_dir, start_method, timeout=120):
+#: A launch fails when no rank has made progress for this many seconds, or
+#: for ``STALL_FACTOR`` times its slowest step so far, whichever is longer.
+#: The floor covers a rank's start (imports, the process group); a machine
+#: busy with other work slows every step alike, so the window widens with it.
+STALL_FLOOR = 180
+STALL_FACTOR = 10
+
+
+def note_progress(out_dir, rank, step):
+    """Record that ``rank`` is now at ``step`` (one line per step)."""
+    with open(out_dir / f'rank{rank}.progress', 'a') as progress:
+        progress.write(f'{time.time():.3f} {step}\n')
+
+
+def _progress(out_dir, rank):
+    """``[(time, step), ...]`` that ``rank`` noted so far."""
+    try:
+        with open(out_dir / f'rank{rank}.progress') as progress:
+            lines = progress.read().splitlines()
+    except FileNotFoundError:
+        return []
+    return [(float(when), step) for when, step in
+            (line.split(' ', 1) for line in lines if ' ' in line)]
+
+
+def _rank_entry(rank, out_dir, function, *args):
+    """Run one rank in a process group of its own, so that the launcher can
+    stop it with every process it started (a compiler, say); on SIGUSR1 it
+    writes every thread's Python stack to ``rank{rank}.stack``."""
+    import faulthandler
+    import signal
+    os.setpgid(0, 0)
+    stack = open(out_dir / f'rank{rank}.stack', 'w')
+    faulthandler.register(signal.SIGUSR1, file=stack, all_threads=True)
+    note_progress(out_dir, rank, 'starting')
+    function(rank, *args)
+
+
+def _stalled(out_dir, started, now, floor):
+    """Why the launch has stalled, or None while it makes progress."""
+    times = [started]
+    for rank in range(SHARDED_WORLD_SIZE):
+        times += [when for when, _ in _progress(out_dir, rank)]
+    times.sort()
+    slowest = max(map(float.__sub__, times[1:], times[:-1]), default=0.)
+    window = max(floor, STALL_FACTOR * slowest)
+    if now - times[-1] > window:
+        return (f'no rank made progress for {now - times[-1]:.0f} s (the '
+                f'limit: {window:.0f} s, {STALL_FACTOR}x the slowest step '
+                f'so far, {slowest:.1f} s, or at least {floor} s)')
+    return None
+
+
+def _where(out_dir, process, rank):
+    """Where a rank that is still running is: its last step and stack."""
+    import signal
+    try:
+        os.kill(process.pid, signal.SIGUSR1)
+        time.sleep(1)
+    except ProcessLookupError:
+        pass
+    steps = _progress(out_dir, rank)
+    step = steps[-1][1] if steps else 'not started'
+    try:
+        stack = (out_dir / f'rank{rank}.stack').read_text().strip()
+    except FileNotFoundError:
+        stack = ''
+    return (f'rank {rank} (pid {process.pid}) is still running, at {step}'
+            + (f'; its Python stack:\n{stack}' if stack else ''))
+
+
+def _stop(processes):
+    """Kill every rank's process group: the ranks and all they started."""
+    import signal
+    for process in processes:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            if process.is_alive():
+                process.kill()
+    for process in processes:
+        process.join(5)
+
+
+def launch_ranks(function, args, out_dir, start_method,
+                 stall_floor=STALL_FLOOR):
     """Start ``function(rank, *args)`` on two ranks; their saved results.
 
+    Each rank runs in a process group of its own. The launch has no fixed
+    deadline: it fails when it stops making progress (see
+    :data:`STALL_FLOOR`, :data:`STALL_FACTOR`), judged from the steps the
+    ranks note (:func:`note_progress`; :func:`run_scenarios` notes each
+    scenario).
+
     Raises:
-        TimeoutError: If a rank is still running after ``timeout`` seconds
-            (the ranks are then terminated).
+        TimeoutError: If the launch stalls. The message names each rank
+            that was still running, its last step and its Python stack;
+            every rank's process group is killed.
     """
     import torch.multiprocessing as mp
-    context = mp.start_processes(function, args=args,
+    started = time.time()
+    context = mp.start_processes(_rank_entry,
+                                 args=(out_dir, function, *args),
                                  nprocs=SHARDED_WORLD_SIZE, join=False,
                                  start_method=start_method)
-    deadline = time.monotonic() + timeout
     files = [out_dir / f'rank{rank}.pth' for rank in range(SHARDED_WORLD_SIZE)]
     try:
         while not context.join(1):  # raises if a rank failed
-            if time.monotonic() > deadline:
-                raise TimeoutError(f'ranks still running after {timeout} s')
+            stalled = _stalled(out_dir, started, time.time(), stall_floor)
+            if stalled:
+                running = [_where(out_dir, process, rank) for rank, process
+                           in enumerate(context.processes)
+                           if process.is_alive()]
+                raise TimeoutError('\n'.join([stalled, *running]))
     except mp.ProcessExitedException:
         # A signal after every rank saved its results is torch's teardown
         # (now and then gloo aborts with "terminate called without an
@@ -288,13 +428,11 @@ def launch_ranks(function, args, out_dir, start_method, timeout=120):
         if not all(map(os.path.exists, files)):
             raise
     finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
+        _stop(context.processes)
     return [torch.load(path, weights_only=False) for path in files]
 
 
-def sharded_results(rank_main, out_dir, scenarios, start_method='fork'):
+def sharded_results(rank_main, out_dir, scenarios, start_method='spawn'):
     """Launch ``rank_main(rank, port, out_dir)`` on two ranks.
 
     Returns:

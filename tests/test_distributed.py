@@ -37,14 +37,14 @@ class MomentumRecorder(Hook):
         self.seen.append((runner.iter, runner.model.module.momentum))
 
 
-def _rank(rank, port, work_dir, out_dir):
+def _rank(rank, port, work_dir, out_dir, options=OPTIONS):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR='127.0.0.1',
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     assert init_distributed('cpu') == (rank, WORLD_SIZE)  # gloo on CPU
     try:
-        cfg = load_config(default_config_path(), OPTIONS)
+        cfg = load_config(default_config_path(), options)
         recorder = MomentumRecorder()
         runner, initial = train(cfg, work_dir, device='cpu',
                                 distributed=True, hooks=[recorder])
@@ -65,16 +65,20 @@ def _rank(rank, port, work_dir, out_dir):
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope='module')
-def ranks(tmp_path_factory):
+def _train_on_ranks(tmp_path_factory, options=OPTIONS):
     work_dir = str(tmp_path_factory.mktemp('work'))
     out_dir = str(tmp_path_factory.mktemp('ranks'))
-    mp.spawn(_rank, args=(free_port(), work_dir, out_dir),
+    mp.spawn(_rank, args=(free_port(), work_dir, out_dir, options),
              nprocs=WORLD_SIZE, join=True)
     return [
         torch.load(os.path.join(out_dir, f'rank{r}.pt'), weights_only=False)
         for r in range(WORLD_SIZE)
     ]
+
+
+@pytest.fixture(scope='module')
+def ranks(tmp_path_factory):
+    return _train_on_ranks(tmp_path_factory)
 
 
 def test_ranks_train_with_mmddp_and_a_distributed_sampler(ranks):
@@ -105,3 +109,21 @@ def test_momentum_followed_the_cosine_schedule_on_every_rank(ranks):
         assert iters == list(range(max_iters))
         assert [m for _, m in result['seen']] == pytest.approx(
             [m for _, m in expected], abs=1e-12)
+
+
+def test_base_batch_size_scales_the_momenta_by_the_global_batch(
+        tmp_path_factory):
+    """64 per rank x 2 ranks = 128 samples per update; base 512: kappa
+    = 1/4 on every rank, and the ranks' targets still agree."""
+    ranks = _train_on_ranks(tmp_path_factory, OPTIONS + [
+        'custom_hooks.0.base_batch_size=512'])
+    max_iters = ranks[0]['max_iters']
+    expected = [reference_momentum(k, max_iters, 0.99)**0.25
+                for k in range(max_iters)]
+    for result in ranks:
+        assert [k for k, _ in result['seen']] == list(range(max_iters))
+        assert [m for _, m in result['seen']] == pytest.approx(
+            expected, rel=0, abs=1e-15)
+    first, second = ranks
+    for name, weight in first['target'].items():
+        assert torch.equal(weight, second['target'][name]), name

@@ -5,25 +5,16 @@ broadcast rank 0's weights into both networks in place and average the
 gradients, so both ranks end with the same online and target networks, the
 target equal to a float64 EMA replayed from the recorded online weights.
 """
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from momentum_testing import (TinyBYOL, assert_all_equal,
-                              assert_matches_reference,
-                              replay_ema, snapshot)
+from momentum_testing import (SHARDED_WORLD_SIZE, TinyBYOL, assert_all_equal,
+                              assert_matches_reference, free_port,
+                              launch_ranks, replay_ema, snapshot)
 from torch.nn.parallel import DistributedDataParallel
 
-WORLD_SIZE = 2
+WORLD_SIZE = SHARDED_WORLD_SIZE
 MOMENTA = [0.9, 0.99, 0.5]
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 def train_rank(rank, port, out_dir):
@@ -56,15 +47,8 @@ def train_rank(rank, port, out_dir):
 @pytest.fixture(scope='module')
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp('ddp')
-    # Forked ranks start at once; spawned ones would first import torch,
-    # mmcv and MMEngine again, which costs seconds each.
-    start_method = ('fork' if 'fork' in mp.get_all_start_methods() else
-                    'spawn')
-    mp.start_processes(train_rank, args=(free_port(), out_dir),
-                       nprocs=WORLD_SIZE, join=True,
-                       start_method=start_method)
-    return [torch.load(out_dir / f'rank{rank}.pth')
-            for rank in range(WORLD_SIZE)]
+    return launch_ranks(train_rank, (free_port(), out_dir), out_dir,
+                        'spawn')
 
 
 def test_ranks_agree_and_the_target_matches_the_reference(ranks):

@@ -29,8 +29,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from doc_snippets import code_block
-from momentum_testing import (SHARDED_WORLD_SIZE, Interrupt,
+from momentum_testing import (SHARDED_WORLD_SIZE, ZERO3_ON_GLOO, Interrupt,
                               assert_matches_reference, free_port,
+                              gather_zero3,
                               launch_ranks, raised, reference_momentum,
                               replay_ema, run_scenarios)
 from torch import nn
@@ -98,14 +99,11 @@ def unwrapped(runner):
 
 def gather(runner, network):
     """The whole parameters of ``network`` (a list), from every rank."""
-    import deepspeed
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     params = list(network.parameters())
     if hasattr(params[0], 'ds_tensor'):
-        context = deepspeed.zero.GatheredParameters(params)
-    else:
-        context = FSDP.summon_full_params(runner.model, writeback=False)
-    with context:
+        return gather_zero3(params)
+    with FSDP.summon_full_params(runner.model, writeback=False):
         return [param.detach().clone() for param in network.parameters()]
 
 
@@ -150,10 +148,13 @@ def fsdp_strategy(policy=True, cls='FSDPStrategy', **options):
     return dict(type=cls, model_wrapper=wrapper, **options)
 
 
-def deepspeed_strategy(accumulation=1, stage=3):
+def deepspeed_strategy(accumulation=1, stage=3, sequential=True):
+    zero = dict(stage=stage)
+    if stage == 3 and sequential:
+        zero.update(ZERO3_ON_GLOO)
     return dict(type='DeepSpeedStrategy',
                 config=dict(zero_allow_untested_optimizer=True),
-                zero_optimization=dict(stage=stage),
+                zero_optimization=zero,
                 gradient_accumulation_steps=accumulation,
                 train_micro_batch_size_per_gpu=2)
 
@@ -327,6 +328,9 @@ def launches(out_dir):
         'fsdp resumed, local state dict': functools.partial(
             interrupted_and_resumed, strategy=fsdp(cls=resume_fsdp),
             accumulation=2),
+    }, {
+        'zero3 gathering all at once on gloo': functools.partial(
+            refused, strategy=zero(sequential=False)),
     }]
     return [{name: functools.partial(scenario, work_dir(name))
              if isinstance(scenario, functools.partial) else scenario

@@ -228,8 +228,9 @@ def test_the_log_says_which_hook_was_built_before_iteration_one(tmp_path):
     assert f'ToyBYOL from base_momentum={BASE} over 4 iterations' in log
 
 
+@pytest.mark.parametrize('base_batch_size', [None, 8])
 @pytest.mark.parametrize('kind', ['iter', 'epoch'])
-def test_resume_gives_the_uninterrupted_run(tmp_path, kind):
+def test_resume_gives_the_uninterrupted_run(tmp_path, kind, base_batch_size):
     """Interrupt at iteration ``stop``, resume a fresh model, compare.
 
     The epoch runner's CheckpointHook writes ``epoch_2.pth``. The iter
@@ -237,7 +238,8 @@ def test_resume_gives_the_uninterrupted_run(tmp_path, kind):
     ``after_train_iter`` with ``meta['iter']`` one less than the iterations
     done, so a resume repeats one iteration (an mmcv quirk, see docs/semantics.md, "Resume").
     There the checkpoint is taken with ``runner.save_checkpoint`` once the
-    interrupted runner has counted its iterations.
+    interrupted runner has counted its iterations. With ``base_batch_size``
+    the resumed run keeps the scaled momenta.
     """
     length, stop = (6, 3) if kind == 'iter' else (3, 8)
     # Every iteration sees the whole data set, so data order cannot matter.
@@ -246,11 +248,11 @@ def test_resume_gives_the_uninterrupted_run(tmp_path, kind):
 
     straight, model_a, rec_a = make_runner(tmp_path / 'a', kind,
                                            length=length)
-    straight.register_hook(MomentumUpdateHook())
+    straight.register_hook(MomentumUpdateHook(base_batch_size=base_batch_size))
     run(straight, data)
 
     first, _, rec_b = make_runner(tmp_path / 'b', kind, length=length)
-    first.register_hook(MomentumUpdateHook())
+    first.register_hook(MomentumUpdateHook(base_batch_size=base_batch_size))
     if kind == 'epoch':
         first.register_checkpoint_hook(dict(interval=1))
     first.register_hook(InterruptBefore(stop), priority='LOWEST')
@@ -264,13 +266,18 @@ def test_resume_gives_the_uninterrupted_run(tmp_path, kind):
     nn.init.normal_(fresh.target.weight)
     resumed, model_c, rec_c = make_runner(tmp_path / 'c', kind, model=fresh,
                                           length=length)
-    resumed.register_hook(MomentumUpdateHook())
+    resumed.register_hook(MomentumUpdateHook(base_batch_size=base_batch_size))
     name = 'epoch_2.pth' if kind == 'epoch' else f'iter_{stop + 1}.pth'
     resumed.resume(str(tmp_path / 'b' / name), map_location='cpu')
     run(resumed, data)
 
     assert rec_c.iters[0] == stop
     assert rec_b.momenta[:stop] + rec_c.momenta == rec_a.momenta
+    max_iters = straight.max_iters
+    kappa = data.batch_size / base_batch_size if base_batch_size else 1
+    assert rec_a.momenta == pytest.approx(
+        [reference_momentum(k, max_iters, BASE)**kappa
+         for k in range(max_iters)], rel=0, abs=1e-15)
     assert_target_equal(model_c, list(model_a.target.parameters()))
 
 

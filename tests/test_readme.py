@@ -8,15 +8,11 @@ import pytest
 import torch
 from doc_snippets import (PAGES, ROOT, anchors, code_block, relative_links,
                           section)
-from momentum_testing import reference_momentum
+from momentum_testing import reference_momentum, run_doc_example
 
 
 def test_the_plain_loop_example_schedules_and_averages():
-    code = code_block('README.md', 'A plain PyTorch loop')
-    assert 'mmcv' not in code and 'mmengine' not in code
-    torch.manual_seed(0)
-    namespace = {}
-    exec(compile(code, 'README.md', 'exec'), namespace)
+    namespace = run_doc_example(ROOT / 'README.md', 'A plain PyTorch loop')
     target, online = namespace['target'], namespace['online']
     assert namespace['m'] == reference_momentum(99, 100, 0.99)
     # The initial weights again: the same seed, the same initialisation.

@@ -15,7 +15,8 @@ from datetime import timedelta
 import pytest
 import torch
 from momentum_testing import (SHARDED_WORLD_SIZE, TinyBYOL,
-                              assert_trainings_match, build_sharded, raised,
+                              ZERO3_ON_GLOO, assert_trainings_match,
+                              build_sharded, gather_zero3, raised,
                               record_sharded_training, run_scenarios,
                               sharded_results)
 
@@ -25,6 +26,8 @@ deepspeed = pytest.importorskip('deepspeed')
 
 
 def config(stage, **zero):
+    if stage == 3:  # see ZERO3_ON_GLOO
+        zero = {**ZERO3_ON_GLOO, **zero}
     return dict(train_micro_batch_size_per_gpu=4,
                 optimizer=dict(type='SGD', params=dict(lr=0.1, momentum=0.9)),
                 zero_optimization=dict(stage=stage, **zero),
@@ -48,9 +51,7 @@ def partitions(network):
 
 
 def gather(network):
-    params = list(network.parameters())
-    with deepspeed.zero.GatheredParameters(params):
-        params = [param.detach().clone() for param in params]
+    params = gather_zero3(network.parameters())
     return params, {name: buffer.detach().clone()
                     for name, buffer in network.named_buffers()}
 
