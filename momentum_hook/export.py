@@ -34,11 +34,10 @@ __all__ = ['full_state_dict', 'export_target']
 
 
 def _user_model(model):
-    """The user's module inside an FSDP1 root as well."""
+    """The user's module, inside the wrappers and an FSDP1 root as well."""
     fsdp = _loaded('torch.distributed.fsdp', 'FullyShardedDataParallel')
-    while fsdp is not None and isinstance(model, fsdp):
-        model = model.module
-    return model
+    return unwrap(model, lambda module: fsdp is not None and
+                  isinstance(module, fsdp))
 
 
 def _rank():
@@ -126,10 +125,10 @@ def export_target(model, path, target='target_net'):
             has no submodule ``target``.
     """
     try:
-        _user_model(unwrap(model)).get_submodule(target)
+        _user_model(model).get_submodule(target)
     except AttributeError:
         names = [name for name, _ in
-                 _user_model(unwrap(model)).named_children()]
+                 _user_model(model).named_children()]
         raise ValueError(
             f'the model has no target network {target!r}: pass '
             f'target=<its attribute path>, one of {names}') from None

@@ -14,7 +14,7 @@ from mmengine.registry import HOOKS
 
 from .registration import register_hook_class
 from .updater import LOG_KEY, MomentumUpdater
-from .wrappers import check_zero3_gathers, loaded, wrapper_chain
+from .wrappers import check_zero3_gathers, loaded, unwrap, wrapper_chain
 
 __all__ = ['MomentumUpdateHook', 'BYOLHook']
 
@@ -87,7 +87,7 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
     """
 
     def unwrap_model(self, model):
-        return _wrapper_chain(model)[-1]
+        return unwrap(model, is_model_wrapper)
 
     def publish(self, runner, momentum):
         runner.message_hub.update_scalar(f'train/{LOG_KEY}', momentum)
