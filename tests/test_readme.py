@@ -9,6 +9,9 @@ import torch
 from doc_snippets import (PAGES, ROOT, anchors, code_block, relative_links,
                           section)
 from momentum_testing import reference_momentum, run_doc_example
+from torch import nn
+
+from momentum_hook import check_momentum_contract
 
 
 def test_the_plain_loop_example_schedules_and_averages():
@@ -86,3 +89,21 @@ def test_the_module_map_matches_the_tree():
     actual |= {path.name + '/' for path in package.iterdir()
                if (path / '__init__.py').exists()}
     assert listed == actual
+
+
+def test_the_mixin_example_meets_the_hook_s_contract():
+    namespace = run_doc_example(ROOT / 'README.md',
+                                'The model contract and the mixin')
+    model = namespace['BYOL'](nn.Linear(3, 4), nn.Linear(4, 2),
+                              nn.Linear(2, 2))
+    check_momentum_contract(model)
+    assert model.base_momentum == model.momentum == 0.99
+    assert not any(p.requires_grad for p in model.target_net.parameters())
+    with torch.no_grad():
+        for param in model.online_net.parameters():
+            param.add_(1.)
+    before = [p.clone() for p in model.target_net.parameters()]
+    model.momentum_update()
+    for old, new, online in zip(before, model.target_net.parameters(),
+                                model.online_net.parameters()):
+        torch.testing.assert_close(new, 0.99 * old + 0.01 * online)
