@@ -17,8 +17,9 @@ from operator import attrgetter, getitem
 import torch
 from torch import nn
 
-from .local_shards import (available_copies, check_alike, gathered_copies,
-                           local_shards, tensor_shard)
+from .local_shards import (agree_across_ranks, available_copies, check_alike,
+                           drop_secondary_partitions, gathered_copies,
+                           local_shards, secondary_partitions, tensor_shard)
 from .validation import check_momentum
 
 __all__ = ['BUFFER_POLICIES', 'momentum_update_', 'ModuleUpdatePlan']
@@ -199,6 +200,13 @@ class ModuleUpdatePlan:
     (``.to()``, ``.cuda()``, ``.half()``) and an unfrozen target. It costs a
     few C-level passes over lists, no walk of the modules.
 
+    In a process group, building a plan is a collective of the default group
+    (one small ``all_gather_object``): every rank must plan at the same
+    point, as the mixin does in ``check_momentum_target()`` and its first
+    ``momentum_update()``, and a refusal on any rank is raised on every rank
+    (:func:`~momentum_hook.local_shards.agree_across_ranks`). :meth:`update_`
+    communicates nothing.
+
     Args:
         target (nn.Module): The target network.
         online (nn.Module): The online network, the same architecture,
@@ -207,13 +215,15 @@ class ModuleUpdatePlan:
 
     Raises:
         ValueError: If the modules differ in parameter count, shape or
-            sharding layout, share memory, hold meta tensors, the target's
-            parameters require grad, or (for ``'copy'`` and ``'average'``)
-            the modules differ in their buffers.
+            sharding layout, share memory, hold meta tensors or ZeRO++
+            quantized partitions, the target's parameters require grad, or
+            (for ``'copy'`` and ``'average'``) differ in their buffers; on
+            every rank, when one refuses.
     """
 
     def __init__(self, target, online, buffers='keep'):
-        shards, buffer_tensors = self._plan(target, online, buffers)
+        shards, buffer_tensors = agree_across_ranks(
+            lambda: self._plan(target, online, buffers))
         self._track(target, online, shards, buffer_tensors)
 
     def _plan(self, target, online, buffers):
@@ -247,6 +257,7 @@ class ModuleUpdatePlan:
         self.steps = _plan_lerp([shard.tensor for shard in targets],
                                 [shard.tensor for shard in onlines])
         self.gathered = gathered_copies(targets, onlines)
+        self.secondary = secondary_partitions(targets)
         return targets + onlines, buffer_tensors
 
     def _track(self, target, online, shards, buffer_tensors):
@@ -280,11 +291,20 @@ class ModuleUpdatePlan:
 
     @torch.no_grad()
     def update_(self, momentum):
-        """``target = momentum * target + (1 - momentum) * online``."""
+        """``target = momentum * target + (1 - momentum) * online``.
+
+        Under DeepSpeed ZeRO-3 it also lerps the gathered copies of
+        persistent parameters, releases a target copy whose online copy is
+        not gathered, and drops the target's ZeRO++ hpZ secondary
+        partitions (see :mod:`~momentum_hook.local_shards`), so that the
+        target's next forward uses the update.
+        """
         momentum = check_momentum(momentum)
         _run_lerp(self.steps, 1.0 - momentum)
         if self.gathered:
             _lerp_gathered(self.gathered, 1.0 - momentum)
+        if self.secondary:  # after _lerp_gathered, which may release copies
+            drop_secondary_partitions(self.secondary)
         if self.buffer_pairs is not None:
             _update_buffers(*self.buffer_pairs, momentum, self.buffers)
 
@@ -310,6 +330,15 @@ def _forget_on_collect(target):
     return forget
 
 
+def _local_plan(target, online, buffers):
+    """A :class:`ModuleUpdatePlan` checked on this rank alone: unlike
+    ``ModuleUpdatePlan(...)``, no verdict is shared across ranks, so the
+    stateless call never communicates."""
+    plan = ModuleUpdatePlan.__new__(ModuleUpdatePlan)
+    plan._track(target, online, *plan._plan(target, online, buffers))
+    return plan
+
+
 def _stateless_plan(target, online, buffers):
     """The cached plan of ``(target, online, buffers)``, or a new one."""
     entry = _STATELESS_PLANS.get(target)
@@ -319,7 +348,7 @@ def _stateless_plan(target, online, buffers):
                 plan.is_current():
             return plan
         del _STATELESS_PLANS[target]  # its tensors go before planning anew
-    plan = ModuleUpdatePlan(target, online, buffers)  # raises before caching
+    plan = _local_plan(target, online, buffers)  # raises before caching
     _STATELESS_PLANS[target] = (
         weakref.ref(online, _forget_on_collect(target)), buffers, plan)
     return plan
@@ -341,7 +370,9 @@ def momentum_update_(target, online, momentum, buffers='keep'):
     for the same ``target`` and reused while it is current (see
     :meth:`ModuleUpdatePlan.is_current`), so a call in a training loop costs
     about what a hand-written ``torch._foreach_lerp_`` costs. The plan is
-    dropped when either network is garbage collected.
+    dropped when either network is garbage collected. Each rank plans and
+    checks alone, without communication; for a verdict shared by all ranks,
+    keep a ``ModuleUpdatePlan`` or use the mixin.
 
     Args:
         target (nn.Module | Sequence[Tensor]): The target network, or its
@@ -393,3 +424,4 @@ def momentum_update_(target, online, momentum, buffers='keep'):
                          [shard.tensor for shard in onlines]),
               1.0 - momentum)
     _lerp_gathered(gathered_copies(targets, onlines), 1.0 - momentum)
+    drop_secondary_partitions(secondary_partitions(targets))

@@ -12,6 +12,7 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
+from .local_shards import check_zero_config
 from .registration import register_hook_class
 from .updater import LOG_KEY, MomentumUpdater
 from .wrappers import check_zero3_gathers, loaded, unwrap, wrapper_chain
@@ -71,7 +72,9 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
     target (``MomentumTargetMixin.check_momentum_target``), the hook has it
     plan the update once before training, after the strategy wrapped the
     model, so that a target sharded unlike the online network stops the run
-    before iteration 1 with the config key to set.
+    before iteration 1 with the config key to set; a ``DeepSpeedStrategy``
+    config with ZeRO++ quantized weights (``zero_quantized_weights``,
+    ``zero_quantized_nontrainable_weights``) is refused there too.
 
     The hook keeps no state: a resumed run (``resume=True``) takes ``k`` from
     the restored ``runner.iter`` and the target from the model's checkpoint.
@@ -129,7 +132,21 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
     def train_loader(self, runner):
         return runner.train_dataloader
 
+    def check_strategy(self, runner):
+        """Refuse a ``DeepSpeedStrategy`` config with ZeRO++ quantized
+        weights (see :func:`~momentum_hook.local_shards.check_zero_config`).
+
+        Raises:
+            ValueError: Naming the option and what to set.
+        """
+        strategy = getattr(runner, 'strategy', None)
+        config = getattr(strategy, 'config', None)
+        if type(strategy).__name__ == 'DeepSpeedStrategy' and \
+                isinstance(config, dict):
+            check_zero_config(config)
+
     def before_train(self, runner):
+        self.check_strategy(runner)
         self.check_runner(runner)
         self.check_target(runner)
 

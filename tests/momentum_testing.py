@@ -8,6 +8,7 @@ import math
 import os
 import socket
 import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -441,6 +442,37 @@ def sharded_results(rank_main, out_dir, scenarios, start_method='spawn'):
     ranks = launch_ranks(rank_main, (free_port(), out_dir), out_dir,
                          start_method)
     return {name: [rank[name] for rank in ranks] for name in scenarios}
+
+
+def launch_each(rank_main, base, launches, start_method='spawn'):
+    """Launch ``rank_main(rank, port, out_dir, index)`` on two ranks once per
+    scenario table of ``launches``, in ``base/launch<index>``.
+
+    Returns:
+        dict: ``results[name]``, the two ranks' results of scenario ``name``.
+    """
+    results = {}
+    for index, scenarios in enumerate(launches):
+        out_dir = base / f'launch{index}'
+        out_dir.mkdir()
+        ranks = launch_ranks(rank_main, (free_port(), out_dir, index),
+                             out_dir, start_method)
+        results.update({name: [rank[name] for rank in ranks]
+                        for name in scenarios})
+    return results
+
+
+def init_deepspeed_rank(rank, port):
+    """Make this process rank ``rank`` of a two-rank DeepSpeed run on the
+    CPU (``DS_ACCELERATOR=cpu``, gloo)."""
+    torch.set_num_threads(1)
+    os.environ.update(DS_ACCELERATOR='cpu', RANK=str(rank),
+                      LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(SHARDED_WORLD_SIZE),
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    import deepspeed
+    deepspeed.init_distributed(dist_backend='gloo',
+                               timeout=timedelta(seconds=60))
 
 
 def assert_trainings_match(results, trainings, name):

@@ -11,9 +11,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from mmcv.runner import Hook
-from momentum_testing import free_port, reference_momentum
+from momentum_testing import free_port, launch_ranks, reference_momentum
 
 from momentum_hook.demo.train import (default_config_path, init_distributed,
                                       load_config, train)
@@ -60,20 +59,16 @@ def _rank(rank, port, work_dir, out_dir, options=OPTIONS):
                          model.online_net.named_parameters()},
                  initial={k: v.clone() for k, v in
                           initial.target_net.named_parameters()}),
-            os.path.join(out_dir, f'rank{rank}.pt'))
+            os.path.join(out_dir, f'rank{rank}.pth'))
     finally:
         dist.destroy_process_group()
 
 
 def _train_on_ranks(tmp_path_factory, options=OPTIONS):
     work_dir = str(tmp_path_factory.mktemp('work'))
-    out_dir = str(tmp_path_factory.mktemp('ranks'))
-    mp.spawn(_rank, args=(free_port(), work_dir, out_dir, options),
-             nprocs=WORLD_SIZE, join=True)
-    return [
-        torch.load(os.path.join(out_dir, f'rank{r}.pt'), weights_only=False)
-        for r in range(WORLD_SIZE)
-    ]
+    out_dir = tmp_path_factory.mktemp('ranks')
+    return launch_ranks(_rank, (free_port(), work_dir, out_dir, options),
+                        out_dir, 'spawn')
 
 
 @pytest.fixture(scope='module')

@@ -7,15 +7,17 @@ The tests judge those records against a float64 EMA replayed from the
 recorded online weights, and the failure scenarios by their errors.
 """
 import functools
+import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 from momentum_testing import (SHARDED_WORLD_SIZE, TinyBYOL,
-                              assert_trainings_match, build_sharded, raised,
+                              assert_trainings_match, build_sharded,
+                              free_port, launch_ranks, raised,
                               record_sharded_training, run_scenarios,
-                              sharded_results)
+                              sharded_batch, sharded_results)
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -24,6 +26,7 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.distributed.tensor import DTensor, Shard
 
 from momentum_hook import momentum_update_
+from momentum_hook.local_shards import check_zero_config
 from momentum_hook.sharding import fully_shard_pair
 
 POLICIES = ('keep', 'copy', 'average')
@@ -89,21 +92,31 @@ def fsdp2_meta(rank):
     model.momentum_update()
 
 
-def fsdp2_rank_differs(rank):
-    """Rank 1's target shard is not laid out like its online shard.
+def fsdp2_one_rank_differs(rank):
+    """Rank 1 shards its target's 2-D weights by columns, rank 0 like the
+    online network, by rows: only rank 1's shards do not correspond.
 
-    Returns what rank 0 computed; rank 1 must raise.
+    Plans as the hooks do before training, then trains as a run would.
+    Returns the error, with the seconds from planning to the error, or
+    ``'trained'``.
     """
+    model, online, target = build_sharded('keep')
     mesh = init_device_mesh('cpu', (SHARDED_WORLD_SIZE,))
-
-    def dtensor(value, size):
-        return DTensor.from_local(torch.full((size,), value), mesh,
-                                  [Shard(0)], run_check=False, shape=(4,),
-                                  stride=(1,))
-    target = [dtensor(1.0, 2 if rank == 0 else 3)]
-    online = [dtensor(3.0, 2)]
-    momentum_update_(target, online, 0.75)
-    return target[0].to_local()
+    fully_shard(online, mesh=mesh)
+    fully_shard(target, mesh=mesh, shard_placement_fn=lambda param: (
+        Shard(1) if rank == 1 and param.ndim == 2 and param.shape[1] % 2 == 0
+        else None))
+    start = time.monotonic()
+    try:
+        model.check_momentum_target()
+        train_step = sgd_step(model)
+        for step in range(2):
+            train_step(sharded_batch(rank, step))
+            model.momentum_update()
+    except Exception as error:
+        return ('raised', type(error).__name__, str(error),
+                time.monotonic() - start)
+    return 'trained'
 
 
 # --- FSDP1 -----------------------------------------------------------------
@@ -175,7 +188,6 @@ SCENARIOS = {
     'fsdp2 mismatched placements': fsdp2_mismatched_placements,
     'fsdp2 online only': fsdp2_online_only,
     'fsdp2 meta': fsdp2_meta,
-    'fsdp2 rank differs': fsdp2_rank_differs,
     **{f'fsdp1 root only orig={orig}': functools.partial(
         fsdp1_shared_unit, orig, ()) for orig in (False, True)},
     **{f'fsdp1 linear units, batchnorm in root orig={orig}':
@@ -239,12 +251,34 @@ def test_unlike_or_unusable_shards_are_refused(results, name):
             assert fragment in message
 
 
-def test_only_the_rank_whose_shard_differs_refuses(results):
-    first, second = results['fsdp2 rank differs']
-    # Rank 0's shards line up: updated, 0.75 * 1 + 0.25 * 3.
-    torch.testing.assert_close(first, torch.full((2,), 1.5))
-    message = raised(second)
-    assert 'tensors 0 differs' in message and '(3,)' in message
+def one_rank_differs_main(rank, port, out_dir):
+    torch.set_num_threads(1)
+    # A rank left waiting in a collective would give up after 30 s.
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}',
+                            rank=rank, world_size=SHARDED_WORLD_SIZE,
+                            timeout=timedelta(seconds=30))
+    run_scenarios(rank, {'one rank differs': fsdp2_one_rank_differs},
+                  out_dir)
+
+
+def test_every_rank_refuses_a_shard_that_differs_on_one_rank(tmp_path):
+    """Only rank 1 sees the mismatch; both raise its error at plan time,
+    within seconds, instead of rank 0 training into a collective that
+    rank 1 never joins."""
+    ranks = launch_ranks(one_rank_differs_main, (free_port(), tmp_path),
+                         tmp_path, 'fork')
+    messages = []
+    for rank, result in enumerate(ranks):
+        result = result['one rank differs']
+        assert result[:2] == ('raised', 'ValueError'), (rank, result)
+        assert result[3] < 10, (rank, result)  # seconds to the verdict
+        messages.append(result[2])
+    assert messages[0] == messages[1]
+    assert messages[0].startswith(
+        'rank 1 of 2 refused the momentum target (rank 0 found nothing '
+        'wrong: the layout differs between ranks): parameters 0 differs '
+        "between target (0.weight: DTensor (3, 4), (Shard(dim=1),)")
+    assert 'fully_shard_pair' in messages[0]
 
 
 # --- fully_shard_pair's own checks, before anything is sharded -------------
@@ -269,3 +303,28 @@ def test_fully_shard_pair_checks_its_arguments(online, submodules, error,
                                                match):
     with pytest.raises(error, match=match):
         fully_shard_pair(online, nn.Linear(2, 2), submodules=submodules)
+
+
+# --- ZeRO++ options, from a DeepSpeed config --------------------------------
+
+@pytest.mark.parametrize('config', [
+    None, {}, dict(zero_optimization=None),
+    dict(zero_optimization=dict(stage=3, zero_hpz_partition_size=8,
+                                zero_quantized_gradients=True,
+                                zero_quantized_weights=False))])
+def test_check_zero_config_accepts_what_the_update_handles(config):
+    check_zero_config(config)
+
+
+@pytest.mark.parametrize('options', [
+    ('zero_quantized_weights',), ('zero_quantized_nontrainable_weights',),
+    ('zero_quantized_weights', 'zero_quantized_nontrainable_weights')])
+def test_check_zero_config_refuses_quantized_weights(options):
+    config = dict(zero_optimization=dict(stage=3, **dict.fromkeys(options,
+                                                                  True)))
+    with pytest.raises(ValueError) as error:
+        check_zero_config(config)
+    assert str(error.value).startswith(
+        f'the DeepSpeed config sets {" and ".join(options)}=True: ')
+    assert ('zero_quantized_weights=False, '
+            'zero_quantized_nontrainable_weights=False') in str(error.value)

@@ -9,16 +9,14 @@ steps; the target is checked both ways: gathered by DeepSpeed, and rebuilt
 here from the ranks' partitions.
 """
 import functools
-import os
-from datetime import timedelta
 
 import pytest
 import torch
-from momentum_testing import (SHARDED_WORLD_SIZE, TinyBYOL,
-                              ZERO3_ON_GLOO, assert_trainings_match,
-                              build_sharded, gather_zero3, raised,
-                              record_sharded_training, run_scenarios,
-                              sharded_results)
+from momentum_testing import (SHARDED_WORLD_SIZE, TinyBYOL, ZERO3_ON_GLOO,
+                              assert_trainings_match, build_sharded,
+                              gather_zero3, init_deepspeed_rank, raised,
+                              record_sharded_training, replay_ema,
+                              run_scenarios, sharded_results)
 
 from momentum_hook import momentum_update_
 
@@ -51,23 +49,39 @@ def partitions(network):
 
 
 def gather(network):
-    params = gather_zero3(network.parameters())
-    return params, {name: buffer.detach().clone()
-                    for name, buffer in network.named_buffers()}
+    return gather_zero3(network.parameters()), {
+        name: buffer.detach().clone()
+        for name, buffer in network.named_buffers()}
 
 
-def training(stage, buffers, functional=False, zero_init=False, rank=0,
-             **zero):
+def record_forward(network):
+    """``network``'s forward passes: a list of ``(input, output)``."""
+    calls = []
+    network.register_forward_hook(lambda module, args, output: calls.append(
+        (args[0].detach().clone(), output.detach().clone())))
+    return calls
+
+
+def training(stage, buffers, functional=False, zero_init=False,
+             read_online=False, rank=0, **zero):
+    """Train and record (``record_sharded_training``), with the target's
+    forward passes. ``read_online``: gather the online network between each
+    optimizer step and the update, as a user's hook may (which releases the
+    gathered copies of its persistent parameters)."""
     if zero_init:  # partitioned as built: the target copies placeholders
         with deepspeed.zero.Init(config_dict_or_path=config(stage, **zero)):
             model, online, target = build_sharded(buffers)
     else:
         model, online, target = build_sharded(buffers)
+    forwards = record_forward(target)
     wrapped = engine(model, stage, **zero)
 
     def train_step(batch):
         wrapped.backward(wrapped(batch))
         wrapped.step()
+        if read_online:
+            with deepspeed.zero.GatheredParameters(list(online.parameters())):
+                pass
 
     def update():
         momentum_update_(target, online, model.momentum, buffers)
@@ -76,6 +90,7 @@ def training(stage, buffers, functional=False, zero_init=False, rank=0,
                                      update if functional else None)
     if stage == 3:
         record['partitions'] = partitions(target)
+    record['forwards'] = forwards
     return record
 
 
@@ -111,6 +126,23 @@ TRAININGS = {
     'zero3 copy, none persistent, momentum_update_': (
         'copy', functools.partial(training, 3, 'copy', True,
                                   stage3_param_persistence_threshold=0)),
+    # ZeRO++ hpZ: frozen parameters are gathered from secondary partitions.
+    'zero3 hpz, none persistent': ('keep', functools.partial(
+        training, 3, 'keep', zero_hpz_partition_size=2,
+        stage3_param_persistence_threshold=0)),
+    'zero3 hpz, some persistent': ('keep', functools.partial(
+        training, 3, 'keep', zero_hpz_partition_size=2,
+        stage3_param_persistence_threshold=10)),
+    'zero3 all persistent, online read before the update': (
+        'keep', functools.partial(training, 3, 'keep', read_online=True)),
+    'zero3 hpz, some persistent, online read before the update': (
+        'average', functools.partial(
+            training, 3, 'average', read_online=True,
+            zero_hpz_partition_size=2,
+            stage3_param_persistence_threshold=10)),
+    'zero3 hpz, momentum_update_': ('keep', functools.partial(
+        training, 3, 'keep', True, zero_hpz_partition_size=2,
+        stage3_param_persistence_threshold=0)),
 }
 
 SCENARIOS = {
@@ -121,13 +153,7 @@ SCENARIOS = {
 
 
 def rank_main(rank, port, out_dir):
-    torch.set_num_threads(1)
-    os.environ.update(DS_ACCELERATOR='cpu', RANK=str(rank),
-                      LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(SHARDED_WORLD_SIZE),
-                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend='gloo',
-                               timeout=timedelta(seconds=60))
+    init_deepspeed_rank(rank, port)
     run_scenarios(rank, SCENARIOS, out_dir)
 
 
@@ -146,6 +172,47 @@ def test_the_zero_target_matches_the_reference(results, name):
             final = record['final'][0]
             for rebuilt, gathered in zip(record['partitions'], final):
                 torch.testing.assert_close(rebuilt, gathered)
+
+
+def replayed_forward(record, steps, buffers):
+    """The target's forward input of training step ``steps`` through a
+    float64 copy of the target after ``steps`` replayed updates, its
+    buffers as the ``buffers`` policy made them."""
+    momenta = record['momenta'][:steps]
+    weights = replay_ema(record['initial'][0],
+                         [params for params, _ in record['online'][:steps]],
+                         momenta)
+    network = TinyBYOL().target_net.double().eval()
+    names = [name for name, _ in network.named_parameters()]
+    state = dict(zip(names, weights))
+    for name, initial in record['initial'][1].items():
+        history = [[online[name]] for _, online in record['online'][:steps]]
+        if buffers == 'keep':
+            state[name] = initial
+        elif buffers == 'copy' or not initial.is_floating_point():
+            state[name] = history[-1][0]
+        else:  # 'average'
+            state[name] = replay_ema([initial], history, momenta)[0]
+        if state[name].is_floating_point():
+            state[name] = state[name].double()
+    inputs = record['forwards'][steps][0]
+    return torch.func.functional_call(network, state, (inputs.double(),))
+
+
+@pytest.mark.parametrize('name', TRAININGS)
+def test_the_target_forward_uses_the_updated_weights(results, name):
+    """What the model computes with the target, after each update, against a
+    float64 replay of the forward itself (ZeRO++ hpZ gathers from other
+    tensors than GatheredParameters reads)."""
+    for record in results[name]:
+        assert isinstance(record, dict), record  # not an error
+        forwards = record['forwards']
+        assert len(forwards) == len(record['momenta'])  # one per step
+        for steps in range(1, len(forwards)):
+            torch.testing.assert_close(
+                forwards[steps][1].double(),
+                replayed_forward(record, steps, TRAININGS[name][0]),
+                rtol=1e-5, atol=1e-6, msg=f'{name}: forward {steps}')
 
 
 def test_a_target_outside_the_engine_is_refused(results):
