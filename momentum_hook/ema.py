@@ -8,9 +8,16 @@ The tensors are each rank's local shards (:mod:`~momentum_hook.local_shards`),
 grouped by device and dtype; each group is updated by one
 ``torch._foreach_lerp_``, a few kernel launches for the whole group. The
 user's tensors are never moved, re-laid out or re-allocated. Nothing here
-synchronises host and device: the momentum is a Python float.
+synchronises host and device in a regular update: the momentum is a Python
+float.
+
+A float16/bfloat16 target tensor is updated through a float32 master of it
+(:class:`TargetMasters`, kept by :class:`ModuleUpdatePlan` and
+:class:`~momentum_hook.MomentumTargetMixin`): the lerp runs in float32 and
+the target receives the rounded result. The stateless
+:func:`momentum_update_` refuses such a target. Only after the target was
+written elsewhere (a load) are masters and targets compared, on the host.
 """
-import warnings
 import weakref
 from operator import attrgetter, getitem
 
@@ -22,7 +29,8 @@ from .local_shards import (agree_across_ranks, available_copies, check_alike,
                            local_shards, secondary_partitions, tensor_shard)
 from .validation import check_momentum
 
-__all__ = ['BUFFER_POLICIES', 'momentum_update_', 'ModuleUpdatePlan']
+__all__ = ['BUFFER_POLICIES', 'momentum_update_', 'ModuleUpdatePlan',
+           'TargetMasters']
 
 #: What :func:`momentum_update_` does with the target module's buffers.
 #:
@@ -39,7 +47,10 @@ BUFFER_POLICIES = ('keep', 'copy', 'average')
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _REQUIRES_GRAD = attrgetter('requires_grad')
-_warned_dtypes = set()
+#: The elements of one block of a master update: the online block is cast
+#: into a float32 scratch buffer of this size, lerped into the master and the
+#: master block rounded into the target while the block is still in cache.
+_BLOCK = 1 << 16
 
 
 def _as_tensor_list(tensors, name):
@@ -52,18 +63,6 @@ def _as_tensor_list(tensors, name):
             raise TypeError(f'{name}[{index}] must be a tensor, got '
                             f'{type(tensor).__name__}')
     return tensors
-
-
-def _warn_if_lost(dtype, weight):
-    """Warn once per dtype when ``weight`` steps round to nothing in it."""
-    eps = torch.finfo(dtype).eps
-    if 0.0 < weight < eps and dtype not in _warned_dtypes:
-        _warned_dtypes.add(dtype)
-        warnings.warn(
-            f'1 - momentum = {weight:.3g} is below the {dtype} machine epsilon '
-            f'{eps:.3g}: most target updates in {dtype} round to no change. '
-            'Keep the target network in float32 (autocast still computes in '
-            'low precision).', RuntimeWarning, stacklevel=3)
 
 
 def _trainable(shard):
@@ -101,60 +100,237 @@ def check_frozen(trainables, names):
             'updated')
 
 
-def _grouped(targets, onlines):
+def _grouped(targets, onlines, masters):
     groups = {}
-    for target, online in zip(targets, onlines):
+    for target, online, master in zip(targets, onlines, masters):
         key = (target.device, target.dtype, online.device, online.dtype)
-        pair = groups.setdefault(key, ([], []))
-        pair[0].append(target)
-        pair[1].append(online)
+        group = groups.setdefault(key, ([], [], []))
+        group[0].append(target)
+        group[1].append(online)
+        group[2].append(master)
     return groups
 
 
-def _plan_lerp(targets, onlines):
+def _blocks(target, online, master):
+    """The three as pieces of at most ``_BLOCK`` elements (flat views), or
+    whole when small or when one of them cannot be viewed flat."""
+    triple = (target, online, master)
+    if target.numel() <= _BLOCK or not all(
+            tensor.is_contiguous() for tensor in triple):
+        return [triple]
+    return list(zip(*(tensor.view(-1).split(_BLOCK) for tensor in triple)))
+
+
+def _chunks(targets, onlines, masters):
+    """The master update of one device/dtype group, in cache-sized blocks.
+
+    Returns:
+        list[tuple]: ``(targets, onlines, masters, scratch)`` lists of
+        views of at most ``_BLOCK`` elements in all (a tensor that cannot be
+        split, alone), ``scratch`` the views of one float32 buffer, shaped
+        like the online views, that the cast writes into.
+    """
+    pieces = [piece for triple in zip(targets, onlines, masters)
+              for piece in _blocks(*triple)]
+    buffer = torch.empty(max(_BLOCK, *(p[0].numel() for p in pieces)),
+                         dtype=torch.float32, device=masters[0].device)
+    chunks, current, size = [], [], 0
+    for piece in pieces + [None]:
+        if current and (piece is None or size + piece[0].numel() > _BLOCK):
+            group_t, group_o, group_m = map(list, zip(*current))
+            offsets = [0]
+            for tensor in group_o:
+                offsets.append(offsets[-1] + tensor.numel())
+            scratch = [buffer[a:b].view(tensor.shape) for a, b, tensor in
+                       zip(offsets, offsets[1:], group_o)]
+            chunks.append((group_t, group_o, group_m, scratch))
+            current, size = [], 0
+        if piece is not None:
+            current.append(piece)
+            size += piece[0].numel()
+    return chunks
+
+
+def _plan_lerp(targets, onlines, masters=None):
     """The kernels that lerp ``targets`` towards ``onlines``, as a list.
 
-    One entry per device/dtype group: ``(kind, targets, onlines, dtype)``
-    with kind ``'foreach'`` (one ``torch._foreach_lerp_``) or ``'cast'``
-    (online tensors on another device or dtype, converted one by one).
+    One entry per device/dtype group: ``(kind, targets, onlines, extra)``
+    with kind ``'foreach'`` (one ``torch._foreach_lerp_``), ``'cast'``
+    (online tensors on another device or dtype, converted one by one; extra
+    is the target dtype) or ``'master'`` (a float16/bfloat16 target with
+    float32 ``masters``, a list parallel to ``targets``; extra is the group
+    in chunks, see :func:`_lerp_masters`).
     """
+    masters = [None] * len(targets) if masters is None else masters
     steps = []
-    for (device, dtype, online_device, online_dtype), (group_t, group_o) in \
-            _grouped(targets, onlines).items():
+    for (device, dtype, online_device, online_dtype), group in \
+            _grouped(targets, onlines, masters).items():
+        if dtype in _LOW_PRECISION and group[2][0] is not None:
+            steps.append(('master', *group[:2], _chunks(*group)))
+            continue
         same = (device, dtype) == (online_device, online_dtype)
-        steps.append(('foreach' if same else 'cast', group_t, group_o, dtype))
+        steps.append(('foreach' if same else 'cast', *group[:2], dtype))
     return steps
 
 
+def _lerp_masters(chunks, weight):
+    """Lerp float32 masters, then round them into their targets.
+
+    ``master = lerp(master, float32(online), weight)``, ``target = master``
+    (rounded to the target's dtype), block by block (:func:`_chunks`): the
+    online block is cast into a float32 scratch buffer, lerped into the
+    master and the master copied into the target while the block is in
+    cache, so that memory traffic stays close to one lerp. No allocation.
+    """
+    for targets, onlines, masters, scratch in chunks:
+        if len(targets) == 1:
+            scratch[0].copy_(onlines[0])
+            masters[0].lerp_(scratch[0], weight)
+            targets[0].copy_(masters[0])
+        else:
+            torch._foreach_copy_(scratch, onlines)
+            torch._foreach_lerp_(masters, scratch, weight)
+            torch._foreach_copy_(targets, masters)
+
+
 def _run_lerp(steps, weight):
-    for kind, target, online, dtype in steps:
-        if dtype in _LOW_PRECISION:
-            _warn_if_lost(dtype, weight)
+    for kind, target, online, extra in steps:
         if kind == 'foreach':
             torch._foreach_lerp_(target, online, weight)
+        elif kind == 'master':
+            _lerp_masters(extra, weight)
         else:
             for target_tensor, online_tensor in zip(target, online):
                 target_tensor.lerp_(
-                    online_tensor.to(device=target_tensor.device, dtype=dtype),
+                    online_tensor.to(device=target_tensor.device, dtype=extra),
                     weight)
 
 
-def _lerp_gathered(pairs, weight):
-    """Lerp the gathered copies of persistent ZeRO-3 pairs, when there."""
+def _lerp_gathered(pairs, weight, masters=None, recheck=False):
+    """Lerp the gathered copies of persistent ZeRO-3 pairs, when there.
+
+    Low-precision copies go through their float32 masters in ``masters``
+    (a :class:`TargetMasters`).
+    """
     targets, onlines = available_copies(pairs)
     if targets:
-        _run_lerp(_plan_lerp(targets, onlines), weight)
+        copies = None if masters is None else masters.for_copies(
+            targets, recheck)
+        _run_lerp(_plan_lerp(targets, onlines, copies), weight)
 
 
-def _update_buffers(targets, onlines, momentum, policy):
-    averaged, copied = [], []
-    for pair in zip(targets, onlines):
-        floating = pair[0].is_floating_point() and pair[1].is_floating_point()
-        (averaged if floating and policy == 'average' else copied).append(pair)
-    if averaged:
-        _run_lerp(_plan_lerp(*zip(*averaged)), 1.0 - momentum)
-    for target_buffer, online_buffer in copied:
-        target_buffer.copy_(online_buffer)
+def _version(tensor):
+    return tensor._version
+
+
+def _is_low_precision(tensor):
+    return tensor.dtype in _LOW_PRECISION
+
+
+def _rounds_to(master, target):
+    """Whether ``target`` holds ``master`` rounded to its dtype."""
+    return (master.shape == target.shape and
+            torch.equal(master.to(target.device, target.dtype), target))
+
+
+class TargetMasters:
+    """The float32 masters of one target network's low-precision tensors.
+
+    A target tensor stored in float16 or bfloat16 cannot take the small
+    steps of an EMA: ``(1 - m) * (online - target)`` is mostly below half an
+    ulp of the target, so ``target.lerp_`` rounds it to no change. Each such
+    local tensor gets a float32 master here, on its device; the update lerps
+    the master and copies it, rounded, into the target
+    (:class:`ModuleUpdatePlan`). A target in float32 or float64 has none.
+
+    Masters are kept by the name of the local tensor (the parameter's or
+    buffer's name in the target, or the FSDP1 unit's), so that they survive
+    a new plan. A master is used only while its target holds it rounded;
+    when the target was written otherwise (``load_state_dict``, an in-place
+    write, a reload of the same values under another name), the master
+    restarts from the target's values, or from a master loaded with it
+    (:meth:`load`) that rounds to the loaded values.
+    """
+
+    def __init__(self):
+        self.tensors = {}  # name -> the float32 master
+        self.loaded = {}  # name -> a master from a checkpoint, not bound yet
+        self.stale = False  # the target was loaded: check the masters
+        self._copies = {}  # id(param) -> (param, master) of gathered copies
+
+    def bind(self, names, targets):
+        """The masters of ``targets``, reused where they round to them."""
+        masters, bound = [], {}
+        for name, target in zip(names, targets):
+            master = None
+            for candidate in (self.loaded.get(name), self.tensors.get(name)):
+                if candidate is not None and _rounds_to(candidate, target):
+                    master = candidate.to(target.device)
+                    break
+            if master is None:
+                master = target.to(torch.float32, copy=True)
+            bound[name] = master
+            masters.append(master)
+        self.tensors, self.loaded, self.stale = bound, {}, False
+        return masters
+
+    def resync(self, names, targets):
+        """Re-check bound masters in place after their targets changed."""
+        for name, target in zip(names, targets):
+            master, loaded = self.tensors[name], self.loaded.get(name)
+            if loaded is not None and _rounds_to(loaded, target):
+                master.copy_(loaded)
+            elif not _rounds_to(master, target):
+                master.copy_(target)
+        self.loaded, self.stale = {}, False
+
+    def for_copies(self, copies, recheck=False):
+        """The masters of persistent ZeRO-3 gathered copies (whole tensors).
+
+        Kept by the copy's address: a copy DeepSpeed gathered anew (another
+        address) starts a new master from its values, unless the old one
+        still rounds to them.
+        """
+        masters, kept = [], {}
+        for copy in copies:
+            master = self._copies.get(copy.data_ptr())
+            if master is not None and (master.shape != copy.shape or (
+                    recheck and not _rounds_to(master, copy))):
+                master = None
+            if master is None:
+                master = copy.to(torch.float32, copy=True)
+            kept[copy.data_ptr()] = master
+            masters.append(master)
+        self._copies = kept
+        return masters
+
+    def state(self):
+        """The masters to save, by name (a loaded one not bound yet wins)."""
+        return {**self.tensors, **self.loaded}
+
+    def load(self, masters):
+        """Keep ``masters`` (by name) from a checkpoint; check them at the
+        next update against the loaded target."""
+        self.loaded = {name: tensor.detach().to(torch.float32, copy=True)
+                       for name, tensor in masters.items()}
+        self.stale = True
+
+
+def _refuse_low_precision(names, tensors):
+    """Refuse a stateless update of a float16/bfloat16 target tensor."""
+    for name, tensor in zip(names, tensors):
+        if _is_low_precision(tensor):
+            raise ValueError(
+                f'target tensor {name!r} is {tensor.dtype}: momentum_update_ '
+                'keeps no state, and an EMA stored in '
+                f'{tensor.dtype} rounds most small steps (1 - momentum) * '
+                '(online - target) to no change, so the target would stall. '
+                'Keep a float32 master of it: use MomentumTargetMixin '
+                '(model.momentum_update()) or a ModuleUpdatePlan(target, '
+                'online) kept across updates (plan.update_(momentum)), which '
+                'keep one for you; or update a float32 copy you own, '
+                'momentum_update_(master, online, momentum), and copy it '
+                'into the target (target.copy_(master))')
 
 
 def check_buffer_policy(buffers):
@@ -212,6 +388,11 @@ class ModuleUpdatePlan:
         online (nn.Module): The online network, the same architecture,
             sharded the same way.
         buffers (str): One of :data:`BUFFER_POLICIES`.
+        masters (TargetMasters): Where the float32 masters of the target's
+            float16/bfloat16 tensors are kept (4 bytes per local element of
+            those, on their device); a new store by default. Pass the same
+            store to a new plan of the same pair so that the masters
+            survive it.
 
     Raises:
         ValueError: If the modules differ in parameter count, shape or
@@ -221,13 +402,18 @@ class ModuleUpdatePlan:
             every rank, when one refuses.
     """
 
-    def __init__(self, target, online, buffers='keep'):
+    def __init__(self, target, online, buffers='keep', masters=None):
+        masters = TargetMasters() if masters is None else masters
         shards, buffer_tensors = agree_across_ranks(
-            lambda: self._plan(target, online, buffers))
+            lambda: self._plan(target, online, buffers, masters))
         self._track(target, online, shards, buffer_tensors)
 
-    def _plan(self, target, online, buffers):
+    def _plan(self, target, online, buffers, masters):
         """Find, check and group the local tensors of both networks.
+
+        Args:
+            masters (TargetMasters): Where the float32 masters of
+                low-precision target tensors are kept; None refuses them.
 
         Returns:
             tuple[list[LocalShard], list[Tensor]]: The shards of both
@@ -244,21 +430,44 @@ class ModuleUpdatePlan:
                 'the online network has no parameters, so the momentum '
                 'update would do nothing: pass the networks themselves '
                 '(e.g. a wrapped model\'s online and target submodules)')
-        self.buffer_pairs = None
-        buffer_tensors = []
+        lerped = [(t.name, t.tensor, o.tensor)
+                  for t, o in zip(targets, onlines)]
+        self.buffer_copies, buffer_tensors = [], []
         if buffers != 'keep':  # checked before anything is written
             buffer_shards = [[tensor_shard(name, tensor)
                               for name, tensor in module.named_buffers()]
                              for module in (target, online)]
             check_alike(*buffer_shards, what='buffers')
-            self.buffer_pairs = [[shard.tensor for shard in side]
-                                 for side in buffer_shards]
-            buffer_tensors = self.buffer_pairs[0] + self.buffer_pairs[1]
-        self.steps = _plan_lerp([shard.tensor for shard in targets],
-                                [shard.tensor for shard in onlines])
+            for t, o in zip(*buffer_shards):
+                buffer_tensors += [t.tensor, o.tensor]
+                if buffers == 'average' and t.tensor.is_floating_point() \
+                        and o.tensor.is_floating_point():
+                    lerped.append((t.name, t.tensor, o.tensor))
+                else:
+                    self.buffer_copies.append((t.tensor, o.tensor))
+        names, target_tensors, online_tensors = map(list, zip(*lerped))
+        if masters is None:
+            _refuse_low_precision(names, target_tensors)
+        low = [index for index, tensor in enumerate(target_tensors)
+               if _is_low_precision(tensor)]
+        self.masters = masters
+        self._master_names = [names[index] for index in low]
+        self._master_targets = [target_tensors[index] for index in low]
+        master_list = [None] * len(target_tensors)
+        if low:
+            for index, master in zip(low, masters.bind(
+                    self._master_names, self._master_targets)):
+                master_list[index] = master
+        self.steps = _plan_lerp(target_tensors, online_tensors, master_list)
         self.gathered = gathered_copies(targets, onlines)
         self.secondary = secondary_partitions(targets)
+        self._master_versions = self._versions()
         return targets + onlines, buffer_tensors
+
+    def _versions(self):
+        """The version counters of the targets with masters: an in-place
+        write elsewhere (``load_state_dict``, ``copy_``) moves them."""
+        return list(map(_version, self._master_targets))
 
     def _track(self, target, online, shards, buffer_tensors):
         """Record what :meth:`is_current` compares."""
@@ -293,6 +502,12 @@ class ModuleUpdatePlan:
     def update_(self, momentum):
         """``target = momentum * target + (1 - momentum) * online``.
 
+        A float16/bfloat16 target tensor is updated through its float32
+        master (:class:`TargetMasters`): ``master = momentum * master +
+        (1 - momentum) * online`` in float32, then ``target = master``
+        rounded. A target written since the last update (e.g. loaded)
+        first restarts its master from its values.
+
         Under DeepSpeed ZeRO-3 it also lerps the gathered copies of
         persistent parameters, releases a target copy whose online copy is
         not gathered, and drops the target's ZeRO++ hpZ secondary
@@ -300,13 +515,21 @@ class ModuleUpdatePlan:
         target's next forward uses the update.
         """
         momentum = check_momentum(momentum)
+        recheck = False
+        if self._master_targets:
+            recheck = self.masters.stale
+            if recheck or self._versions() != self._master_versions:
+                self.masters.resync(self._master_names, self._master_targets)
         _run_lerp(self.steps, 1.0 - momentum)
         if self.gathered:
-            _lerp_gathered(self.gathered, 1.0 - momentum)
+            _lerp_gathered(self.gathered, 1.0 - momentum, self.masters,
+                           recheck)
         if self.secondary:  # after _lerp_gathered, which may release copies
             drop_secondary_partitions(self.secondary)
-        if self.buffer_pairs is not None:
-            _update_buffers(*self.buffer_pairs, momentum, self.buffers)
+        for target_buffer, online_buffer in self.buffer_copies:
+            target_buffer.copy_(online_buffer)
+        if self._master_targets:
+            self._master_versions = self._versions()
 
 
 # --- The stateless call's plans ---------------------------------------------
@@ -335,7 +558,7 @@ def _local_plan(target, online, buffers):
     ``ModuleUpdatePlan(...)``, no verdict is shared across ranks, so the
     stateless call never communicates."""
     plan = ModuleUpdatePlan.__new__(ModuleUpdatePlan)
-    plan._track(target, online, *plan._plan(target, online, buffers))
+    plan._track(target, online, *plan._plan(target, online, buffers, None))
     return plan
 
 
@@ -390,15 +613,25 @@ def momentum_update_(target, online, momentum, buffers='keep'):
         ValueError: If the two differ in count, shape or sharding, share
             memory, hold meta tensors, the target's parameters require grad
             (the target is not frozen, or the two arguments are swapped),
-            ``momentum`` is outside [0, 1] or ``buffers`` is unknown. Nothing
-            is written then.
+            ``momentum`` is outside [0, 1] or ``buffers`` is unknown; or if a
+            target tensor that would be lerped (a parameter, or a
+            floating-point buffer under ``'average'``) is float16/bfloat16,
+            before anything is written.
 
     Warns:
         UserWarning: Once per process, for a momentum in (0, 0.5): MMEngine's
             ``momentum=x`` is ``m = 1 - x`` here.
-        RuntimeWarning: Once per dtype, when the target is float16/bfloat16
-            and ``1 - momentum`` is below that dtype's epsilon, so that most
-            updates round to no change.
+
+    A float16/bfloat16 target needs a float32 master that outlives the call:
+    an EMA stored in 16 bits rounds most steps ``(1 - m) * (online -
+    target)`` to no change and stalls. This function keeps no masters, so it
+    refuses such a target rather than update it badly. Use
+    :class:`~momentum_hook.MomentumTargetMixin` or a :class:`ModuleUpdatePlan`
+    kept across updates, which keep the masters for you, or own one::
+
+        master = [t.float() for t in target_tensors]  # once
+        momentum_update_(master, online_tensors, m)   # each update
+        torch._foreach_copy_(target_tensors, master)
     """
     momentum = check_momentum(momentum)
     check_buffer_policy(buffers)
@@ -420,6 +653,8 @@ def momentum_update_(target, online, momentum, buffers='keep'):
     check_alike(targets, onlines, what='tensors')
     check_frozen(list(map(_trainable, targets)),
                  [shard.name for shard in targets])
+    _refuse_low_precision([shard.name for shard in targets],
+                          [shard.tensor for shard in targets])
     _run_lerp(_plan_lerp([shard.tensor for shard in targets],
                          [shard.tensor for shard in onlines]),
               1.0 - momentum)

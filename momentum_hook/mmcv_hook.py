@@ -1,15 +1,15 @@
 """The momentum hook for mmcv 1.x runners (``mmcv.runner``).
 
 A thin adapter: it reads the model, ``runner.iter`` and ``runner.max_iters``
-from the runner, lets :class:`~momentum_hook.updater.MomentumUpdater` do the
-work and writes the momentum to ``runner.log_buffer``.
+from the runner, lets the :class:`~momentum_hook.updater.MomentumUpdater` it
+holds do the work and writes the momentum to ``runner.log_buffer``.
 """
 from mmcv.parallel import is_module_wrapper
 from mmcv.runner import HOOKS, Hook, OptimizerHook
 
 from . import wrappers
 from .registration import register_hook_class
-from .updater import LOG_KEY, MomentumUpdater
+from .updater import LOG_KEY, HookOptions
 
 __all__ = ['MomentumUpdateHook', 'BYOLHook', 'unwrap']
 
@@ -19,7 +19,7 @@ def unwrap(model):
     return wrappers.unwrap(model, is_module_wrapper)
 
 
-class MomentumUpdateHook(MomentumUpdater, Hook):
+class MomentumUpdateHook(HookOptions, Hook):
     """Cosine-scheduled momentum (EMA) update of a BYOL / MoCo v3 target.
 
     A drop-in for MMSelfSup 0.x's ``MomentumUpdateHook`` / ``BYOLHook``: the
@@ -30,8 +30,9 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
     ``momentum_hook_dropin`` is imported (see
     :mod:`momentum_hook.registration`). The schedule, the arguments and the
     model contract are those of
-    :class:`~momentum_hook.updater.MomentumUpdater`; the momentum is logged as
-    ``target_momentum`` on the iterations that set it.
+    :class:`~momentum_hook.updater.MomentumUpdater`, which the hook holds as
+    ``updater``; the momentum is logged as ``target_momentum`` on the
+    iterations that set it.
 
     Before the run it also checks that every ``OptimizerHook`` runs before
     this hook (so the EMA sees the weights after the optimizer step) and that
@@ -47,17 +48,32 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
     then, before the first forward pass.
     """
 
-    unwrap_model = staticmethod(unwrap)
+    def before_run(self, runner):
+        self.updater.check_run(unwrap(runner.model),
+                               getattr(runner, 'max_iters', None))
+        self._check_optimizer(runner)
+        # With base_batch_size the hook starts at the first iteration, once
+        # mmcv has set runner.data_loader.
+        if self.updater.base_batch_size is None:
+            self._start(runner)
 
-    def train_loader(self, runner):
-        loader = getattr(runner, 'data_loader', None)
-        # IterBasedRunner trains from an IterLoader around the DataLoader.
-        return getattr(loader, '_dataloader', loader)
+    def before_train_iter(self, runner):
+        if not self.updater.started:
+            self._start(runner)
+        momentum = self.updater.write_momentum(
+            unwrap(runner.model), runner.iter, runner.max_iters)
+        if momentum is not None:
+            runner.log_buffer.update({LOG_KEY: momentum})
 
-    def publish(self, runner, momentum):
-        runner.log_buffer.update({LOG_KEY: momentum})
+    def after_train_iter(self, runner):
+        self.updater.update_target(unwrap(runner.model), runner.iter)
 
-    def check_optimizer(self, runner):
+    def _start(self, runner):
+        runner.logger.info(self.updater.start(
+            unwrap(runner.model), runner.max_iters,
+            lambda: _train_loader(runner), owner=self))
+
+    def _check_optimizer(self, runner):
         mine = next(i for i, hook in enumerate(runner.hooks) if hook is self)
         for index, hook in enumerate(runner.hooks):
             if not isinstance(hook, OptimizerHook):
@@ -71,16 +87,15 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
                     'the momentum hook a lower priority, e.g. NORMAL')
             steps = (getattr(hook, 'cumulative_iters', None)
                      or getattr(hook, 'update_interval', None) or 1)
-            self.check_accumulation(steps, f'{name} accumulates over {steps}')
+            self.updater.check_accumulation(
+                steps, f'{name} accumulates over {steps}')
 
-    def before_run(self, runner):
-        self.check_runner(runner, loader_known=False)
 
-    def before_train_iter(self, runner):
-        self.on_iter_start(runner)
-
-    def after_train_iter(self, runner):
-        self.on_iter_end(runner)
+def _train_loader(runner):
+    """The runner's DataLoader; IterBasedRunner trains from an IterLoader
+    around it."""
+    loader = getattr(runner, 'data_loader', None)
+    return getattr(loader, '_dataloader', loader)
 
 
 #: MMSelfSup 0.x's second name for the same hook.

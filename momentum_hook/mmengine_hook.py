@@ -1,9 +1,9 @@
 """The momentum hook for MMEngine's ``Runner`` and ``FlexibleRunner``.
 
 A thin adapter: it reads the model, ``runner.iter`` and ``runner.max_iters``
-from the runner, lets :class:`~momentum_hook.updater.MomentumUpdater` do the
-work and publishes the momentum through ``runner.message_hub``. Under
-``FlexibleRunner`` it also finds the model inside the strategy's wrapper
+from the runner, lets the :class:`~momentum_hook.updater.MomentumUpdater` it
+holds do the work and publishes the momentum through ``runner.message_hub``.
+Under ``FlexibleRunner`` it also finds the model inside the strategy's wrapper
 (``MMFullyShardedDataParallel``, DeepSpeed's engine) and DeepSpeed's
 gradient accumulation; it imports neither FSDP nor DeepSpeed, it only
 recognises their objects once the strategy has imported them.
@@ -14,7 +14,7 @@ from mmengine.registry import HOOKS
 
 from .local_shards import check_zero_config
 from .registration import register_hook_class
-from .updater import LOG_KEY, MomentumUpdater
+from .updater import LOG_KEY, HookOptions
 from .wrappers import check_zero3_gathers, loaded, unwrap, wrapper_chain
 
 __all__ = ['MomentumUpdateHook', 'BYOLHook']
@@ -42,6 +42,11 @@ def _wrapper_chain(model):
     return wrapper_chain(model, is_model_wrapper)
 
 
+def _unwrap(model):
+    """The user's model inside every wrapper of :func:`_wrapper_chain`."""
+    return unwrap(model, is_model_wrapper)
+
+
 def _accumulative_counts(optim_wrapper):
     """``{name: accumulative_counts}`` of an optimizer wrapper (or dict)."""
     wrappers = (dict(optim_wrapper.items()) if hasattr(optim_wrapper, 'items')
@@ -50,15 +55,16 @@ def _accumulative_counts(optim_wrapper):
             for name, wrapper in wrappers.items()}
 
 
-class MomentumUpdateHook(MomentumUpdater, Hook):
+class MomentumUpdateHook(HookOptions, Hook):
     """Cosine-scheduled momentum (EMA) update of a BYOL / MoCo v3 target.
 
     The MMEngine counterpart of the mmcv 1.x hook: the same config line, the
     same schedule, arguments and model contract (see
-    :class:`~momentum_hook.updater.MomentumUpdater`), with ``k`` =
-    ``runner.iter`` and ``K`` = ``runner.max_iters`` for by-epoch and by-iter
-    training loops alike, in ``Runner`` and in ``FlexibleRunner`` (DDP, FSDP
-    and DeepSpeed strategies). The momentum is published as the
+    :class:`~momentum_hook.updater.MomentumUpdater`, which the hook holds as
+    ``updater``), with ``k`` = ``runner.iter`` and ``K`` =
+    ``runner.max_iters`` for by-epoch and by-iter training loops alike, in
+    ``Runner`` and in ``FlexibleRunner`` (DDP, FSDP and DeepSpeed
+    strategies). The momentum is published as the
     ``train/target_momentum`` scalar of ``runner.message_hub`` on the
     iterations that set it, so ``LoggerHook`` and the visualizer backends show
     it.
@@ -89,33 +95,27 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
     ``runner.train_dataloader``.
     """
 
-    def unwrap_model(self, model):
-        return unwrap(model, is_model_wrapper)
-
-    def publish(self, runner, momentum):
-        runner.message_hub.update_scalar(f'train/{LOG_KEY}', momentum)
-
-    def check_optimizer(self, runner):
+    def _check_optimizer(self, runner):
         for name, counts in _accumulative_counts(runner.optim_wrapper).items():
-            self.check_accumulation(
+            self.updater.check_accumulation(
                 counts, f'{name} has accumulative_counts={counts}')
         engine = loaded('deepspeed', 'DeepSpeedEngine')
         for model in _wrapper_chain(runner.model):
             if engine is not None and isinstance(model, engine):
                 check_zero3_gathers(model)
                 steps = model.gradient_accumulation_steps()
-                self.check_accumulation(
+                self.updater.check_accumulation(
                     steps, f'DeepSpeed has gradient_accumulation_steps='
                     f"{steps}: strategy=dict(type='DeepSpeedStrategy', "
                     f'gradient_accumulation_steps={steps})')
 
-    def check_target(self, runner):
+    def _check_target(self, runner):
         """Have the model plan its update now, after the strategy wrapped it.
 
         Raises:
             ValueError: The model's own, plus the strategy's config key.
         """
-        check = getattr(self.unwrap_model(runner.model),
+        check = getattr(_unwrap(runner.model),
                         'check_momentum_target', None)
         if check is None:
             return
@@ -129,10 +129,7 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
             raise ValueError(f'{error}. In this FlexibleRunner with '
                              f'{strategy}, set {fix}') from error
 
-    def train_loader(self, runner):
-        return runner.train_dataloader
-
-    def check_strategy(self, runner):
+    def _check_strategy(self, runner):
         """Refuse a ``DeepSpeedStrategy`` config with ZeRO++ quantized
         weights (see :func:`~momentum_hook.local_shards.check_zero_config`).
 
@@ -146,16 +143,24 @@ class MomentumUpdateHook(MomentumUpdater, Hook):
             check_zero_config(config)
 
     def before_train(self, runner):
-        self.check_strategy(runner)
-        self.check_runner(runner)
-        self.check_target(runner)
+        self._check_strategy(runner)
+        model = _unwrap(runner.model)
+        self.updater.check_run(model, getattr(runner, 'max_iters', None))
+        self._check_optimizer(runner)
+        runner.logger.info(self.updater.start(
+            model, runner.max_iters, lambda: runner.train_dataloader,
+            owner=self))
+        self._check_target(runner)
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):
-        self.on_iter_start(runner)
+        momentum = self.updater.write_momentum(
+            _unwrap(runner.model), runner.iter, runner.max_iters)
+        if momentum is not None:
+            runner.message_hub.update_scalar(f'train/{LOG_KEY}', momentum)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None,
                          outputs=None):
-        self.on_iter_end(runner)
+        self.updater.update_target(_unwrap(runner.model), runner.iter)
 
 
 #: MMSelfSup 0.x's second name for the same hook.

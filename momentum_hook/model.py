@@ -5,10 +5,14 @@ import sys
 
 from torch import nn
 
-from .ema import ModuleUpdatePlan, check_buffer_policy
+from .ema import ModuleUpdatePlan, TargetMasters, check_buffer_policy
 from .validation import check_momentum
 
 __all__ = ['MomentumTargetMixin']
+
+#: The state-dict key prefix, after the model's own, of the float32 masters
+#: of a low-precision target: ``<prefix>momentum_target_master.<name>``.
+MASTER_KEY = 'momentum_target_master.'
 
 
 class MomentumTargetMixin:
@@ -34,6 +38,20 @@ class MomentumTargetMixin:
     the target here, before wrapping, and wrap both networks alike
     (FSDP2: :func:`momentum_hook.sharding.fully_shard_pair`; FSDP1: one
     ``auto_wrap_policy`` that makes each network a unit).
+
+    A target stored in float16 or bfloat16 (``model.half()``, a DeepSpeed
+    engine with ``bf16`` or ``fp16`` enabled) gets a float32 master of each
+    of its rank-local tensors (:class:`~momentum_hook.ema.TargetMasters`):
+    4 bytes per local target element, on the target's device, nothing for a
+    float32 target. The update lerps the master and writes it, rounded, into
+    the target, so that the target is the float64 EMA to its own rounding
+    instead of stalling. The masters are in the model's ``state_dict`` under
+    ``momentum_target_master.<name>`` (``<name>`` the parameter's name in the
+    target network, or the FSDP1 unit's), so checkpoints save them and a
+    resume restores them; a loaded target without them (an older
+    checkpoint) restarts its masters from its loaded values, and so does a
+    target written by ``load_state_dict`` or an in-place write between
+    updates (a write through ``.data`` is not seen).
     """
 
     def init_momentum_target(self, online, base_momentum=0.99,
@@ -73,6 +91,10 @@ class MomentumTargetMixin:
         target = _copy_of(online).requires_grad_(False)
         # Plain attributes, not submodules: the caller registers both.
         self.__dict__['_momentum_pair'] = (online, target, buffers)
+        self.__dict__['_momentum_masters'] = TargetMasters()
+        # A hook, not an override of _save_to_state_dict: mmcv's and
+        # MMEngine's checkpoint savers call the hooks but not that method.
+        self._register_state_dict_hook(_save_masters)
         return target
 
     def __getstate__(self):
@@ -80,6 +102,16 @@ class MomentumTargetMixin:
         # The plan holds this copy's tensors; a copy plans its own.
         state.pop('_momentum_plan', None)
         return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + MASTER_KEY
+        loaded = {name[len(key):]: state_dict.pop(name)
+                  for name in [name for name in state_dict
+                               if name.startswith(key)]}
+        masters = self.__dict__.get('_momentum_masters')
+        if masters is not None:
+            masters.load(loaded)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def momentum_update(self):
         """``target = m * target + (1 - m) * online``, m = ``self.momentum``."""
@@ -109,7 +141,8 @@ class MomentumTargetMixin:
                 'init_momentum_target(): call it in __init__')
         online, target, buffers = self.__dict__['_momentum_pair']
         plan = ModuleUpdatePlan(self._outermost(target),
-                                self._outermost(online), buffers)
+                                self._outermost(online), buffers,
+                                self.__dict__['_momentum_masters'])
         self.__dict__['_momentum_plan'] = plan
         return plan
 
@@ -125,6 +158,13 @@ class MomentumTargetMixin:
                     getattr(module, 'module', None) is network:
                 return self._outermost(module)
         return network
+
+
+def _save_masters(module, destination, prefix, local_metadata):
+    """State-dict hook: the float32 masters of ``module``'s target."""
+    masters = module.__dict__.get('_momentum_masters')
+    for name, master in (masters.state() if masters else {}).items():
+        destination[prefix + MASTER_KEY + name] = master.detach()
 
 
 def _copy_of(online):

@@ -61,8 +61,9 @@ def register_scoped(root, hook_cls, names=HOOK_NAMES):
     """Register ``hook_cls`` as ``'momentum_hook.<name>'`` for each name.
 
     Args:
-        root: The framework's root ``HOOKS`` registry.
-        hook_cls (type): The hook class.
+        root: The framework's root registry: ``HOOKS``, or MMEngine's
+            ``STRATEGIES`` for :mod:`momentum_hook.mmengine_strategies`.
+        hook_cls (type): The class (the hook, or a strategy).
         names (Sequence[str]): Its names. Defaults to :data:`HOOK_NAMES`.
     """
     child = root.children.get(SCOPE)

@@ -3,11 +3,10 @@
 :class:`MomentumUpdater` holds the hook's options, checks the model's
 contract and, given the unwrapped model, the 0-based iteration ``k`` and the
 run length ``K``, writes the scheduled momentum and calls the model's
-``momentum_update()``. Its runner-facing steps read ``runner.model``,
-``runner.iter`` and ``runner.max_iters``, which mmcv 1.x and MMEngine runners
-share; the hooks in :mod:`momentum_hook.mmcv_hook` and
-:mod:`momentum_hook.mmengine_hook` add only how their framework unwraps a
-model, logs a value and accumulates gradients.
+``momentum_update()``. Each hook in :mod:`momentum_hook.mmcv_hook` and
+:mod:`momentum_hook.mmengine_hook` holds one as ``hook.updater`` and adds
+only its runner's part: how it unwraps a model, reads the train data loader,
+logs a value and accumulates gradients.
 
 The contract with the model (the same as MMSelfSup 0.x):
 
@@ -155,10 +154,12 @@ class MomentumUpdater:
         #: The run's samples per update and S / base_batch_size, known from
         #: the start of the run on (None without base_batch_size).
         self.samples_per_update = self.kappa = self._batch = None
-        self._started = False
+        #: Whether :meth:`start` ran since the last :meth:`check_run`.
+        self.started = False
 
     def check_run(self, model, max_iters):
-        """Check the model's contract and the run length once, before a run.
+        """Check the model's contract and the run length once, before a run,
+        and forget the batch scaling of any earlier run.
 
         Raises:
             TypeError: If the model breaks the contract or ``max_iters`` is
@@ -171,6 +172,8 @@ class MomentumUpdater:
                 'the momentum hook needs the run length, but the runner has '
                 'max_iters=None: give the runner max_epochs or max_iters')
         check_positive_int(max_iters, 'runner.max_iters')
+        self.samples_per_update = self.kappa = None
+        self.started = False
 
     def check_accumulation(self, accumulation_steps, source):
         """Check that target updates fall on real optimizer steps.
@@ -244,28 +247,11 @@ class MomentumUpdater:
         model.momentum = momentum
         return momentum
 
-    # The runner-facing steps. Adapters override the three framework hooks
-    # below and call the three steps from their hook methods.
-
-    def unwrap_model(self, model):
-        """The model inside a data-parallel wrapper; the framework's rule."""
-        return model
-
-    def train_loader(self, runner):
-        """The runner's training data loader; the framework's rule."""
-        return getattr(runner, 'data_loader', None)
-
-    def publish(self, runner, momentum):
-        """Log ``momentum`` under :data:`LOG_KEY`, the framework's way."""
-
-    def check_optimizer(self, runner):
-        """Check the runner's optimizer set-up, e.g. with
-        :meth:`check_accumulation`."""
-
-    def describe(self, model, max_iters):
-        """One line for the run's log: which hook, with which arguments, on
-        which model and run."""
-        cls = type(self)
+    def describe(self, model, max_iters, owner=None):
+        """One line for the run's log: which hook (the class of ``owner``,
+        this updater by default), with which arguments, on which model and
+        run."""
+        cls = type(self if owner is None else owner)
         arguments = (f'end_momentum={self.end_momentum!r}, update_interval='
                      f'{self.update_interval!r}, reach_end_momentum='
                      f'{self.reach_end_momentum!r}')
@@ -287,48 +273,28 @@ class MomentumUpdater:
                 'iterations, with an update after every iteration k with '
                 f'(k + 1) % {self.update_interval} == 0{scaling}')
 
-    def start(self, runner):
-        """Find the batch scaling (with ``base_batch_size``) from the
-        runner's train data loader and the process group, then say in
-        ``runner.logger`` what the hook will do.
+    def start(self, model, max_iters, train_loader, owner=None):
+        """Start the run: with ``base_batch_size``, find the batch scaling
+        from the train data loader and the default process group.
+
+        Args:
+            model: The unwrapped model.
+            max_iters (int): The run length ``K``.
+            train_loader (Callable[[], DataLoader]): Returns the training
+                data loader; called only with ``base_batch_size`` set.
+            owner (optional): The hook, whose class :meth:`describe` names.
+
+        Returns:
+            str: The run's log line, from :meth:`describe`.
 
         Raises:
             ValueError: If ``base_batch_size`` is set and the loader has no
                 fixed batch size.
         """
         if self.base_batch_size is not None:
-            self.scale_to(loader_batch_size(self.train_loader(runner)),
-                          world_size())
-        self._started = True
-        runner.logger.info(self.describe(self.unwrap_model(runner.model),
-                                         runner.max_iters))
-
-    def check_runner(self, runner, loader_known=True):
-        """Before the run: the model contract, the run length, the optimizer;
-        then :meth:`start`, unless ``base_batch_size`` needs the train data
-        loader and the runner has none yet (``loader_known=False``: mmcv 1.x
-        sets it just before the first iteration, when
-        :meth:`on_iter_start` starts)."""
-        model = self.unwrap_model(runner.model)
-        self.check_run(model, getattr(runner, 'max_iters', None))
-        self.check_optimizer(runner)
-        self.samples_per_update = self.kappa = None
-        self._started = False
-        if self.base_batch_size is None or loader_known:
-            self.start(runner)
-
-    def on_iter_start(self, runner):
-        """Before iteration ``runner.iter``: write and publish the momentum."""
-        if not self._started:
-            self.start(runner)
-        momentum = self.write_momentum(self.unwrap_model(runner.model),
-                                       runner.iter, runner.max_iters)
-        if momentum is not None:
-            self.publish(runner, momentum)
-
-    def on_iter_end(self, runner):
-        """After iteration ``runner.iter`` and its optimizer step: the EMA."""
-        self.update_target(self.unwrap_model(runner.model), runner.iter)
+            self.scale_to(loader_batch_size(train_loader()), world_size())
+        self.started = True
+        return self.describe(model, max_iters, owner)
 
     def update_target(self, model, cur_iter):
         """Call ``model.momentum_update()`` on update iterations.
@@ -340,3 +306,32 @@ class MomentumUpdater:
             return False
         model.momentum_update()
         return True
+
+
+def _option(name):
+    return property(lambda hook: getattr(hook.updater, name),
+                    doc=f'``updater.{name}``, read-only.')
+
+
+class HookOptions:
+    """What the two runner hooks share: the arguments of
+    :class:`MomentumUpdater`, which the hook holds as :attr:`updater`, and
+    those options as read-only attributes.
+
+    Args:
+        end_momentum, update_interval, reach_end_momentum, base_batch_size:
+            As for :class:`MomentumUpdater`.
+    """
+
+    end_momentum = _option('end_momentum')
+    update_interval = _option('update_interval')
+    reach_end_momentum = _option('reach_end_momentum')
+    base_batch_size = _option('base_batch_size')
+
+    def __init__(self, end_momentum=1., update_interval=1,
+                 reach_end_momentum=False, base_batch_size=None):
+        #: The framework-free schedule: :class:`MomentumUpdater`.
+        self.updater = MomentumUpdater(
+            end_momentum=end_momentum, update_interval=update_interval,
+            reach_end_momentum=reach_end_momentum,
+            base_batch_size=base_batch_size)

@@ -280,6 +280,16 @@ def assert_sharded_record_matches(record, buffers):
                    for name in final_buffers)
 
 
+def set_rank_environment(rank, port, **extra):
+    """One torch thread and the environment DeepSpeed (on the CPU) and
+    ``env://`` rendezvous read, for ``rank`` of two."""
+    torch.set_num_threads(1)
+    os.environ.update(DS_ACCELERATOR='cpu', RANK=str(rank),
+                      LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(SHARDED_WORLD_SIZE),
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), **extra)
+
+
 def run_scenarios(rank, scenarios, out_dir):
     """Run every ``scenarios[name](rank=rank)``; save this rank's results.
 

@@ -7,13 +7,13 @@ names it, and records the whole target and online weights (gathered with
 torch's and DeepSpeed's own APIs) and the momenta. The tests judge the
 records against a float64 EMA replayed from the recorded online weights and
 the schedule's formula (``momentum_testing``), resumed runs against the
-uninterrupted one, bit for bit, and the errors by their messages. An
-in-process test covers the export of a model without a process group.
+uninterrupted one, bit for bit (the target, and AdamW's ``exp_avg`` and
+``exp_avg_sq`` under FSDP), and the errors by their messages. An in-process
+test covers the export of a model without a process group.
 
-MMEngine 0.10.7's ``DeepSpeedStrategy`` cannot be built with DeepSpeed
-0.19.8, which no longer has ``deepspeed.runtime.fp16.onebit``: the ranks
-provide that module (three placeholder classes that MMEngine only
-registers) before building it. Nothing else is stubbed.
+MMEngine 0.10.7 and DeepSpeed 0.19.6 as installed, nothing stubbed: the
+strategies are MMEngine's own ``FSDPStrategy`` and ``DeepSpeedStrategy``
+and the package's ``momentum_hook.FSDPResumeStrategy``.
 
 The ranks are spawned, not forked: forked after the MMEngine runners of
 other test modules ran in this process, they hang.
@@ -21,14 +21,11 @@ other test modules ran in this process, they hang.
 import functools
 import os
 import os.path as osp
-import sys
-import types
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-from doc_snippets import code_block
 from momentum_testing import (SHARDED_WORLD_SIZE, ZERO3_ON_GLOO, Interrupt,
                               assert_matches_reference, free_port,
                               gather_zero3,
@@ -43,6 +40,7 @@ from momentum_hook.export import export_target
 pytest.importorskip('deepspeed')
 
 HOOK = 'momentum_hook.MomentumUpdateHook'
+RESUME_STRATEGY = 'momentum_hook.FSDPResumeStrategy'
 BASE = 0.5
 ITERS = 6
 
@@ -148,6 +146,17 @@ def fsdp_strategy(policy=True, cls='FSDPStrategy', **options):
     return dict(type=cls, model_wrapper=wrapper, **options)
 
 
+def optimizer_state(runner):
+    """This rank's optimizer state under FSDP (``{index: {'step',
+    'exp_avg', 'exp_avg_sq'}}``, the shards this rank holds), copied; None
+    under DeepSpeed."""
+    if hasattr(runner.model, 'model'):  # MMDeepSpeedEngineWrapper
+        return None
+    return {index: {key: value.clone() for key, value in state.items()}
+            for index, state in
+            runner.optim_wrapper.optimizer.state_dict()['state'].items()}
+
+
 def deepspeed_strategy(accumulation=1, stage=3, sequential=True):
     zero = dict(stage=stage)
     if stage == 3 and sequential:
@@ -163,15 +172,16 @@ def build_runner(work_dir, strategy, hooks, by_epoch=False,
                  accumulation=1, update_interval=None, checkpoint=None,
                  resume_from=None):
     """A real FlexibleRunner of ``ITERS`` iterations (2 epochs of 3 by
-    epoch) on batches of 2 per rank, SGD with momentum (a stateful
-    optimizer, so that a resume must restore it)."""
+    epoch) on batches of 2 per rank, with a stateful optimizer, so that a
+    resume must restore it: AdamW under FSDP (two moments per parameter,
+    which torch's full optimizer state dict mixes up on the CPU), SGD with
+    momentum under DeepSpeed."""
     from mmengine.runner._flexible_runner import FlexibleRunner
-    optimizer = dict(type='SGD', lr=0.1, momentum=0.5)
     if strategy['type'] == 'DeepSpeedStrategy':
-        optim_wrapper = dict(type='DeepSpeedOptimWrapper',
-                             optimizer=optimizer)
+        optim_wrapper = dict(type='DeepSpeedOptimWrapper', optimizer=dict(
+            type='SGD', lr=0.1, momentum=0.5))
     else:
-        optim_wrapper = dict(optimizer=optimizer,
+        optim_wrapper = dict(optimizer=dict(type='AdamW', lr=0.05),
                              accumulative_counts=accumulation)
     train_cfg = (dict(by_epoch=True, max_epochs=2) if by_epoch else
                  dict(by_epoch=False, max_iters=ITERS))
@@ -210,7 +220,7 @@ def training(work_dir, strategy, rank, **options):
     return dict(
         initial=record.initial, online=record.online, seen=model.seen,
         final=gather(runner, model.target_net),
-        logged=logged.data[0].tolist(),
+        logged=logged.data[0].tolist(), optimizer=optimizer_state(runner),
         log=log_text(runner) if rank == 0 else None,
         export=export_and_reload(runner, directory, rank))
 
@@ -242,8 +252,8 @@ def interrupted_and_resumed(work_dir, strategy, rank, resume_strategy=None,
                             stop=4, accumulation=1):
     """Save at iteration ``stop``, crash before it, resume in a new runner.
 
-    Returns the resumed run's momenta in training forward passes and the
-    final target, gathered.
+    Returns the resumed run's momenta in training forward passes, the
+    final target, gathered, and this rank's optimizer state.
     """
     directory = work_dir()
     first = build_runner(directory, strategy, [interrupter(stop)],
@@ -262,19 +272,8 @@ def resumed(directory, strategy, stop, accumulation, rank=0):
                           resume_from=osp.join(directory, f'iter_{stop}.pth'))
     runner.train()
     model = unwrapped(runner)
-    return dict(seen=model.seen, final=gather(runner, model.target_net))
-
-
-def fsdp_resume_strategy():
-    """The docs' ``FSDPResumeStrategy`` (docs/mmengine.md) (the optimizer state loaded by
-    torch's current signature, ``optim_state_dict_to_load(model, optim,
-    state_dict)``; MMEngine 0.10.7 passes the state dict first), run as
-    printed there."""
-    code = code_block('docs/mmengine.md', 'Checkpoint and resume',
-                      containing='class FSDPResumeStrategy')
-    namespace = {}
-    exec(compile(code, 'docs/mmengine.md', 'exec'), namespace)
-    return namespace['FSDPResumeStrategy']
+    return dict(seen=model.seen, final=gather(runner, model.target_net),
+                optimizer=optimizer_state(runner))
 
 
 def resumed_by_mmengine_fsdp(work_dir, strategy, rank):
@@ -284,6 +283,29 @@ def resumed_by_mmengine_fsdp(work_dir, strategy, rank):
     except TypeError as error:
         return ('raised', 'TypeError', str(error))
     return 'resumed'
+
+
+def saved_by_mmengine_fsdp_full(work_dir, strategy, rank):
+    """A checkpoint of MMEngine's ``FSDPStrategy`` with
+    ``state_dict_cfg='full'``, resumed by ``FSDPResumeStrategy``: whether
+    its Adam moments are corrupted as saved, and the resume's error."""
+    directory = work_dir()
+    first = build_runner(directory, fsdp_strategy(state_dict_cfg='full'),
+                         [interrupter(2)], checkpoint=2)
+    try:
+        first.train()
+    except Interrupt:
+        pass
+    dist.barrier()  # rank 0 has written the file
+    saved = torch.load(osp.join(directory, 'iter_2.pth'), weights_only=False,
+                       map_location='cpu')['optimizer']['state']
+    corrupted = all(torch.equal(state['exp_avg'], state['exp_avg_sq'])
+                    for state in saved.values())
+    try:
+        resumed(directory, strategy, 2, 1)
+    except ValueError as error:
+        return dict(corrupted=corrupted, error=str(error))
+    return dict(corrupted=corrupted, error=None)
 
 
 #: The directory of the DeepSpeed run whose checkpoint launch 2 resumes.
@@ -299,7 +321,6 @@ def launches(out_dir):
             ',', ''))
 
     fsdp, zero = fsdp_strategy, deepspeed_strategy
-    resume_fsdp = fsdp_resume_strategy()
     table = [{
         'fsdp by iter, accumulation 2': functools.partial(
             training, strategy=fsdp(), accumulation=2),
@@ -314,6 +335,9 @@ def launches(out_dir):
             osp.join(out_dir, ZERO3_RUN), zero(2), 4, 2),
         'fsdp resumed by MMEngine': functools.partial(
             resumed_by_mmengine_fsdp, strategy=fsdp()),
+        'fsdp full checkpoint of MMEngine, resumed': functools.partial(
+            saved_by_mmengine_fsdp_full, strategy=fsdp(
+                cls=RESUME_STRATEGY, state_dict_cfg='full')),
     }, {
         'zero2 by epoch': functools.partial(training, strategy=zero(stage=2),
                                             by_epoch=True),
@@ -324,9 +348,9 @@ def launches(out_dir):
             refused, strategy=zero(2), update_interval=1),
         'fsdp resumed, full state dict': functools.partial(
             interrupted_and_resumed, strategy=fsdp(
-                cls=resume_fsdp, state_dict_cfg='full'), accumulation=2),
+                cls=RESUME_STRATEGY, state_dict_cfg='full'), accumulation=2),
         'fsdp resumed, local state dict': functools.partial(
-            interrupted_and_resumed, strategy=fsdp(cls=resume_fsdp),
+            interrupted_and_resumed, strategy=fsdp(cls=RESUME_STRATEGY),
             accumulation=2),
     }, {
         'zero3 gathering all at once on gloo': functools.partial(
@@ -337,17 +361,6 @@ def launches(out_dir):
              for name, scenario in launch.items()} for launch in table]
 
 
-def provide_onebit():
-    """MMEngine 0.10.7 imports three optimizers from a module DeepSpeed
-    0.19 removed, only to register them; provide placeholders."""
-    name = 'deepspeed.runtime.fp16.onebit'
-    if name not in sys.modules:
-        module = types.ModuleType(name)
-        for cls in ('OnebitAdam', 'OnebitLamb', 'ZeroOneAdam'):
-            setattr(module, cls, type(cls, (), {}))
-        sys.modules[name] = module
-
-
 def rank_main(rank, port, out_dir, launch):
     torch.set_num_threads(1)
     os.environ.update(DS_ACCELERATOR='cpu', RANK=str(rank),
@@ -356,7 +369,8 @@ def rank_main(rank, port, out_dir, launch):
                       MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port),
                       TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD='1')
     import deepspeed
-    provide_onebit()
+
+    import momentum_hook.mmengine_strategies  # noqa: F401, registers it
     deepspeed.init_distributed(dist_backend='gloo',
                                timeout=timedelta(seconds=60))
     scenarios = launches(str(out_dir.parent))[launch]
@@ -453,6 +467,20 @@ def test_a_resumed_run_ends_with_the_uninterrupted_target(results, name,
             [reference_momentum(k, ITERS, BASE) for k in updates]
         for a, b in zip(resumed['final'], whole['final']):
             assert torch.equal(a, b)
+        if whole['optimizer'] is not None:  # FSDP: this rank's AdamW state
+            assert_same_adam_state(resumed['optimizer'], whole['optimizer'])
+
+
+def assert_same_adam_state(resumed, whole):
+    """Both moments of every parameter shard, bit for bit; and the moments
+    are not degenerate (``exp_avg`` and ``exp_avg_sq`` differ)."""
+    assert resumed.keys() == whole.keys() and whole
+    for index, state in whole.items():
+        assert state.keys() >= {'step', 'exp_avg', 'exp_avg_sq'}
+        for key, value in state.items():
+            assert torch.equal(resumed[index][key], value), (index, key)
+        if state['exp_avg'].numel():
+            assert not torch.equal(state['exp_avg'], state['exp_avg_sq'])
 
 
 @pytest.mark.parametrize('name, fragments', [
@@ -481,10 +509,24 @@ def test_an_unusable_set_up_stops_before_iteration_1(results, name,
 
 
 def test_mmengine_fsdp_resume_fails_on_the_optimizer_state(results):
-    # What the docs' FSDPResumeStrategy works around (MMEngine 0.10.7
+    # What momentum_hook.FSDPResumeStrategy works around (MMEngine 0.10.7
     # calls FSDP.optim_state_dict_to_load with the old argument order).
     for result in results['fsdp resumed by MMEngine']:
         assert raised(result, TypeError) == "unhashable type: 'dict'"
+
+
+def test_a_corrupted_full_checkpoint_of_mmengine_is_refused(results):
+    # MMEngine's FSDPStrategy, state_dict_cfg='full', saves AdamW's
+    # exp_avg_sq as exp_avg too (torch 2.14's full optimizer state dict on
+    # the CPU); FSDPResumeStrategy refuses to resume from it.
+    for result in results['fsdp full checkpoint of MMEngine, resumed']:
+        assert isinstance(result, dict), result
+        assert result['corrupted']
+        assert result['error'].startswith(
+            'the optimizer state of ') and (
+            'is corrupted: every exp_avg equals its exp_avg_sq' in
+            result['error'])
+        assert "type='momentum_hook.FSDPResumeStrategy'" in result['error']
 
 
 def test_export_of_an_unwrapped_model_and_of_a_wrong_name(tmp_path):
@@ -500,3 +542,32 @@ def test_export_of_an_unwrapped_model_and_of_a_wrong_name(tmp_path):
                        r"\['data_preprocessor', 'online_net', 'target_net'\]"):
         export_target(model, str(tmp_path / 'other.pth'), target='teacher')
     assert not (tmp_path / 'other.pth').exists()
+
+
+def test_the_resume_strategy_has_its_scoped_name_only():
+    from mmengine.registry import STRATEGIES
+
+    from momentum_hook.mmengine_strategies import FSDPResumeStrategy
+    assert STRATEGIES.get(RESUME_STRATEGY) is FSDPResumeStrategy
+    assert 'FSDPResumeStrategy' not in STRATEGIES.module_dict
+
+
+def test_only_equal_adam_moments_are_refused():
+    from momentum_hook.mmengine_strategies import check_adam_state
+    moments = torch.tensor([0.1, -0.2]), torch.tensor([0.001, 0.004])
+    fine = [
+        {'exp_avg': moments[0], 'exp_avg_sq': moments[1], 'step': 1},
+        {'exp_avg': torch.zeros(2), 'exp_avg_sq': torch.zeros(2)},  # no step
+        {'momentum_buffer': moments[0]},  # SGD
+    ]
+    for state in fine:
+        check_adam_state(dict(state={'w': state}, param_groups=[]), 'x')
+    corrupted = dict(state={
+        'w': {'exp_avg': moments[1], 'exp_avg_sq': moments[1].clone()},
+        'b': {'exp_avg': torch.zeros(1), 'exp_avg_sq': torch.zeros(1)}})
+    with pytest.raises(ValueError, match=r'^the optimizer state of ckpt\.pth '
+                       r'is corrupted: every exp_avg equals its exp_avg_sq'):
+        check_adam_state(corrupted, 'ckpt.pth')
+    # One parameter with distinct moments: a real state, accepted.
+    corrupted['state']['v'] = fine[0]
+    check_adam_state(corrupted, 'ckpt.pth')

@@ -21,7 +21,7 @@ from torch import nn
 from momentum_testing import Interrupt, InterruptBefore, reference_momentum
 from torch.utils.data import DataLoader
 
-from momentum_hook.mmcv_hook import MomentumUpdateHook
+from momentum_hook.mmcv_hook import MomentumUpdateHook, unwrap
 
 BASE = 0.9
 
@@ -332,7 +332,7 @@ def test_model_contract_is_checked_before_iteration_one(tmp_path, broken,
 
 def test_runner_without_run_length_is_refused(tmp_path):
     runner = EpochBasedRunner(ToyBYOL(), work_dir=str(tmp_path),
-                              logger=get_logger('momentum_hook_test'))
+                              logger=get_logger('momentum_hook_plain_test'))
     hook = MomentumUpdateHook()
     runner.register_hook(hook)
     with pytest.raises(ValueError, match='max_iters=None'):
@@ -346,7 +346,7 @@ def test_runner_built_from_a_config_dict(tmp_path):
         default_args=dict(model=model, work_dir=str(tmp_path),
                           optimizer=torch.optim.SGD(
                               model.online.parameters(), lr=0.1),
-                          logger=get_logger('momentum_hook_test')))
+                          logger=get_logger('momentum_hook_plain_test')))
     runner.register_training_hooks(
         lr_config=None, optimizer_config=dict(grad_clip=None),
         custom_hooks_config=[dict(type='momentum_hook.BYOLHook',
@@ -383,6 +383,5 @@ def test_shipped_configs_train(tmp_path, name):
 @pytest.mark.parametrize('wrapper', [nn.DataParallel, MMDataParallel])
 def test_wrappers_are_unwrapped(wrapper):
     model = ToyBYOL()
-    hook = MomentumUpdateHook()
-    assert hook.unwrap_model(wrapper(model)) is model
-    assert hook.unwrap_model(model) is model
+    assert unwrap(wrapper(model)) is model
+    assert unwrap(model) is model

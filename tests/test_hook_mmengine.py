@@ -350,6 +350,27 @@ def test_bad_arguments_fail_when_the_config_is_built(tmp_path, kwargs, error):
     assert str(raised.value).endswith(str(raised_by_mmcv.value))
 
 
+@pytest.mark.parametrize('adapter', ['mmengine_hook', 'mmcv_hook'])
+def test_public_surface_is_what_the_runner_calls(adapter):
+    """Beyond the framework's Hook: the held updater and the options,
+    read-only; the schedule's own methods stay on ``hook.updater``."""
+    module = pytest.importorskip(f'momentum_hook.{adapter}')
+    base = module.Hook
+    hook = module.MomentumUpdateHook(end_momentum=0.999, update_interval=2,
+                                     base_batch_size=64)
+    options = dict(end_momentum=0.999, update_interval=2,
+                   reach_end_momentum=False, base_batch_size=64)
+    public = {name for name in dir(hook)
+              if not name.startswith('_') and name not in dir(base)}
+    assert public == {'updater', *options}
+    assert {name: getattr(hook, name) for name in options} == options
+    for name, value in options.items():
+        with pytest.raises(AttributeError):
+            setattr(hook, name, value)
+    assert hook.updater.momentum_at(1, 4, 0.9) == pytest.approx(
+        reference_momentum(1, 4, 0.9, 0.999))
+
+
 @pytest.mark.parametrize('overrides, error, words', [
     (dict(base_momentum=_MISSING), TypeError, ["lacks 'base_momentum'"]),
     (dict(momentum=_MISSING), TypeError, ["lacks 'momentum'"]),

@@ -85,9 +85,11 @@ def training(stage, buffers, functional=False, zero_init=False,
 
     def update():
         momentum_update_(target, online, model.momentum, buffers)
+    initial_online = gather(online)
     record = record_sharded_training(rank, model, online, target,
                                      train_step, gather,
                                      update if functional else None)
+    record['initial_online'] = initial_online
     if stage == 3:
         record['partitions'] = partitions(target)
     record['forwards'] = forwards
@@ -172,6 +174,16 @@ def test_the_zero_target_matches_the_reference(results, name):
             final = record['final'][0]
             for rebuilt, gathered in zip(record['partitions'], final):
                 torch.testing.assert_close(rebuilt, gathered)
+
+
+@pytest.mark.parametrize('name', TRAININGS)
+def test_the_target_starts_as_the_online_network(results, name):
+    # Under zero.Init the target is copied from gathered partitions.
+    for record in results[name]:
+        assert isinstance(record, dict), record
+        for target, online in zip(record['initial'][0],
+                                  record['initial_online'][0]):
+            assert torch.equal(target, online)
 
 
 def replayed_forward(record, steps, buffers):

@@ -7,8 +7,9 @@ writes ``results.json``, a plot of the momentum and the loss, the text and
 JSON logs and the checkpoints to the work dir. Under ``torchrun ...
 --launcher pytorch`` every process trains on its share of each batch; rank 0
 evaluates and writes. A config whose ``runner`` is a ``FlexibleRunner``
-(``configs/byol_digits_fsdp.py``) trains in MMEngine's ``FlexibleRunner``
-with its ``strategy`` (FSDP) instead; see :mod:`.flexible`.
+(``configs/byol_digits_fsdp.py``, ``configs/byol_digits_deepspeed.py``)
+trains in MMEngine's ``FlexibleRunner`` with its ``strategy`` (FSDP,
+DeepSpeed ZeRO-3) instead; see :mod:`.flexible`.
 
 Mistakes in the input end the program with one line on stderr and exit
 status 2.

@@ -1,10 +1,11 @@
-"""The demo on MMEngine's ``FlexibleRunner``: the same BYOL, sharded by FSDP.
+"""The demo on MMEngine's ``FlexibleRunner``: the same BYOL, sharded.
 
 A config whose ``runner`` is ``dict(type='FlexibleRunner', max_epochs=N)``
-and which has a ``strategy`` (``configs/byol_digits_fsdp.py``) trains here
-instead of in an mmcv ``EpochBasedRunner``: the same model, data, optimizer
-and ``custom_hooks`` line, with MMEngine's ``FSDPStrategy`` sharding the
-online and the target network alike. The model, the data, the evaluation,
+and which has a ``strategy`` (``configs/byol_digits_fsdp.py``,
+``configs/byol_digits_deepspeed.py``) trains here instead of in an mmcv
+``EpochBasedRunner``: the same model, data, optimizer and ``custom_hooks``
+line, with MMEngine's ``FSDPStrategy`` or ``DeepSpeedStrategy`` (ZeRO-3)
+sharding the online and the target network alike. The model, the data, the evaluation,
 the plot and the report are the demo's own; this module only builds the
 runner and, after training, gathers the sharded weights with
 :func:`momentum_hook.export.full_state_dict`, so that rank 0 evaluates an
@@ -65,20 +66,39 @@ def read_scalars(log_dir):
             if 'loss' in record]
 
 
+def _strategy_and_optim_wrapper(cfg):
+    """The runner's ``strategy`` and ``optim_wrapper`` from ``cfg``.
+
+    Under ``DeepSpeedStrategy`` the optimizer goes in a
+    ``DeepSpeedOptimWrapper``, and DeepSpeed's
+    ``train_micro_batch_size_per_gpu`` defaults to the batch of each
+    process, ``cfg.data.samples_per_gpu``.
+    """
+    strategy = (cfg.strategy.to_dict() if hasattr(cfg.strategy, 'to_dict')
+                else dict(cfg.strategy))
+    optim_wrapper = dict(optimizer=dict(cfg.optimizer))
+    if strategy.get('type') == 'DeepSpeedStrategy':
+        optim_wrapper['type'] = 'DeepSpeedOptimWrapper'
+        if 'train_micro_batch_size_per_gpu' not in (strategy.get('config')
+                                                    or {}):
+            strategy.setdefault('train_micro_batch_size_per_gpu',
+                                cfg.data.samples_per_gpu)
+    return strategy, optim_wrapper
+
+
 def _runner(cfg, model, dataset, work_dir, distributed, hooks):
     log_interval = cfg.log_config.interval
     checkpoint = cfg.get('checkpoint_config') or {}
+    strategy, optim_wrapper = _strategy_and_optim_wrapper(cfg)
     return FlexibleRunner(
-        model=model, work_dir=work_dir,
-        strategy=cfg.strategy.to_dict() if hasattr(cfg.strategy, 'to_dict')
-        else dict(cfg.strategy),
+        model=model, work_dir=work_dir, strategy=strategy,
         launcher='pytorch' if distributed else 'none',
         train_dataloader=dict(
             dataset=dataset, batch_size=cfg.data.samples_per_gpu,
             num_workers=cfg.data.get('workers_per_gpu', 0), drop_last=True,
             sampler=dict(type='DefaultSampler', shuffle=True, seed=cfg.seed),
             collate_fn=dict(type='default_collate')),
-        optim_wrapper=dict(optimizer=dict(cfg.optimizer)),
+        optim_wrapper=optim_wrapper,
         train_cfg=dict(by_epoch=True, max_epochs=cfg.runner.max_epochs),
         default_hooks=dict(
             logger=dict(type='LoggerHook', interval=log_interval),

@@ -47,12 +47,13 @@ def momentum_schedule(hooks, max_iters, model):
         update the target and their momenta; None without a momentum hook.
     """
     from momentum_hook import MomentumUpdater
-    hook = next((h for h in hooks if isinstance(h, MomentumUpdater)), None)
-    if hook is None:
+    updater = next((h.updater for h in hooks if isinstance(
+        getattr(h, 'updater', None), MomentumUpdater)), None)
+    if updater is None:
         return None
-    iters = [k for k in range(max_iters) if hook.is_update_iter(k)]
+    iters = [k for k in range(max_iters) if updater.is_update_iter(k)]
     return ([k + 1 for k in iters],
-            [hook.momentum_at(k, max_iters, model.base_momentum)
+            [updater.momentum_at(k, max_iters, model.base_momentum)
              for k in iters])
 
 

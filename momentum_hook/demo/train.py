@@ -336,9 +336,11 @@ def train(cfg, work_dir, device='cpu', distributed=False, resume_from=None,
                 'momentum_hook.demo CONFIG --launcher pytorch')
         if resume_from:
             raise DemoError(
-                'the FlexibleRunner configs do not resume: MMEngine 0.10.7 '
-                "fails to load FSDP's optimizer state (see docs/mmengine.md, "
-                '"Checkpoint and resume")')
+                'the FlexibleRunner configs do not resume from the command '
+                "line; in runs of your own, FSDP resumes with strategy=dict("
+                "type='momentum_hook.FSDPResumeStrategy', ...) and DeepSpeed "
+                'with MMEngine\'s own (see docs/mmengine.md, "Resuming FSDP '
+                'in FlexibleRunner")')
         from .flexible import train_flexible
         runner = train_flexible(cfg, work_dir, model.to(device), dataset,
                                 distributed, hooks)
