@@ -8,13 +8,15 @@ use, and by :func:`momentum_hook.momentum_update_`:
 - torch ``AveragedModel`` with ``get_ema_multi_avg_fn`` (``update_parameters``);
 - timm ``ModelEmaV3.update`` (re-implemented here when timm is missing);
 - ``torch._foreach_mul_`` + ``torch._foreach_add_``;
-- ``torch._foreach_lerp_``;
+- ``torch._foreach_lerp_`` over tensor lists made once, and the same
+  hand-written as timm's ``ModelEmaV3`` does it, over
+  ``list(target.parameters())`` made on every call;
 - one ``lerp_`` over two flat copies of the weights (the bandwidth limit,
   in practice; no user's model is laid out like that);
-- ours: :func:`momentum_hook.momentum_update_` (a walk of both networks and
-  one ``_foreach_lerp_`` per call), and
-  :class:`momentum_hook.MomentumTargetMixin`'s ``momentum_update()``, which
-  reuses its plan (a staleness check and one ``_foreach_lerp_`` per call);
+- ours: :func:`momentum_hook.momentum_update_` and
+  :class:`momentum_hook.MomentumTargetMixin`'s ``momentum_update()``; both
+  keep a plan between calls (a staleness check and one ``_foreach_lerp_``
+  per call);
 - ours with a bfloat16 target and online network: the mixin's
   ``momentum_update()`` through the target's float32 masters (cast the online
   tensors to float32, lerp the masters, round them into the target). Its
@@ -38,7 +40,13 @@ styles that launch one kernel per tensor slow down by far more than one flat
 kernel does. Run on an idle machine, or with ``--threads 1``; the header
 prints the load average.
 
-Apart from the rows, it measures the host side of ours, in microseconds per
+Host time, apart: the same networks with every parameter replaced by a
+1-element tensor (same modules, same tensor count), so that a call costs only
+its host side. The hand-written ``_foreach_lerp_`` over
+``list(target.parameters())``, ``momentum_update_`` and the mixin are timed
+there side by side in interleaved rounds, in microseconds per call.
+
+Apart from the rows, it also measures the host side of ours, in microseconds per
 call (the median of many calls): planning (what ``momentum_update_`` does on
 every call and the mixin once), the mixin's check that its plan is current
 (what it does on every call), and on CUDA the CPU time of one mixin
@@ -87,6 +95,7 @@ MODELS = {
 MOMENTUM = 0.99
 COPY_LABEL = 'copy (bandwidth probe)'
 LOOP_LABEL = 'MMSelfSup 0.x loop'
+HAND_LABEL = 'hand-written _foreach_lerp_ over list(parameters())'
 FLAT_LABEL = 'one flat lerp_ (reference)'
 STATS = {'median': statistics.median, 'min': min}
 OURS_LABELS = ('ours: momentum_update_',
@@ -205,6 +214,9 @@ def make_styles(nets, momentum):
     styles and ours do all their per-call work inside it.
     """
     online, target, pair = nets['online'], nets['target'], nets['pair']
+    # The MMSelfSup loop replaces its target's storage on every call (fresh
+    # memory to fault in, and a kept plan rightly goes stale): its own copy.
+    loop_target = copy.deepcopy(target)
     pair.momentum = nets['bf16'].momentum = momentum
     onlines, targets = list(online.parameters()), list(target.parameters())
     pair_onlines = list(pair.online.parameters())
@@ -221,10 +233,13 @@ def make_styles(nets, momentum):
         torch._foreach_mul_(targets, momentum)
         torch._foreach_add_(targets, onlines, alpha=weight)
 
+    hand_written = hand_written_update(target, online, momentum)
+
     return [
         Style(COPY_LABEL, lambda: flat_t.copy_(flat_o), lambda: [], []),
-        Style(LOOP_LABEL, lambda: mmselfsup_loop(online, target, momentum),
-              target.parameters, onlines),
+        Style(LOOP_LABEL,
+              lambda: mmselfsup_loop(online, loop_target, momentum),
+              loop_target.parameters, onlines),
         Style('torch AveragedModel + get_ema_multi_avg_fn',
               lambda: averaged.update_parameters(online),
               averaged.module.parameters, onlines),
@@ -235,6 +250,7 @@ def make_styles(nets, momentum):
         Style('torch._foreach_lerp_',
               lambda: torch._foreach_lerp_(targets, onlines, weight),
               target.parameters, onlines),
+        Style(HAND_LABEL, hand_written, target.parameters, onlines),
         Style(FLAT_LABEL, lambda: flat_t.lerp_(flat_o, weight),
               lambda: flat_targets, flat_onlines),
         Style(OURS_LABELS[0], lambda: momentum_update_(target, online,
@@ -246,6 +262,64 @@ def make_styles(nets, momentum):
               nets['bf16'].target.parameters,
               list(nets['bf16'].online.parameters())),
     ]
+
+
+def hand_written_update(target, online, momentum):
+    """The update as people write it by hand, timm's ``ModelEmaV3`` way."""
+    weight = 1. - momentum
+
+    @torch.no_grad()
+    def update():
+        torch._foreach_lerp_(list(target.parameters()),
+                             list(online.parameters()), weight)
+    return update
+
+
+def one_element(module):
+    """``module`` with every parameter replaced by a 1-element tensor, in
+    place: the same modules and tensor count, next to no kernel time."""
+    for submodule in module.modules():
+        for key, param in submodule._parameters.items():
+            if param is not None:
+                submodule._parameters[key] = nn.Parameter(
+                    torch.zeros(1, device=param.device),
+                    requires_grad=param.requires_grad)
+    return module
+
+
+#: The rows of the host-time table.
+HOST_LABELS = (HAND_LABEL, ) + OURS_LABELS
+
+
+@torch.no_grad()
+def host_times(name, device, rounds, stat='median', calls=50):
+    """Microseconds per call with 1-element tensors, in interleaved rounds.
+
+    Returns:
+        dict[str, float]: The ``stat`` (median or min) over the rounds of
+        each style's mean time per call, by label; ``'tensors'``: the
+        parameter count.
+    """
+    with torch.device(device):
+        online = one_element(getattr(torchvision.models, name)(weights=None))
+    target = copy.deepcopy(online).requires_grad_(False)
+    pair = Pair(copy.deepcopy(online), target)
+    pair.momentum = MOMENTUM
+    updates = dict(zip(HOST_LABELS, (
+        hand_written_update(target, online, MOMENTUM),
+        lambda: momentum_update_(target, online, MOMENTUM),
+        pair.momentum_update)))
+    samples = {label: [] for label in updates}
+    for index in range(rounds + 1):  # one warm-up round
+        for label in HOST_LABELS[index % 3:] + HOST_LABELS[:index % 3]:
+            elapsed = time_block(updates[label], calls, torch.device('cpu'))
+            if index:
+                samples[label].append(elapsed * 1e3)
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    times = {label: STATS[stat](us) for label, us in samples.items()}
+    times['tensors'] = len(list(online.parameters()))
+    return times
 
 
 @torch.no_grad()
@@ -341,6 +415,8 @@ def summarize(name, nets, samples, stat):
         'ours_over_flat_lerp': {
             label: times[label] / times[FLAT_LABEL]
             for label in (*OURS_LABELS, BF16_LABEL)},
+        'ours_over_hand_written': {
+            label: times[label] / times[HAND_LABEL] for label in OURS_LABELS},
     }
 
 
@@ -390,6 +466,10 @@ def bench_model(name, args, device):
                           device)
     result = summarize(name, nets, samples, args.stat)
     result['host_us'] = host_costs(nets, device)
+    del nets, styles
+    gc.collect()
+    result['host_only_us'] = host_times(name, device, args.repeats,
+                                        args.stat)
     return result
 
 
@@ -436,10 +516,32 @@ def print_text(result):
               f"the loop, {result['ours_over_flat_lerp'][label]:.2f}x the "
               'flat lerp_')
     print(f'  host side of ours: {fmt_host(result)}')
+    host = result['host_only_us']
+    print(f"  host time per call, {host['tensors']} 1-element tensors:")
+    for label in HOST_LABELS:
+        print(f"    {label:<{width}}  {host[label]:7.0f} us  "
+              f"{host[label] / host[HAND_LABEL]:.2f}x hand-written")
+
+
+def host_table(results):
+    """Host time per call with 1-element tensors, as a Markdown table."""
+    lines = ['Host time per call, every parameter a 1-element tensor '
+             f"({results[0]['stat']} of the rounds, us per call, x the "
+             'hand-written foreach).', '',
+             '| update style | ' + ' | '.join(
+                 f"{MODELS[r['model']]} ({r['host_only_us']['tensors']} "
+                 'tensors)' for r in results) + ' |',
+             '|---' * (len(results) + 1) + '|']
+    for label in HOST_LABELS:
+        cells = [f"{r['host_only_us'][label]:.0f} us "
+                 f"({r['host_only_us'][label] / r['host_only_us'][HAND_LABEL]:.2f}x)"
+                 for r in results]
+        lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
 
 
 def markdown_table(results, machine):
-    """All models in one Markdown table, as in the issue."""
+    """All models in one Markdown table, as docs/performance.md shows it."""
     lines = [f'{machine}, fp32, momentum {MOMENTUM}, {results[0]["stat"]} '
              'ms per update (x the bandwidth limit).', '',
              '| update style | ' + ' | '.join(map(model_title, results)) +
@@ -455,10 +557,12 @@ def markdown_table(results, machine):
               lambda r: f"{r['copy_bandwidth_GBps']:.1f} GB/s"),
              ('host side of ours, per call', fmt_host)]
     for label in OURS_LABELS:
-        extra.append((f'{label}: speed-up over the loop / x flat lerp_',
+        extra.append((f'{label}: speed-up over the loop / x flat lerp_ / '
+                      'x hand-written foreach',
                       lambda r, k=label: (
                           f"{r['ours_speedup_over_loop'][k]:.1f}x / "
-                          f"{r['ours_over_flat_lerp'][k]:.2f}x")))
+                          f"{r['ours_over_flat_lerp'][k]:.2f}x / "
+                          f"{r['ours_over_hand_written'][k]:.2f}x")))
     extra.append((f'{BF16_LABEL}: x float32 flat lerp_',
                   lambda r: f"{r['ours_over_flat_lerp'][BF16_LABEL]:.2f}x"))
     for label, cell in extra:
@@ -540,6 +644,7 @@ def main(argv=None):
             torch.cuda.empty_cache()
     if args.markdown:
         print('\n' + markdown_table(results, machine))
+        print('\n' + host_table(results))
     if args.json:
         with open(args.json, 'w') as out:
             json.dump({'machine': machine, 'torch': torch.__version__,

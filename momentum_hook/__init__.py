@@ -14,7 +14,7 @@ Importing the package (or listing it in a config's ``custom_imports``)
 registers the hook in every installed framework's ``HOOKS`` registry as
 ``'momentum_hook.MomentumUpdateHook'`` and ``'momentum_hook.BYOLHook'``.
 The plain names that MMSelfSup 0.x configs use are taken over only by
-:mod:`momentum_hook.dropin`.
+the top-level module :mod:`momentum_hook_dropin`.
 
 Convention: the momentum ``m`` weighs the *old target*,
 ``target = m * target + (1 - m) * online`` (MMEngine's
@@ -22,8 +22,8 @@ Convention: the momentum ``m`` weighs the *old target*,
 """
 from .ema import BUFFER_POLICIES, momentum_update_
 from .export import export_target, full_state_dict
-from .frameworks import installed_adapters
 from .model import MomentumTargetMixin
+from .registration import installed_adapters
 from .schedule import cosine_momentum, scaled_momentum
 from .sharding import fully_shard_pair
 from .updater import MomentumUpdater, check_momentum_contract

@@ -18,7 +18,8 @@ the target receives the rounded result. The stateless
 :func:`momentum_update_` refuses such a target. Only after the target was
 written elsewhere (a load) are masters and targets compared, on the host.
 """
-from operator import getitem
+import weakref
+from operator import attrgetter, getitem
 
 import torch
 from torch import nn
@@ -45,6 +46,7 @@ __all__ = ['BUFFER_POLICIES', 'momentum_update_', 'ModuleUpdatePlan',
 BUFFER_POLICIES = ('keep', 'copy', 'average')
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_REQUIRES_GRAD = attrgetter('requires_grad')
 #: The elements of one block of a master update: the online block is cast
 #: into a float32 scratch buffer of this size, lerped into the master and the
 #: master block rounded into the target while the block is still in cache.
@@ -61,6 +63,41 @@ def _as_tensor_list(tensors, name):
             raise TypeError(f'{name}[{index}] must be a tensor, got '
                             f'{type(tensor).__name__}')
     return tensors
+
+
+def _trainable(shard):
+    """The tensor whose ``requires_grad`` says whether an optimizer trains
+    the elements of ``shard``: the parameter that owns a shard, or the
+    tensor itself."""
+    return shard.tensor if shard.owner is None else shard.owner
+
+
+def check_frozen(trainables, names):
+    """Refuse a target that an optimizer may train: most often the online
+    network passed as the target.
+
+    Args:
+        trainables (list[Tensor]): The target's parameters (or tensors).
+        names (list[str]): Their names, for the message.
+
+    Raises:
+        ValueError: If any of ``trainables`` requires grad, naming the first
+            and both likely causes.
+    """
+    trained = [name for name, tensor in zip(names, trainables)
+               if tensor.requires_grad]
+    if trained:
+        more = f' and {len(trained) - 1} more' if len(trained) > 1 else ''
+        raise ValueError(
+            f"the target's parameters require grad ({trained[0]!r}{more}), "
+            'so the update would overwrite weights that an optimizer '
+            'trains. Either the arguments are swapped: the target comes '
+            'first, momentum_update_(target, online, momentum) (lightly\'s '
+            'update_momentum and fully_shard_pair take the online network '
+            'first); or the target was never frozen: call '
+            'target.requires_grad_(False) once after copying it '
+            '(MomentumTargetMixin.init_momentum_target does). Nothing was '
+            'updated')
 
 
 def _grouped(targets, onlines, masters):
@@ -330,12 +367,14 @@ class ModuleUpdatePlan:
     :meth:`is_current` says whether the plan still describes the modules,
     with a check local to them: every parameter, submodule (and, for the
     ``'copy'``/``'average'`` policies, buffer) slot of both networks still
-    holds the object it held when planned, every sharded parameter still
+    holds the object it held when planned (and none was added), every
+    sharded parameter still
     links to the same local tensor, and every planned tensor still has the
-    storage address it was planned with. That catches assignments
-    (``module.x = ...``, ``load_state_dict(assign=True)``), ``.data`` swaps
-    and device or dtype moves (``.to()``, ``.cuda()``, ``.half()``). It
-    costs a few C-level passes over lists, no walk of the modules.
+    storage address it was planned with, and no target parameter requires
+    grad. That catches assignments (``module.x = ...``,
+    ``load_state_dict(assign=True)``), ``.data`` swaps, device or dtype moves
+    (``.to()``, ``.cuda()``, ``.half()``) and an unfrozen target. It costs a
+    few C-level passes over lists, no walk of the modules.
 
     In a process group, building a plan is a collective of the default group
     (one small ``all_gather_object``): every rank must plan at the same
@@ -358,8 +397,9 @@ class ModuleUpdatePlan:
     Raises:
         ValueError: If the modules differ in parameter count, shape or
             sharding layout, share memory, hold meta tensors or ZeRO++
-            quantized partitions, or (for ``'copy'`` and ``'average'``)
-            differ in their buffers; on every rank, when one refuses.
+            quantized partitions, the target's parameters require grad, or
+            (for ``'copy'`` and ``'average'``) differ in their buffers; on
+            every rank, when one refuses.
     """
 
     def __init__(self, target, online, buffers='keep', masters=None):
@@ -367,14 +407,6 @@ class ModuleUpdatePlan:
         shards, buffer_tensors = agree_across_ranks(
             lambda: self._plan(target, online, buffers, masters))
         self._track(target, online, shards, buffer_tensors)
-
-    @classmethod
-    def _one_shot(cls, target, online, buffers):
-        """A plan for one update: without what :meth:`is_current` needs,
-        and without masters (a low-precision target is refused)."""
-        plan = cls.__new__(cls)
-        plan._plan(target, online, buffers, None)
-        return plan
 
     def _plan(self, target, online, buffers, masters):
         """Find, check and group the local tensors of both networks.
@@ -391,6 +423,8 @@ class ModuleUpdatePlan:
         self.buffers = buffers
         targets, onlines = local_shards(target), local_shards(online)
         check_alike(targets, onlines)
+        self._trainables = list(map(_trainable, targets))
+        check_frozen(self._trainables, [shard.name for shard in targets])
         if not targets:
             raise ValueError(
                 'the online network has no parameters, so the momentum '
@@ -446,6 +480,9 @@ class ModuleUpdatePlan:
         modules = dict.fromkeys([*target.modules(), *online.modules()])
         self._containers, self._keys, self._ids = _structure(
             modules, self.buffers != 'keep')
+        self._slots = list({id(slot): slot for slot in self._containers}
+                           .values())
+        self._sizes = list(map(len, self._slots))
 
     def is_current(self):
         """Whether the plan still matches the modules (see the class doc)."""
@@ -453,11 +490,13 @@ class ModuleUpdatePlan:
             slots = list(map(id, map(getitem, self._containers, self._keys)))
         except KeyError:  # a parameter, buffer or submodule was deleted
             return False
-        return (slots == self._ids and list(
+        return (slots == self._ids and
+                list(map(len, self._slots)) == self._sizes and list(
             map(id, map(getattr, self._owners, self._links))) ==
                 self._linked_ids and
                 list(map(torch.Tensor.data_ptr, self._bases)) ==
-                self._pointers)
+                self._pointers and
+                not any(map(_REQUIRES_GRAD, self._trainables)))
 
     @torch.no_grad()
     def update_(self, momentum):
@@ -493,6 +532,51 @@ class ModuleUpdatePlan:
             self._master_versions = self._versions()
 
 
+# --- The stateless call's plans ---------------------------------------------
+#: The plan of the latest ``momentum_update_(target, online)`` on modules, by
+#: target module: ``(weak reference to online, buffers, plan)``. A plan is
+#: reused only while :meth:`ModuleUpdatePlan.is_current` holds, so every
+#: check of a fresh plan still applies; an entry goes when either module is
+#: collected, so it keeps no tensor of a dead network alive.
+_STATELESS_PLANS = weakref.WeakKeyDictionary()
+
+
+def _forget_on_collect(target):
+    """A weakref callback: drop ``target``'s entry when its online dies."""
+    target_ref = weakref.ref(target)
+
+    def forget(online_ref):
+        key = target_ref()
+        entry = None if key is None else _STATELESS_PLANS.get(key)
+        if entry is not None and entry[0] is online_ref:
+            del _STATELESS_PLANS[key]
+    return forget
+
+
+def _local_plan(target, online, buffers):
+    """A :class:`ModuleUpdatePlan` checked on this rank alone: unlike
+    ``ModuleUpdatePlan(...)``, no verdict is shared across ranks, so the
+    stateless call never communicates."""
+    plan = ModuleUpdatePlan.__new__(ModuleUpdatePlan)
+    plan._track(target, online, *plan._plan(target, online, buffers, None))
+    return plan
+
+
+def _stateless_plan(target, online, buffers):
+    """The cached plan of ``(target, online, buffers)``, or a new one."""
+    entry = _STATELESS_PLANS.get(target)
+    if entry is not None:
+        online_ref, planned_buffers, plan = entry
+        if online_ref() is online and planned_buffers == buffers and \
+                plan.is_current():
+            return plan
+        del _STATELESS_PLANS[target]  # its tensors go before planning anew
+    plan = _local_plan(target, online, buffers)  # raises before caching
+    _STATELESS_PLANS[target] = (
+        weakref.ref(online, _forget_on_collect(target)), buffers, plan)
+    return plan
+
+
 @torch.no_grad()
 def momentum_update_(target, online, momentum, buffers='keep'):
     """In place, ``target = momentum * target + (1 - momentum) * online``.
@@ -503,6 +587,15 @@ def momentum_update_(target, online, momentum, buffers='keep'):
     their flat shards, ZeRO-3 parameters through their partitions (and the
     gathered copy a persistent one keeps). Nothing is communicated, gathered
     or allocated in proportion to the model.
+
+    For modules, the plan of the update (a :class:`ModuleUpdatePlan`: the
+    local tensors, the checks, the groups) is kept from one call to the next
+    for the same ``target`` and reused while it is current (see
+    :meth:`ModuleUpdatePlan.is_current`), so a call in a training loop costs
+    about what a hand-written ``torch._foreach_lerp_`` costs. The plan is
+    dropped when either network is garbage collected. Each rank plans and
+    checks alone, without communication; for a verdict shared by all ranks,
+    keep a ``ModuleUpdatePlan`` or use the mixin.
 
     Args:
         target (nn.Module | Sequence[Tensor]): The target network, or its
@@ -518,14 +611,20 @@ def momentum_update_(target, online, momentum, buffers='keep'):
         TypeError: If ``target``/``online`` are not both modules or both
             tensor sequences, or ``momentum`` is not a real number.
         ValueError: If the two differ in count, shape or sharding, share
-            memory, hold meta tensors, ``momentum`` is outside [0, 1] or
-            ``buffers`` is unknown; or if a target tensor that would be
-            lerped (a parameter, or a floating-point buffer under
-            ``'average'``) is float16/bfloat16, before anything is written.
+            memory, hold meta tensors, the target's parameters require grad
+            (the target is not frozen, or the two arguments are swapped),
+            ``momentum`` is outside [0, 1] or ``buffers`` is unknown; or if a
+            target tensor that would be lerped (a parameter, or a
+            floating-point buffer under ``'average'``) is float16/bfloat16,
+            before anything is written.
+
+    Warns:
+        UserWarning: Once per process, for a momentum in (0, 0.5): MMEngine's
+            ``momentum=x`` is ``m = 1 - x`` here.
 
     A float16/bfloat16 target needs a float32 master that outlives the call:
     an EMA stored in 16 bits rounds most steps ``(1 - m) * (online -
-    target)`` to no change and stalls. This function keeps no state, so it
+    target)`` to no change and stalls. This function keeps no masters, so it
     refuses such a target rather than update it badly. Use
     :class:`~momentum_hook.MomentumTargetMixin` or a :class:`ModuleUpdatePlan`
     kept across updates, which keep the masters for you, or own one::
@@ -542,7 +641,7 @@ def momentum_update_(target, online, momentum, buffers='keep'):
                         f'tensor sequences, got {type(target).__name__} and '
                         f'{type(online).__name__}')
     if modules[0]:
-        ModuleUpdatePlan._one_shot(target, online, buffers).update_(momentum)
+        _stateless_plan(target, online, buffers).update_(momentum)
         return
     if buffers != 'keep':
         raise ValueError(f'buffers={buffers!r} needs nn.Modules, got tensor '
@@ -552,6 +651,8 @@ def momentum_update_(target, online, momentum, buffers='keep'):
          for index, tensor in enumerate(_as_tensor_list(tensors, name))]
         for name, tensors in (('target', target), ('online', online)))
     check_alike(targets, onlines, what='tensors')
+    check_frozen(list(map(_trainable, targets)),
+                 [shard.name for shard in targets])
     _refuse_low_precision([shard.name for shard in targets],
                           [shard.tensor for shard in targets])
     _run_lerp(_plan_lerp([shard.tensor for shard in targets],

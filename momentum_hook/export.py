@@ -14,12 +14,11 @@ How the weights are gathered (public APIs; a collective on every rank):
 ========================  ==============================================
 engine                    gathering
 ========================  ==============================================
-FSDP1, FSDP2              ``torch.distributed.checkpoint.state_dict.get_
-                          model_state_dict(full_state_dict=True,
+none, DDP, FSDP1, FSDP2,  ``torch.distributed.checkpoint.state_dict.get_
+ZeRO-1/2                  model_state_dict(full_state_dict=True,
                           cpu_offload=True)``: rank 0 gets CPU tensors
 DeepSpeed ZeRO-3          ``deepspeed.zero.GatheredParameters``, one
                           parameter at a time (memory: one parameter)
-none, DDP, ZeRO-1/2       the parameters as they are
 ========================  ==============================================
 
 Nothing distributed is imported before a call needs it.
@@ -29,33 +28,16 @@ import sys
 import torch
 from torch import nn
 
-from .wrappers import loaded as _loaded, wrapper_chain
+from .wrappers import loaded as _loaded, unwrap
 
 __all__ = ['full_state_dict', 'export_target']
 
 
-def _without_engine(model):
-    """``model`` without MMEngine's DeepSpeed wrapper, DeepSpeed's engine,
-    DDP or DataParallel, whose state dicts prefix the model's keys."""
-    return wrapper_chain(model)[-1]
-
-
 def _user_model(model):
-    """The user's module inside an FSDP1 root as well."""
+    """The user's module, inside the wrappers and an FSDP1 root as well."""
     fsdp = _loaded('torch.distributed.fsdp', 'FullyShardedDataParallel')
-    while fsdp is not None and isinstance(model, fsdp):
-        model = model.module
-    return model
-
-
-def _is_sharded(model):
-    """Whether ``model`` holds FSDP1 units or FSDP2 (DTensor) parameters."""
-    fsdp = _loaded('torch.distributed.fsdp', 'FullyShardedDataParallel')
-    dtensor = _loaded('torch.distributed.tensor', 'DTensor')
-    return (fsdp is not None and any(isinstance(module, fsdp)
-                                     for module in model.modules())) or (
-        dtensor is not None and any(isinstance(param, dtensor)
-                                    for param in model.parameters()))
+    return unwrap(model, lambda module: fsdp is not None and
+                  isinstance(module, fsdp))
 
 
 def _rank():
@@ -98,7 +80,9 @@ def full_state_dict(model, prefix=''):
         model's keys as an unwrapped model names them, with detached CPU
         tensors; on the other ranks an empty dict.
     """
-    model = _without_engine(model)
+    # MMEngine's DeepSpeed wrapper, DeepSpeed's engine, DDP and DataParallel
+    # prefix the model's keys: gather from the model inside them.
+    model = unwrap(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f'model must be an nn.Module or a DeepSpeed engine, '
                         f'got {type(model).__name__}')
@@ -106,15 +90,13 @@ def full_state_dict(model, prefix=''):
         return key.startswith(prefix)
     if any(hasattr(param, 'ds_tensor') for param in model.parameters()):
         return _zero3_state_dict(model, keep)
-    if _is_sharded(model):
+    if torch.distributed.is_available():  # plain, FSDP1 and FSDP2 alike
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions, get_model_state_dict)
         state = get_model_state_dict(model, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True))
-    elif _rank() == 0:
-        state = model.state_dict()
     else:
-        state = {}
+        state = model.state_dict()
     return {key: value.detach().cpu().clone() for key, value in state.items()
             if keep(key)} if _rank() == 0 else {}
 
@@ -143,10 +125,10 @@ def export_target(model, path, target='target_net'):
             has no submodule ``target``.
     """
     try:
-        _user_model(_without_engine(model)).get_submodule(target)
+        _user_model(model).get_submodule(target)
     except AttributeError:
         names = [name for name, _ in
-                 _user_model(_without_engine(model)).named_children()]
+                 _user_model(model).named_children()]
         raise ValueError(
             f'the model has no target network {target!r}: pass '
             f'target=<its attribute path>, one of {names}') from None

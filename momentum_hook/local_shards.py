@@ -77,8 +77,8 @@ HOW_TO_SHARD = (
     'model_wrapper=dict(auto_wrap_policy=ModuleWrapPolicy(...))); '
     'DeepSpeed: ZeRO stages 1-3 '
     'need nothing else, but ZeRO-3 persistence thresholds must keep the same '
-    'parameters of both gathered. See "Sharded training" in momentum_hook\'s '
-    'README')
+    'parameters of both gathered. See docs/sharded.md in momentum_hook\'s '
+    'repository')
 
 #: Why a network whose parameters sit in an FSDP1 unit around it fails.
 SHARED_UNIT = (

@@ -7,6 +7,7 @@ holds do the work and writes the momentum to ``runner.log_buffer``.
 from mmcv.parallel import is_module_wrapper
 from mmcv.runner import HOOKS, Hook, OptimizerHook
 
+from . import wrappers
 from .registration import register_hook_class
 from .updater import LOG_KEY, HookOptions
 
@@ -14,8 +15,8 @@ __all__ = ['MomentumUpdateHook', 'BYOLHook', 'unwrap']
 
 
 def unwrap(model):
-    """The model inside an mmcv or torch data-parallel wrapper."""
-    return model.module if is_module_wrapper(model) else model
+    """The model inside mmcv's and torch's data-parallel wrappers."""
+    return wrappers.unwrap(model, is_module_wrapper)
 
 
 class MomentumUpdateHook(HookOptions, Hook):

@@ -15,7 +15,7 @@ from mmengine.registry import HOOKS
 from .local_shards import check_zero_config
 from .registration import register_hook_class
 from .updater import LOG_KEY, HookOptions
-from .wrappers import check_zero3_gathers, loaded, wrapper_chain
+from .wrappers import check_zero3_gathers, loaded, unwrap, wrapper_chain
 
 __all__ = ['MomentumUpdateHook', 'BYOLHook']
 
@@ -44,7 +44,7 @@ def _wrapper_chain(model):
 
 def _unwrap(model):
     """The user's model inside every wrapper of :func:`_wrapper_chain`."""
-    return _wrapper_chain(model)[-1]
+    return unwrap(model, is_model_wrapper)
 
 
 def _accumulative_counts(optim_wrapper):

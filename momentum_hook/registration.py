@@ -18,13 +18,20 @@ Two ways in, two kinds of names:
   ``'BYOLHook'``) are registered in ``HOOKS`` itself, replacing whichever
   class held them, so that an existing config's ``custom_hooks`` line
   builds this package's hook unchanged.
+
+:func:`installed_adapters`, run by ``import momentum_hook``, imports the
+adapter of each installed framework, which registers the hook there; nothing
+is imported for a framework that is absent, so the package needs only torch.
 """
+import importlib
+import importlib.util
 import logging
 import sys
 
 __all__ = ['SCOPE', 'HOOK_NAMES', 'DROPIN_MODULE', 'register_hook_class',
            'register_scoped', 'take_plain_names', 'plain_name_holders',
-           'fallback_message']
+           'fallback_message', 'has_mmcv1', 'has_mmengine',
+           'installed_adapters']
 
 #: The scope of the child registry, the prefix of the names nobody shadows.
 SCOPE = 'momentum_hook'
@@ -122,3 +129,30 @@ def take_plain_names(root, hook_cls, names=HOOK_NAMES):
                     'builds %s instead of %s', name, root.name,
                     qualified_name(hook_cls), qualified_name(holder))
     return replaced
+
+
+def has_mmcv1():
+    """Whether mmcv 1.x (with ``mmcv.runner``) is installed."""
+    if importlib.util.find_spec('mmcv') is None:
+        return False
+    import mmcv
+    return int(mmcv.__version__.split('.')[0]) < 2
+
+
+def has_mmengine():
+    """Whether MMEngine is installed."""
+    return importlib.util.find_spec('mmengine') is not None
+
+
+def installed_adapters():
+    """Import the adapter of every installed framework and return them.
+
+    Returns:
+        list[module]: ``momentum_hook.mmcv_hook`` if mmcv 1.x is installed,
+        ``momentum_hook.mmengine_hook`` if MMEngine is, in that order.
+    """
+    names = [name for name, installed in (('mmcv_hook', has_mmcv1),
+                                          ('mmengine_hook', has_mmengine))
+             if installed()]
+    return [importlib.import_module(f'momentum_hook.{name}')
+            for name in names]

@@ -5,9 +5,45 @@ never uses ``assert`` (which ``python -O`` removes).
 """
 import math
 import numbers
+import os
+import sys
+import warnings
 
 __all__ = ['check_momentum', 'check_positive_int', 'check_non_negative_int',
            'check_kappa']
+
+#: Whether :func:`check_momentum` has warned about a momentum below 0.5 in
+#: this process; it warns once.
+_warned_small_momentum = False
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_DECORATOR = os.path.join('torch', 'utils', '_contextlib.py')
+
+
+def _caller_stacklevel():
+    """The ``stacklevel`` of the first frame outside this package (and
+    torch's ``no_grad`` decorator), for a warning issued by our caller."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and (
+            frame.f_code.co_filename.startswith(_PACKAGE) or
+            frame.f_code.co_filename.endswith(_DECORATOR)):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_small_momentum(value, name):
+    global _warned_small_momentum
+    _warned_small_momentum = True
+    warnings.warn(
+        f'{name}={value!r} is below 0.5, so each update keeps less of the old '
+        'target than it takes from the online network. Here the momentum m '
+        'weighs the old target, target = m * target + (1 - m) * online, as '
+        "in BYOL and MoCo; MMEngine's EMAHook(momentum=x) and "
+        'ExponentialMovingAverage(momentum=x) weigh the new value, so their '
+        f'momentum=x is m = 1 - x here (momentum={value!r} there is '
+        f'm={1 - value!r}). This warning is shown once.', UserWarning,
+        stacklevel=_caller_stacklevel())
 
 
 def check_momentum(value, name='momentum'):
@@ -25,6 +61,11 @@ def check_momentum(value, name='momentum'):
         TypeError: If ``value`` is not a real number (strings, ``None`` and
             ``bool`` included).
         ValueError: If ``value`` is NaN or outside [0, 1].
+
+    Warns:
+        UserWarning: Once per process, for a value in (0, 0.5): almost always
+            MMEngine's convention (the weight of the new value) written into
+            this package's, where m weighs the old target.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f'{name} must be a real number in [0, 1], '
@@ -33,6 +74,8 @@ def check_momentum(value, name='momentum'):
     if math.isnan(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f'{name} must be a real number in [0, 1], '
                          f'got {value!r}')
+    if 0.0 < value < 0.5 and not _warned_small_momentum:
+        _warn_small_momentum(value, name)
     return value
 
 

@@ -8,7 +8,7 @@ import sys
 
 from torch import nn
 
-__all__ = ['loaded', 'wrapper_chain', 'check_zero3_gathers']
+__all__ = ['loaded', 'wrapper_chain', 'unwrap', 'check_zero3_gathers']
 
 
 def loaded(module_name, attribute):
@@ -50,6 +50,20 @@ def wrapper_chain(model, is_wrapper=None):
         else:
             return chain
         chain.append(model)
+
+
+def unwrap(model, is_wrapper=None):
+    """The model inside every wrapper :func:`wrapper_chain` steps through.
+
+    Args:
+        model (nn.Module): The model a runner or an engine holds.
+        is_wrapper (Callable[[nn.Module], bool], optional): A framework's
+            test for its own wrappers. Defaults to None.
+
+    Returns:
+        nn.Module: The innermost model.
+    """
+    return wrapper_chain(model, is_wrapper)[-1]
 
 
 def _version(text):

@@ -6,13 +6,13 @@ the schedule's formula, so that the code under test never judges itself.
 """
 import math
 import os
-import re
 import socket
 import time
 from datetime import timedelta
 
 import pytest
 import torch
+from doc_snippets import code_block
 from mmcv.runner import Hook
 from torch import nn
 
@@ -24,13 +24,12 @@ cuda_only = pytest.mark.cuda
 
 
 def run_doc_example(path, heading):
-    """Run the first ```python block under ``## heading`` of the markdown
-    file ``path``, after ``torch.manual_seed(0)``; its namespace.
+    """Run the first ```python block under ``heading`` (of any level) of the
+    markdown file ``path``, after ``torch.manual_seed(0)``; its namespace.
 
     The block must run with torch alone: it may not name mmcv or mmengine.
     """
-    section = path.read_text(encoding='utf-8').split(f'## {heading}\n')[1]
-    code = re.search(r'```python\n(.*?)```', section, re.S).group(1)
+    code = code_block(path, heading)
     assert 'mmcv' not in code and 'mmengine' not in code
     torch.manual_seed(0)
     namespace = {}

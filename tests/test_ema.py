@@ -60,7 +60,7 @@ def make_pair(form, target_dtype=torch.float32, online_dtype=None,
     torch.manual_seed(0)
     online = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4),
                            nn.Linear(4, 3))
-    target = copy.deepcopy(online)
+    target = copy.deepcopy(online).requires_grad_(False)
     with torch.no_grad():
         for param in target.parameters():
             param.add_(torch.randn_like(param))
@@ -204,7 +204,7 @@ def _modules_differing_in_buffers():
     online = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
     target = nn.Sequential(nn.Linear(2, 3),
                            nn.BatchNorm1d(3, track_running_stats=False))
-    return target, online
+    return target.requires_grad_(False), online
 
 
 # (make (target, online), momentum, buffers, error, message pattern)
@@ -287,7 +287,7 @@ def bn_pair():
     """Modules with BatchNorm whose buffers differ; online saw two batches."""
     torch.manual_seed(0)
     online = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
-    target = copy.deepcopy(online)
+    target = copy.deepcopy(online).requires_grad_(False)
     online(torch.randn(6, 3))
     online(torch.randn(6, 3) + 1)
     target(torch.randn(6, 3) * 2)
@@ -333,7 +333,8 @@ def test_average_copies_integer_buffers_of_any_kind():
         module.register_buffer('scale', torch.tensor(float(value)))
         modules.append(module)
     target, online = modules
-    momentum_update_(target, online, 0.5, buffers='average')
+    momentum_update_(target.requires_grad_(False), online, 0.5,
+                     buffers='average')
     assert target.steps.dtype == torch.int32 and target.steps == 8
     assert target.scale == 5.5
 
@@ -371,7 +372,7 @@ def drifting_pair(dtype, seed=0):
     """A (target, online) pair of ``dtype`` modules, equal at the start."""
     torch.manual_seed(seed)
     online = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 8)).to(dtype)
-    return copy.deepcopy(online), online
+    return copy.deepcopy(online).requires_grad_(False), online
 
 
 @pytest.mark.parametrize('dtype,momentum', [(torch.bfloat16, 0.996),
@@ -486,7 +487,7 @@ def test_the_master_update_of_large_and_strided_tensors():
     online = nn.Sequential(nn.Linear(300, 300), nn.Conv2d(64, 64, 3),
                            nn.Linear(3, 3)).to(torch.bfloat16)
     online[1].to(memory_format=torch.channels_last)
-    target = copy.deepcopy(online)
+    target = copy.deepcopy(online).requires_grad_(False)
     with torch.no_grad():
         for param in online.parameters():
             param.add_(torch.randn_like(param))

@@ -236,7 +236,7 @@ def test_resume_gives_the_uninterrupted_run(tmp_path, kind, base_batch_size):
     The epoch runner's CheckpointHook writes ``epoch_2.pth``. The iter
     runner's CheckpointHook cannot serve: mmcv 1.7.2 saves from
     ``after_train_iter`` with ``meta['iter']`` one less than the iterations
-    done, so a resume repeats one iteration (an mmcv quirk, see the README).
+    done, so a resume repeats one iteration (an mmcv quirk, see docs/semantics.md, "Resume").
     There the checkpoint is taken with ``runner.save_checkpoint`` once the
     interrupted runner has counted its iterations. With ``base_batch_size``
     the resumed run keeps the scaled momenta.

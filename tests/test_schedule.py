@@ -84,6 +84,22 @@ def test_reach_end_momentum_uses_end_on_the_last_update(
             pytest.approx(0.995)
 
 
+@pytest.mark.parametrize('update_interval, first', [
+    (1, 0.99),  # k = 0: the base momentum
+    (2, 1 - 0.01 * (math.cos(math.pi / 9) + 1) / 2),  # k = 1 of K' = 9
+])
+def test_reach_end_momentum_first_update(update_interval, first):
+    """docs/semantics.md: the first update, at k = update_interval - 1, uses
+    base_momentum only for update_interval = 1; with 2 and K = 10, 0.99030."""
+    updater = MomentumUpdater(end_momentum=1., update_interval=update_interval,
+                              reach_end_momentum=True)
+    k = update_interval - 1
+    assert updater.is_update_iter(k)
+    assert updater.momentum_at(k, 10, 0.99) == pytest.approx(first, abs=1e-15)
+    if update_interval == 2:
+        assert round(updater.momentum_at(k, 10, 0.99), 5) == 0.99030
+
+
 def test_reach_end_momentum_schedule_between():
     # Updates after iterations 3 and 7 of 10: the last one is k' = 7.
     updater = MomentumUpdater(end_momentum=1., update_interval=4,
