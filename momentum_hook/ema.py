@@ -514,7 +514,7 @@ class ModuleUpdatePlan:
         partitions (see :mod:`~momentum_hook.local_shards`), so that the
         target's next forward uses the update.
         """
-        momentum = check_momentum(momentum)
+        momentum = check_momentum(momentum, warn_small=False)
         recheck = False
         if self._master_targets:
             recheck = self.masters.stale

@@ -46,13 +46,17 @@ def _warn_small_momentum(value, name):
         stacklevel=_caller_stacklevel())
 
 
-def check_momentum(value, name='momentum'):
+def check_momentum(value, name='momentum', warn_small=True):
     """Return ``value`` as a float after checking it is a real number in [0, 1].
 
     Args:
         value: The candidate momentum. ``bool`` is rejected although it is an
             ``int``: ``True`` as a momentum is always a mistake.
         name (str): The argument name used in the error message.
+        warn_small (bool): Warn for a value in (0, 0.5). The places where a
+            user sets a momentum warn; the per-update path does not, since
+            the hook writes computed values there, and the EMA scaling rule
+            (``m ** kappa``) can rightly go below 0.5. Defaults to True.
 
     Returns:
         float: ``value`` converted to a Python float.
@@ -74,7 +78,7 @@ def check_momentum(value, name='momentum'):
     if math.isnan(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f'{name} must be a real number in [0, 1], '
                          f'got {value!r}')
-    if 0.0 < value < 0.5 and not _warned_small_momentum:
+    if warn_small and 0.0 < value < 0.5 and not _warned_small_momentum:
         _warn_small_momentum(value, name)
     return value
 

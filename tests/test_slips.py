@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from momentum_hook import MomentumTargetMixin, MomentumUpdater, \
-    momentum_update_
+    momentum_update_, scaled_momentum
 from momentum_hook import ema, validation
 
 
@@ -158,6 +158,16 @@ def test_correct_calls_stay_silent(fresh_warning, momentum):
         MomentumUpdater(end_momentum=momentum)
     for got, want in zip(target.parameters(), expected):
         torch.testing.assert_close(got, want)
+
+
+def test_a_scaled_momentum_below_one_half_stays_silent(fresh_warning):
+    # The EMA scaling rule with a large batch: 0.9 ** 8 = 0.43, a momentum
+    # the hook writes into the model before each update.
+    model = Model()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        model.momentum = scaled_momentum(0.9, 8)
+        model.momentum_update()
 
 
 # --- The stateless call's cached plan --------------------------------------
