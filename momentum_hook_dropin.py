@@ -22,8 +22,7 @@ does not fail on a duplicate name.
 import importlib
 from importlib import metadata
 
-from momentum_hook.frameworks import installed_adapters
-from momentum_hook.registration import take_plain_names
+from momentum_hook.registration import installed_adapters, take_plain_names
 
 __all__ = ['REPLACED']
 
