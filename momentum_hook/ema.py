@@ -206,7 +206,7 @@ def _run_lerp(steps, weight):
                     weight)
 
 
-def _lerp_gathered(pairs, weight, masters=None, recheck=False):
+def _lerp_gathered(pairs, weight, masters=None):
     """Lerp the gathered copies of persistent ZeRO-3 pairs, when there.
 
     Low-precision copies go through their float32 masters in ``masters``
@@ -214,8 +214,7 @@ def _lerp_gathered(pairs, weight, masters=None, recheck=False):
     """
     targets, onlines = available_copies(pairs)
     if targets:
-        copies = None if masters is None else masters.for_copies(
-            targets, recheck)
+        copies = None if masters is None else masters.for_copies(targets)
         _run_lerp(_plan_lerp(targets, onlines, copies), weight)
 
 
@@ -284,18 +283,20 @@ class TargetMasters:
                 master.copy_(target)
         self.loaded, self.stale = {}, False
 
-    def for_copies(self, copies, recheck=False):
+    def for_copies(self, copies):
         """The masters of persistent ZeRO-3 gathered copies (whole tensors).
 
-        Kept by the copy's address: a copy DeepSpeed gathered anew (another
-        address) starts a new master from its values, unless the old one
-        still rounds to them.
+        Kept by the copy's address, and used only while the copy holds its
+        master rounded: a copy DeepSpeed gathered anew starts a new master
+        from its values, and so does a copy at an address that another
+        parameter's copy had before (the allocator reuses addresses, and
+        persistent parameters often share a shape). These tensors are small
+        (below the persistence threshold), so the check is cheap.
         """
         masters, kept = [], {}
         for copy in copies:
             master = self._copies.get(copy.data_ptr())
-            if master is not None and (master.shape != copy.shape or (
-                    recheck and not _rounds_to(master, copy))):
+            if master is not None and not _rounds_to(master, copy):
                 master = None
             if master is None:
                 master = copy.to(torch.float32, copy=True)
@@ -515,15 +516,13 @@ class ModuleUpdatePlan:
         target's next forward uses the update.
         """
         momentum = check_momentum(momentum, warn_small=False)
-        recheck = False
-        if self._master_targets:
-            recheck = self.masters.stale
-            if recheck or self._versions() != self._master_versions:
-                self.masters.resync(self._master_names, self._master_targets)
+        if self._master_targets and (
+                self.masters.stale or
+                self._versions() != self._master_versions):
+            self.masters.resync(self._master_names, self._master_targets)
         _run_lerp(self.steps, 1.0 - momentum)
         if self.gathered:
-            _lerp_gathered(self.gathered, 1.0 - momentum, self.masters,
-                           recheck)
+            _lerp_gathered(self.gathered, 1.0 - momentum, self.masters)
         if self.secondary:  # after _lerp_gathered, which may release copies
             drop_secondary_partitions(self.secondary)
         for target_buffer, online_buffer in self.buffer_copies:

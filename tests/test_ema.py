@@ -16,7 +16,7 @@ from momentum_testing import (assert_all_equal, assert_matches_reference,
 from torch import nn
 
 from momentum_hook import momentum_update_
-from momentum_hook.ema import ModuleUpdatePlan
+from momentum_hook.ema import ModuleUpdatePlan, TargetMasters
 
 #: Integers on purpose at the ends: 0 and 1 are valid momenta too.
 MOMENTA = [0, 0.5, 0.99, 0.996, 1]
@@ -500,3 +500,16 @@ def test_the_master_update_of_large_and_strided_tensors():
     for tensor, ref in zip(params(target), reference):
         torch.testing.assert_close(tensor.detach().double(), ref,
                                    rtol=2**-8, atol=1e-6)
+
+
+def test_a_gathered_copy_at_a_reused_address_starts_its_own_master():
+    # ZeRO-3 frees a persistent parameter's gathered copy and gathers
+    # another parameter of the same shape into the same memory: the first
+    # one's master must not be written into it.
+    masters = TargetMasters()
+    copy = torch.tensor([1., 2., 3.], dtype=torch.bfloat16)
+    first = masters.for_copies([copy])[0]
+    assert torch.equal(first, copy.float())
+    copy.copy_(torch.tensor([7., 8., 9.]))  # another parameter, same address
+    second = masters.for_copies([copy])[0]
+    assert torch.equal(second, copy.float())
