@@ -42,7 +42,9 @@ refreshes for a frozen one: :func:`secondary_partitions` lists the target's,
 and the update drops them (:func:`drop_secondary_partitions`), so that the
 next gather reads the updated partitions. ZeRO++ quantized weights are
 refused: by the plan where a partition is stored quantized, and from the
-DeepSpeed config by :func:`check_zero_config`.
+DeepSpeed config by :func:`check_zero_config`. :func:`check_zero3_gathers`
+refuses a ZeRO-3 engine whose multi-parameter gathers may be read unfinished
+(DeepSpeed before 0.19.8 on gloo).
 
 Planning (:class:`~momentum_hook.ema.ModuleUpdatePlan`) ends with one
 verdict on every rank (:func:`agree_across_ranks`), so that a shard that
@@ -64,7 +66,7 @@ from .wrappers import loaded as _loaded
 __all__ = ['LocalShard', 'local_shards', 'tensor_shard', 'check_alike',
            'gathered_copies', 'available_copies', 'secondary_partitions',
            'drop_secondary_partitions', 'check_zero_config',
-           'agree_across_ranks']
+           'check_zero3_gathers', 'agree_across_ranks']
 
 #: How to shard a target so that a shard-local update is correct.
 HOW_TO_SHARD = (
@@ -440,6 +442,46 @@ def check_zero_config(config):
         raise ValueError(
             f'the DeepSpeed config sets {" and ".join(enabled)}=True: '
             f'{QUANTIZED}')
+
+
+def _release(text):
+    """``'0.19.6+abc'`` as ``(0, 19, 6)``."""
+    return tuple(int(part) for part in
+                 text.split('+')[0].split('.')[:3] if part.isdigit())
+
+
+def check_zero3_gathers(engine):
+    """Refuse a ZeRO-3 engine on gloo whose gathers may read unfinished data.
+
+    DeepSpeed before 0.19.8 waits only for the last of the all-gathers it
+    issues when it gathers several parameters at once (``_allgather_params_
+    coalesced``); on gloo the others may still be in flight. It gathers the
+    persistent parameters that way after every optimizer step, so the online
+    network, and the target's EMA of it, can read stale or uninitialised
+    values. ``stage3_allgather_sequential`` gathers one at a time.
+
+    Args:
+        engine (deepspeed.DeepSpeedEngine): The engine that holds the model.
+
+    Raises:
+        ValueError: Naming the DeepSpeed version and the option to set.
+    """
+    distributed = sys.modules['torch.distributed']
+    deepspeed = sys.modules['deepspeed']
+    if (engine.zero_optimization_stage() == 3 and
+            not engine.zero_allgather_sequential() and
+            _release(deepspeed.__version__) < (0, 19, 8) and
+            distributed.is_initialized() and
+            distributed.get_backend() == 'gloo'):
+        raise ValueError(
+            f'DeepSpeed {deepspeed.__version__} on gloo waits for only the '
+            'last of the all-gathers of a ZeRO-3 multi-parameter gather, so '
+            'the persistent parameters it re-gathers after each optimizer '
+            'step can be read unfinished, and the target would average '
+            'them: set zero_optimization=dict(stage=3, '
+            'stage3_allgather_sequential=True) (in MMEngine, strategy=dict('
+            "type='DeepSpeedStrategy', zero_optimization=dict(stage=3, "
+            'stage3_allgather_sequential=True))), or use DeepSpeed >= 0.19.8')
 
 
 def _world():

@@ -12,10 +12,10 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from .local_shards import check_zero_config
+from .local_shards import check_zero3_gathers, check_zero_config
 from .registration import register_hook_class
 from .updater import LOG_KEY, HookOptions
-from .wrappers import check_zero3_gathers, loaded, unwrap, wrapper_chain
+from .wrappers import loaded, unwrap, wrapper_chain
 
 __all__ = ['MomentumUpdateHook', 'BYOLHook']
 

@@ -8,7 +8,7 @@ import sys
 
 from torch import nn
 
-__all__ = ['loaded', 'wrapper_chain', 'unwrap', 'check_zero3_gathers']
+__all__ = ['loaded', 'wrapper_chain', 'unwrap']
 
 
 def loaded(module_name, attribute):
@@ -64,43 +64,3 @@ def unwrap(model, is_wrapper=None):
         nn.Module: The innermost model.
     """
     return wrapper_chain(model, is_wrapper)[-1]
-
-
-def _version(text):
-    """``'0.19.6+abc'`` as ``(0, 19, 6)``."""
-    return tuple(int(part) for part in
-                 text.split('+')[0].split('.')[:3] if part.isdigit())
-
-
-def check_zero3_gathers(engine):
-    """Refuse a ZeRO-3 engine on gloo whose gathers may read unfinished data.
-
-    DeepSpeed before 0.19.8 waits only for the last of the all-gathers it
-    issues when it gathers several parameters at once (``_allgather_params_
-    coalesced``); on gloo the others may still be in flight. It gathers the
-    persistent parameters that way after every optimizer step, so the online
-    network, and the target's EMA of it, can read stale or uninitialised
-    values. ``stage3_allgather_sequential`` gathers one at a time.
-
-    Args:
-        engine (deepspeed.DeepSpeedEngine): The engine that holds the model.
-
-    Raises:
-        ValueError: Naming the DeepSpeed version and the option to set.
-    """
-    distributed = sys.modules['torch.distributed']
-    deepspeed = sys.modules['deepspeed']
-    if (engine.zero_optimization_stage() == 3 and
-            not engine.zero_allgather_sequential() and
-            _version(deepspeed.__version__) < (0, 19, 8) and
-            distributed.is_initialized() and
-            distributed.get_backend() == 'gloo'):
-        raise ValueError(
-            f'DeepSpeed {deepspeed.__version__} on gloo waits for only the '
-            'last of the all-gathers of a ZeRO-3 multi-parameter gather, so '
-            'the persistent parameters it re-gathers after each optimizer '
-            'step can be read unfinished, and the target would average '
-            'them: set zero_optimization=dict(stage=3, '
-            'stage3_allgather_sequential=True) (in MMEngine, strategy=dict('
-            "type='DeepSpeedStrategy', zero_optimization=dict(stage=3, "
-            'stage3_allgather_sequential=True))), or use DeepSpeed >= 0.19.8')
