@@ -66,7 +66,7 @@ from .wrappers import loaded as _loaded
 __all__ = ['LocalShard', 'local_shards', 'tensor_shard', 'check_alike',
            'gathered_copies', 'available_copies', 'secondary_partitions',
            'drop_secondary_partitions', 'check_zero_config',
-           'check_zero3_gathers', 'agree_across_ranks']
+           'check_zero3_gathers', 'agree_across_ranks', 'world_size']
 
 #: How to shard a target so that a shard-local update is correct.
 HOW_TO_SHARD = (
@@ -484,7 +484,7 @@ def check_zero3_gathers(engine):
             'stage3_allgather_sequential=True))), or use DeepSpeed >= 0.19.8')
 
 
-def _world():
+def world_size():
     """The default process group's size, or 1 without one (no import)."""
     distributed = sys.modules.get('torch.distributed')
     if (distributed is None or not distributed.is_available() or
@@ -520,7 +520,7 @@ def agree_across_ranks(plan):
             other exception types become RuntimeError on the other ranks),
             on every rank.
     """
-    world = _world()
+    world = world_size()
     try:
         result = plan()
     except Exception as error:

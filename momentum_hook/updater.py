@@ -17,8 +17,7 @@ The contract with the model (the same as MMSelfSup 0.x):
 """
 import numbers
 
-import torch.distributed as dist
-
+from .local_shards import world_size
 from .schedule import (cosine_momentum, is_update_iter, last_update_iter,
                        scaled_momentum)
 from .validation import check_momentum, check_positive_int
@@ -85,13 +84,6 @@ def loader_batch_size(loader):
             'set base_batch_size=None and pass momenta scaled with '
             'momentum_hook.scaled_momentum yourself')
     return int(size)
-
-
-def world_size():
-    """The processes of the default process group; 1 without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
 
 
 class MomentumUpdater:
