@@ -255,7 +255,7 @@ class TargetMasters:
         self.tensors = {}  # name -> the float32 master
         self.loaded = {}  # name -> a master from a checkpoint, not bound yet
         self.stale = False  # the target was loaded: check the masters
-        self._copies = {}  # id(param) -> (param, master) of gathered copies
+        self._copies = {}  # data_ptr() of a gathered copy -> its master
 
     def bind(self, names, targets):
         """The masters of ``targets``, reused where they round to them."""
