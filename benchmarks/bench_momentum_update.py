@@ -76,7 +76,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch import nn
 
 from momentum_hook import MomentumTargetMixin, momentum_update_
-from momentum_hook.ema import ModuleUpdatePlan
+from momentum_hook import ModuleUpdatePlan
 
 try:
     from timm.utils import ModelEmaV3

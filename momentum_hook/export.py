@@ -23,11 +23,10 @@ DeepSpeed ZeRO-3          ``deepspeed.zero.GatheredParameters``, one
 
 Nothing distributed is imported before a call needs it.
 """
-import sys
-
 import torch
 from torch import nn
 
+from ._compat import deepspeed as ds
 from .wrappers import loaded as _loaded, unwrap
 
 __all__ = ['full_state_dict', 'export_target']
@@ -49,13 +48,12 @@ def _rank():
 def _zero3_state_dict(model, keep):
     """Rank 0's CPU copy of ``model``'s state dict, ZeRO-3 parameters
     gathered one by one; only the keys for which ``keep(key)`` holds."""
-    gathered = sys.modules['deepspeed'].zero.GatheredParameters
     state, rank = {}, _rank()
     for key, value in model.state_dict(keep_vars=True).items():
         if not keep(key):
             continue
-        if hasattr(value, 'ds_tensor'):
-            with gathered([value]):
+        if ds.is_zero3_param(value):
+            with ds.gathered_parameters([value]):
                 if rank == 0:
                     state[key] = value.detach().cpu().clone()
         elif rank == 0:
@@ -88,7 +86,7 @@ def full_state_dict(model, prefix=''):
                         f'got {type(model).__name__}')
     def keep(key):
         return key.startswith(prefix)
-    if any(hasattr(param, 'ds_tensor') for param in model.parameters()):
+    if any(map(ds.is_zero3_param, model.parameters())):
         return _zero3_state_dict(model, keep)
     if torch.distributed.is_available():  # plain, FSDP1 and FSDP2 alike
         from torch.distributed.checkpoint.state_dict import (

@@ -8,6 +8,7 @@ from mmcv.parallel import is_module_wrapper
 from mmcv.runner import HOOKS, Hook, OptimizerHook
 
 from . import wrappers
+from ._compat.mmcv import train_loader
 from .registration import register_hook_class
 from .updater import LOG_KEY, HookOptions
 
@@ -94,8 +95,7 @@ class MomentumUpdateHook(HookOptions, Hook):
 def _train_loader(runner):
     """The runner's DataLoader; IterBasedRunner trains from an IterLoader
     around it."""
-    loader = getattr(runner, 'data_loader', None)
-    return getattr(loader, '_dataloader', loader)
+    return train_loader(getattr(runner, 'data_loader', None))
 
 
 #: MMSelfSup 0.x's second name for the same hook.

@@ -12,7 +12,8 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from .local_shards import check_zero3_gathers, check_zero_config
+from .zero import check_zero3_gathers, check_zero_config
+from ._compat.mmengine import accumulative_counts
 from .registration import register_hook_class
 from .updater import LOG_KEY, HookOptions
 from .wrappers import loaded, unwrap, wrapper_chain
@@ -51,7 +52,7 @@ def _accumulative_counts(optim_wrapper):
     """``{name: accumulative_counts}`` of an optimizer wrapper (or dict)."""
     wrappers = (dict(optim_wrapper.items()) if hasattr(optim_wrapper, 'items')
                 else {'optim_wrapper': optim_wrapper})
-    return {name: getattr(wrapper, '_accumulative_counts', 1)
+    return {name: accumulative_counts(wrapper)
             for name, wrapper in wrappers.items()}
 
 
@@ -131,7 +132,7 @@ class MomentumUpdateHook(HookOptions, Hook):
 
     def _check_strategy(self, runner):
         """Refuse a ``DeepSpeedStrategy`` config with ZeRO++ quantized
-        weights (see :func:`~momentum_hook.local_shards.check_zero_config`).
+        weights (see :func:`~momentum_hook.zero.check_zero_config`).
 
         Raises:
             ValueError: Naming the option and what to set.

@@ -1,11 +1,13 @@
 """Give a model the hook's contract from an (online, target) pair."""
 import contextlib
 import copy
-import sys
 
 from torch import nn
 
-from .ema import ModuleUpdatePlan, TargetMasters, check_buffer_policy
+from ._compat import deepspeed as ds
+
+from .masters import TargetMasters
+from .plan import ModuleUpdatePlan, check_buffer_policy
 from .validation import check_momentum
 
 __all__ = ['MomentumTargetMixin']
@@ -31,7 +33,7 @@ class MomentumTargetMixin:
 
     ``momentum_update()`` computes ``target = m * target + (1 - m) * online``
     with ``m = self.momentum`` like :func:`~momentum_hook.momentum_update_`,
-    through a :class:`~momentum_hook.ema.ModuleUpdatePlan` it keeps while it
+    through a :class:`~momentum_hook.ModuleUpdatePlan` it keeps while it
     is current, so that a call costs a few kernel launches and a check local
     to the two networks, not a walk of both. Under FSDP or DeepSpeed it
     updates each rank's shards (see :mod:`momentum_hook.local_shards`); make
@@ -41,7 +43,7 @@ class MomentumTargetMixin:
 
     A target stored in float16 or bfloat16 (``model.half()``, a DeepSpeed
     engine with ``bf16`` or ``fp16`` enabled) gets a float32 master of each
-    of its rank-local tensors (:class:`~momentum_hook.ema.TargetMasters`):
+    of its rank-local tensors (:class:`~momentum_hook.masters.TargetMasters`):
     4 bytes per local target element, on the target's device, nothing for a
     float32 target. The update lerps the master and writes it, rounded, into
     the target, so that the target is the float64 EMA to its own rounding
@@ -94,7 +96,7 @@ class MomentumTargetMixin:
         self.__dict__['_momentum_masters'] = TargetMasters()
         # A hook, not an override of _save_to_state_dict: mmcv's and
         # MMEngine's checkpoint savers call the hooks but not that method.
-        self._register_state_dict_hook(_save_masters)
+        self.register_state_dict_post_hook(_save_masters)
         return target
 
     def __getstate__(self):
@@ -177,9 +179,8 @@ def _copy_of(online):
     in flight when the copy reads them.
     """
     partitioned = [param for param in online.parameters()
-                   if hasattr(param, 'ds_tensor')]
+                   if ds.is_zero3_param(param)]
     with contextlib.ExitStack() as gathered:
         for param in partitioned:
-            gathered.enter_context(
-                sys.modules['deepspeed'].zero.GatheredParameters([param]))
+            gathered.enter_context(ds.gathered_parameters([param]))
         return copy.deepcopy(online)

@@ -17,7 +17,7 @@ The contract with the model (the same as MMSelfSup 0.x):
 """
 import numbers
 
-from .local_shards import world_size
+from .ranks import world_size
 from .schedule import (cosine_momentum, is_update_iter, last_update_iter,
                        scaled_momentum)
 from .validation import check_momentum, check_positive_int
