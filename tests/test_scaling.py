@@ -315,20 +315,84 @@ def test_the_grid_scales_the_lr_in_both_arms_and_the_momentum_in_one():
 def test_mmengine_flexible_runner_uses_the_scaled_momenta(tmp_path):
     """MMEngine's FlexibleRunner (one process, its default strategy): batch
     2 on one process, base_batch_size 8, kappa 1/4."""
-    from mmengine.runner._flexible_runner import FlexibleRunner
     torch.manual_seed(0)
     model = engine_case.TinyMomentumModel(base_momentum=0.5)
-    runner = FlexibleRunner(
-        model=model, work_dir=str(tmp_path), experiment_name='flexible',
+    runner = _flexible_runner(tmp_path, model, dict(type=engine_case.HOOK,
+                                                    base_batch_size=8))
+    runner.train()
+    expected = [reference_momentum(k, 4, 0.5)**0.25 for k in range(4)]
+    assert model.seen == pytest.approx(expected, rel=0, abs=1e-15)
+    assert engine_case.logged_momenta(runner) == model.seen
+
+
+# -- base_batch_size='auto': MMEngine's auto_scale_lr ------------------------
+
+def _flexible_runner(work_dir, model, hook, **kwargs):
+    from mmengine.runner._flexible_runner import FlexibleRunner
+    return FlexibleRunner(
+        model=model, work_dir=str(work_dir),
+        experiment_name=f'flexible_{next(engine_case._run_ids)}',
         train_dataloader=dict(
             dataset=engine_case.TinySamples(8), batch_size=2,
             sampler=dict(type='DefaultSampler', shuffle=False),
             collate_fn=dict(type='default_collate')),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
         train_cfg=dict(by_epoch=False, max_iters=4),
-        default_hooks=dict(checkpoint=None),
-        custom_hooks=[dict(type=engine_case.HOOK, base_batch_size=8)])
+        default_hooks=dict(checkpoint=None), custom_hooks=[hook], **kwargs)
+
+
+def _auto_runner(kind, work_dir, model, **kwargs):
+    hook = dict(type=engine_case.HOOK, base_batch_size='auto')
+    if kind == 'FlexibleRunner':
+        return _flexible_runner(work_dir, model, hook, **kwargs)
+    return engine_case.build_runner(work_dir, model, [hook], iters=4,
+                                    **kwargs)
+
+
+@pytest.mark.parametrize('kind', ['Runner', 'FlexibleRunner'])
+def test_mmengine_auto_takes_base_batch_size_from_auto_scale_lr(tmp_path,
+                                                                kind):
+    """auto_scale_lr base 8, batch 2 on one process: MMEngine scales the
+    learning rate by 2 / 8 and the hook uses m ** (2 / 8)."""
+    torch.manual_seed(0)
+    model = engine_case.TinyMomentumModel(base_momentum=0.5)
+    runner = _auto_runner(kind, tmp_path, model, auto_scale_lr=dict(
+        enable=True, base_batch_size=8))
     runner.train()
     expected = [reference_momentum(k, 4, 0.5)**0.25 for k in range(4)]
     assert model.seen == pytest.approx(expected, rel=0, abs=1e-15)
     assert engine_case.logged_momenta(runner) == model.seen
+    lrs = [group['lr'] for group in runner.optim_wrapper.param_groups]
+    assert lrs == [pytest.approx(0.1 * 2 / 8)]  # the LR followed it too
+    log, = tmp_path.glob('*/*.log')
+    assert ("base_batch_size='auto' (auto_scale_lr.base_batch_size=8)) "
+            'schedules') in log.read_text()
+
+
+@pytest.mark.parametrize('kind', ['Runner', 'FlexibleRunner'])
+@pytest.mark.parametrize('auto_scale_lr, words', [
+    (None, 'the runner has auto_scale_lr=None: add auto_scale_lr=dict('
+     'enable=True, base_batch_size=N) to the config'),
+    (dict(enable=False, base_batch_size=8), "it is disabled ({'enable': "
+     "False, 'base_batch_size': 8}), so the learning rate is not scaled "
+     'either: set enable=True'),
+    (dict(base_batch_size=8), 'it is disabled'),
+], ids=['missing', 'disabled', 'no_enable'])
+def test_mmengine_auto_without_auto_scale_lr_is_refused_before_iteration_one(
+        tmp_path, kind, auto_scale_lr, words):
+    model = engine_case.TinyMomentumModel(base_momentum=0.5)
+    runner = _auto_runner(kind, tmp_path, model, auto_scale_lr=auto_scale_lr)
+    with pytest.raises(ValueError) as raised:
+        runner.train()
+    assert words in str(raised.value)
+    assert 'base_batch_size=N, the samples per target update' in str(
+        raised.value)
+    assert model.seen == []
+
+
+def test_mmcv_hook_refuses_auto_when_built():
+    with pytest.raises(ValueError, match="base_batch_size='auto' follows "
+                       "MMEngine's auto_scale_lr, which mmcv 1.x runners do "
+                       'not have: give the hook base_batch_size=N'):
+        build_from_cfg(dict(type='momentum_hook.MomentumUpdateHook',
+                            base_batch_size='auto'), MMCV_HOOKS)
