@@ -294,22 +294,51 @@ def test_the_plain_loop_example_uses_the_scaled_momenta():
 
 # -- the experiment's grid -------------------------------------------------
 
-def test_the_grid_scales_the_lr_in_both_arms_and_the_momentum_in_one():
-    from momentum_hook.demo.scaling import arms, markdown_table
-    grid = arms([1, 4], batch=128, lr=5e-3)
-    assert [name for name, _, _ in grid] == [
-        '1B per update', '4B per update', '4B scaled']
-    (_, _, one), (_, _, plain), (_, _, scaled) = grid
-    assert one == ['data.samples_per_gpu=128', 'optimizer.lr=0.005']
-    assert plain == ['data.samples_per_gpu=512', 'optimizer.lr=0.01']
-    assert scaled == plain + ['custom_hooks.0.base_batch_size=128']
-    runs = [{'1-shot': 0.5, '5-shot': 0.6, 'knn': 0.7, 'seconds': 10.},
-            {'1-shot': 0.7, '5-shot': 0.8, 'knn': 0.9, 'seconds': 12.}]
-    table = markdown_table(dict(arms=[dict(name='4B scaled', multiplier=4,
-                                           lr=0.01, runs=runs)]))
-    assert table.splitlines()[-1] == (
-        '| 4B scaled | m ** 4 | 0.01 | 2 | 0.600 ± 0.141 | 0.700 ± 0.141 | '
-        '0.800 ± 0.141 | 11 ± 1 |')
+def test_adam_sde_rule_and_the_arms():
+    """Malladi et al.'s rule written out for kappa = 4: lr x 2, 1 - beta
+    x 4, eps / 2, weight decay x 2 (lr x wd per sample kept)."""
+    from momentum_hook.demo.scaling import adam_sde, arms
+    base = dict(lr=5e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+    rule = adam_sde(4, **base)
+    assert rule['lr'] == pytest.approx(1e-2)
+    assert rule['betas'] == pytest.approx((0.6, 0.996))
+    assert rule['eps'] == pytest.approx(5e-9)
+    assert rule['weight_decay'] == pytest.approx(2e-2)
+    # decay per sample: lr * wd / batch is kept at 4x the batch
+    assert rule['lr'] * rule['weight_decay'] / 4 == pytest.approx(
+        base['lr'] * base['weight_decay'])
+    assert adam_sde(1, **base) == dict(base)
+    with pytest.raises(ValueError, match='kappa=20 is too large'):
+        adam_sde(20, **base)
+    one, scaled, plain = arms(64, 4, base)
+    assert (one['batch'], one['momentum_kappa'], one['optimizer']) == (
+        64, 1, base)
+    assert (scaled['batch'], scaled['momentum_kappa']) == (256, 4)
+    assert (plain['batch'], plain['momentum_kappa']) == (256, 1)
+    assert scaled['optimizer'] == plain['optimizer'] == rule
+
+
+def _trajectories(values):
+    return {seed: [dict(samples=s, **{m: v for m in (
+        'heldout loss', '1-shot', '5-shot', 'knn')}) for s, v in enumerate(
+            points)] for seed, points in enumerate(values)}
+
+
+@pytest.mark.parametrize('scaled, plain, word', [
+    ([[0, 1.0, 1.0]] * 3, [[0, 2., 2.]] * 3, 'rule supported'),
+    ([[0, 1.0, 1.0]] * 3, [[0, 1.0, 1.01]] * 3, 'no difference at this scale'),
+    ([[0, 2., 1.0]] * 3, [[0, 2., 2.]] * 3, 'optimizer rule not met'),
+    ([[0, 2., 2.]] * 3, [[0, 1.0, 1.0]] * 3, 'rule contradicted'),
+])
+def test_the_pass_criterion(scaled, plain, word):
+    """B: 0.9, 1.0, 1.1 at each point after the warm-up (band 1 +- 0.2);
+    point 0 is the warm-up and is not judged."""
+    from momentum_hook.demo.scaling import verdict
+    results = {'B': _trajectories([[5, .9, .9], [5, 1., 1.], [5, 1.1, 1.1]]),
+               '4B scaled': _trajectories(scaled),
+               '4B per update': _trajectories(plain)}
+    for metric, (got, _) in verdict(results, warmup=0).items():
+        assert got == word, metric
 
 
 def test_mmengine_flexible_runner_uses_the_scaled_momenta(tmp_path):
@@ -396,3 +425,52 @@ def test_mmcv_hook_refuses_auto_when_built():
                        'not have: give the hook base_batch_size=N'):
         build_from_cfg(dict(type='momentum_hook.MomentumUpdateHook',
                             base_batch_size='auto'), MMCV_HOOKS)
+
+
+# -- the EMA-only replay ---------------------------------------------------
+
+def _small_replay(kappas):
+    from momentum_hook.demo.data import load_digits_split
+    from momentum_hook.demo.ema_replay import replay
+    images = load_digits_split('train')[0][:256]
+    settings = dict(
+        batch=16, samples=16 * 240, warmup=16 * 24, images=images,
+        model=dict(widths=(4, 8, 8), hidden_dim=16, proj_dim=8,
+                   base_momentum=0.98),
+        optimizer=dict(lr=5e-3, betas=(0.9, 0.999), eps=1e-8,
+                       weight_decay=1e-2),
+        augment=dict(degrees=15., scale=(0.85, 1.15), shear=10., shift=1.,
+                     brightness=0.4, noise=0.1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: threads only wait on each other
+    try:
+        return replay(settings, kappas=kappas, seed=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_replay_shadows_at_kappa_one_are_the_target():
+    """A shadow that sees every update is the target itself (float64
+    replay of the same schedule): the replay pairs them correctly."""
+    result = _small_replay(kappas=(1, ))
+    assert result['updates'] == 240 and result['total_move'] > 0
+    for name in ('kappa=1, m ** kappa', 'kappa=1, m'):
+        assert len(result['curves'][name]) == 240
+        assert max(d for _, d in result['curves'][name]) < 1e-5
+
+
+def test_replay_m_to_the_kappa_keeps_the_target_and_m_does_not():
+    """The rule's property on a real BYOL run: a target that sees the
+    online network every 4 or 8 updates stays within a few percent of the
+    real target's total move with m ** kappa, and lags several times
+    further with m."""
+    result = _small_replay(kappas=(4, 8))
+    for kappa in (4, 8):
+        power = result['curves'][f'kappa={kappa}, m ** kappa']
+        plain = result['curves'][f'kappa={kappa}, m']
+        assert len(power) == len(plain) == 240 // kappa
+        worst_power = max(d for _, d in power)
+        worst_plain = max(d for _, d in plain)
+        assert 0 < worst_power < 0.1
+        assert worst_plain > 0.3
+        assert worst_plain > 5 * worst_power
