@@ -341,6 +341,18 @@ def test_the_pass_criterion(scaled, plain, word):
         assert got == word, metric
 
 
+def test_the_seed_paired_gaps():
+    from momentum_hook.demo.scaling import paired_gaps
+    results = {'B': _trajectories([[5, .9, .9], [5, 1., 1.], [5, 1.1, 1.1]]),
+               '4B scaled': _trajectories([[0, 1., 1.]] * 3),
+               '4B per update': _trajectories([[0, 2., 1.]] * 3)}
+    gaps = paired_gaps(results, warmup=0)
+    assert gaps['knn']['4B scaled'] == pytest.approx((0., 0.2 / 3))
+    # per update: +1.1, +1, +0.9 at point 1; +0.1, 0, -0.1 at point 2
+    assert gaps['knn']['4B per update'] == pytest.approx((0.5, 3.2 / 6))
+    assert gaps['closer']['knn'] == (3, 6)  # point 2 is a tie
+
+
 def test_mmengine_flexible_runner_uses_the_scaled_momenta(tmp_path):
     """MMEngine's FlexibleRunner (one process, its default strategy): batch
     2 on one process, base_batch_size 8, kappa 1/4."""
@@ -474,3 +486,26 @@ def test_replay_m_to_the_kappa_keeps_the_target_and_m_does_not():
         assert 0 < worst_power < 0.1
         assert worst_plain > 0.3
         assert worst_plain > 5 * worst_power
+
+
+def test_the_accumulation_advice_makes_mmengines_lr_ratio_kappa(tmp_path):
+    """docs/scaling.md's config for accumulation, on a real Runner (batch 2,
+    one process): MMEngine's learning-rate ratio and the hook's kappa are
+    both the samples per update over 4096."""
+    from doc_snippets import code_block
+    from momentum_hook.mmengine_hook import MomentumUpdateHook
+    namespace = {}
+    exec(code_block('docs/scaling.md', "MMEngine's `auto_scale_lr`",
+                    containing='accumulative_counts = 32'), namespace)
+    counts = namespace['accumulative_counts']
+    hook = dict(namespace['custom_hooks'][0], type=engine_case.HOOK)
+    runner = engine_case.build_runner(
+        tmp_path, engine_case.TinyMomentumModel(base_momentum=0.5), [hook],
+        iters=2 * counts, accumulative_counts=counts,
+        auto_scale_lr=namespace['auto_scale_lr'])
+    runner.train()
+    kappa, = [h.updater.kappa for h in runner.hooks
+              if isinstance(h, MomentumUpdateHook)]
+    ratio = runner.optim_wrapper.param_groups[0]['lr'] / 0.1
+    assert kappa == 2 * counts / 4096
+    assert ratio == pytest.approx(kappa, rel=1e-12)

@@ -38,7 +38,7 @@ import time
 import torch
 
 __all__ = ['adam_sde', 'arms', 'sample_views', 'train_arm', 'verdict',
-           'markdown_tables', 'main']
+           'paired_gaps', 'markdown_tables', 'main']
 
 METRICS = ('heldout loss', '1-shot', '5-shot', 'knn')
 
@@ -213,6 +213,36 @@ def verdict(results, warmup, width=2.):
     return out
 
 
+def paired_gaps(results, warmup):
+    """Seed by seed, each large-batch arm minus B at the same samples, over
+    the points after the warm-up (a description, not the criterion).
+
+    Returns:
+        dict: ``{metric: {arm: (mean gap, mean absolute gap)}, 'closer':
+        {metric: (points where the scaled arm is nearer B, points)}}``.
+    """
+    names = list(results)
+    out, closer = {}, {}
+    for metric in METRICS:
+        gaps = {name: [] for name in names[1:]}
+        for seed, base in results[names[0]].items():
+            for point in base:
+                if point['samples'] <= warmup:
+                    continue
+                for name in names[1:]:
+                    gaps[name].append(_at(results[name][seed],
+                                          point['samples'])[metric]
+                                      - point[metric])
+        out[metric] = {name: (statistics.mean(g),
+                              statistics.mean(map(abs, g)))
+                       for name, g in gaps.items()}
+        scaled, plain = gaps[names[1]], gaps[names[2]]
+        closer[metric] = (sum(abs(a) < abs(b) for a, b in zip(scaled, plain)),
+                          len(scaled))
+    out['closer'] = closer
+    return out
+
+
 def _at(trajectory, samples):
     return next(p for p in trajectory if p['samples'] == samples)
 
@@ -242,6 +272,14 @@ def markdown_tables(grid):
         lines.append(f'| {metric} | {word} | '
                      + ' | '.join(', '.join(map(str, off[n])) or 'none'
                                   for n in names[1:]) + ' |')
+    gaps = paired_gaps(results, grid['warmup'])
+    lines += ['', '| metric | ' + ' | '.join(
+        f'{n} - B: mean, mean abs' for n in names[1:])
+        + ' | scaled nearer B than per update |', '|' + ' --- |' * 4]
+    for metric in METRICS:
+        lines.append(f'| {metric} | ' + ' | '.join(
+            '{:+.4f}, {:.4f}'.format(*gaps[metric][n]) for n in names[1:])
+            + ' | {} of {} |'.format(*gaps['closer'][metric]))
     return '\n'.join(lines)
 
 
