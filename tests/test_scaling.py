@@ -509,3 +509,27 @@ def test_the_accumulation_advice_makes_mmengines_lr_ratio_kappa(tmp_path):
     ratio = runner.optim_wrapper.param_groups[0]['lr'] / 0.1
     assert kappa == 2 * counts / 4096
     assert ratio == pytest.approx(kappa, rel=1e-12)
+
+
+@pytest.mark.parametrize('kappa, half, three_quarters', [
+    (2, 0.0016, 0.0039), (4, 0.0048, 0.0117), (8, 0.0111, 0.0276)])
+def test_product_form_gap_is_the_table_of_the_docs(kappa, half,
+                                                   three_quarters):
+    """kappa updates at the cosine's values against one at the kappa-th
+    power of the first: docs/scaling.md's table (rounded), zero for a
+    constant momentum, and the first-order formula of the docs."""
+    from momentum_hook.demo.ema_replay import product_form_gap
+    gaps = dict(product_form_gap(0.99, 1., 980, kappa))
+    at = {q: gaps[min(gaps, key=lambda f: abs(f - q))] for q in (.5, .75)}
+    assert at[.5] == pytest.approx(half, abs=5e-5)
+    assert at[.75] == pytest.approx(three_quarters, abs=5e-5)
+    assert all(abs(g) < 1e-12  # m ** k and k products of m: a few ulps
+               for _, g in product_form_gap(0.99, 0.99, 980, kappa))
+    j = 980 // kappa // 2
+    m = [reference_momentum(j * kappa + i, 980, 0.99) for i in range(kappa)]
+    delta = m[1] - m[0]
+    product = 1.
+    for value in m:
+        product *= value
+    first_order = kappa * (kappa - 1) / 2 * delta * m[0]**(kappa - 1)
+    assert product - m[0]**kappa == pytest.approx(first_order, rel=1e-3)
