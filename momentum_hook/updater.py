@@ -259,7 +259,8 @@ class MomentumUpdater:
             raise ValueError(
                 "base_batch_size='auto' follows the config's auto_scale_lr, "
                 f'but it is disabled ({auto_scale_lr!r}), so the learning '
-                f'rate is not scaled either: set enable=True in it, {explicit}')
+                'rate is not scaled either: set enable=True in it, '
+                f'{explicit}')
         self.run_base_batch_size = check_positive_int(
             auto_scale_lr.get('base_batch_size'),
             'auto_scale_lr.base_batch_size')

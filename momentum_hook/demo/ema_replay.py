@@ -93,14 +93,14 @@ def replay(settings, kappas=(2, 4, 8), seed=0):
         distance / total_move], ...]}``.
     """
     from .data import load_digits_split
+    from .model import DigitsBYOL
     from .scaling import arms, sample_views, train_arm
     images = settings.get('images')
     if images is None:
         images = load_digits_split('train')[0]
     views = sample_views(images, settings['samples'], settings['batch'],
-                         1000 + seed, settings['augment'])
+                         seed, settings['augment'])
     arm = arms(settings['batch'], 1, settings['optimizer'])[0]
-    from .model import DigitsBYOL
     torch.manual_seed(seed)  # train_arm builds the same weights again
     reference = DigitsBYOL(**settings['model'])
     start = reference.target_net
@@ -191,20 +191,6 @@ def summary(result):
     return '\n'.join(lines)
 
 
-def default_settings(batch=64, samples=98_304, warmup=8_192):
-    """The B arm of :mod:`momentum_hook.demo.scaling`'s defaults."""
-    from .train import default_config_path, load_config
-    cfg = load_config(default_config_path())
-    return dict(
-        batch=batch, samples=samples, warmup=warmup,
-        model={k: v for k, v in cfg.model.items() if k != 'type'},
-        optimizer=dict(lr=cfg.optimizer.lr, betas=(0.9, 0.999), eps=1e-8,
-                       weight_decay=cfg.optimizer.weight_decay),
-        augment={k: v for k, v in cfg.data.train.items()
-                 if k not in ('type', 'repeat', 'heldout_fraction',
-                              'split_seed')})
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog='python -m momentum_hook.demo.ema_replay', description=__doc__,
@@ -214,7 +200,8 @@ def main(argv=None):
     parser.add_argument('--caption', default='')
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    settings = default_settings()
+    from .scaling import demo_settings
+    settings = demo_settings()
     result = replay(settings)
     print(summary(result))
     for kappa in (4, 8):

@@ -38,7 +38,7 @@ import time
 import torch
 
 __all__ = ['adam_sde', 'arms', 'sample_views', 'train_arm', 'verdict',
-           'paired_gaps', 'markdown_tables', 'main']
+           'paired_gaps', 'markdown_tables', 'demo_settings', 'main']
 
 METRICS = ('heldout loss', '1-shot', '5-shot', 'knn')
 
@@ -88,13 +88,15 @@ def sample_views(images, samples, chunk, seed, augment):
     """The run's training views: ``samples`` images drawn epoch by epoch in
     a seeded order, two views each, drawn ``chunk`` images at a time, so
     that every batch size that is a multiple of ``chunk`` sees the same
-    views.
+    views. ``seed`` fixes the order and the views (through ``1000 +
+    seed``, so that they do not share a stream with the weights of the
+    same seed).
 
     Returns:
         tuple[Tensor, Tensor]: ``(samples, C, H, W)`` each.
     """
     from .data import two_views
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(1000 + seed)
     order = torch.cat([torch.randperm(len(images), generator=generator)
                        for _ in range(-(-samples // len(images)))])[:samples]
     views = [two_views(images[order[start:start + chunk]],
@@ -283,18 +285,47 @@ def markdown_tables(grid):
     return '\n'.join(lines)
 
 
+#: B, the samples every arm sees, the samples of the warm-up and between
+#: two evaluations.
+DEFAULTS = dict(batch=64, samples=98_304, warmup=8_192, eval_every=16_384)
+
+
+def demo_settings(**overrides):
+    """The experiment's settings: :data:`DEFAULTS` with ``overrides``, and
+    the model, AdamW's base hyper-parameters and the augmentation of
+    ``configs/byol_digits.py``.
+
+    Returns:
+        dict: ``batch``, ``samples``, ``warmup``, ``eval_every`` and
+        ``model``, ``optimizer``, ``augment`` (keyword arguments of
+        ``DigitsBYOL``, ``torch.optim.AdamW`` and ``two_views``).
+    """
+    from .train import default_config_path, load_config
+    cfg = load_config(default_config_path())
+    return dict(
+        DEFAULTS, **overrides,
+        model={k: v for k, v in cfg.model.items() if k != 'type'},
+        optimizer=dict(lr=cfg.optimizer.lr, betas=(0.9, 0.999), eps=1e-8,
+                       weight_decay=cfg.optimizer.weight_decay),
+        augment={k: v for k, v in cfg.data.train.items()
+                 if k not in ('type', 'repeat', 'heldout_fraction',
+                              'split_seed')})
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog='python -m momentum_hook.demo.scaling', description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', default='work_dirs/scaling')
-    parser.add_argument('--batch', type=int, default=64, help='B')
+    parser.add_argument('--batch', type=int, default=DEFAULTS['batch'],
+                        help='B')
     parser.add_argument('--kappa', type=int, default=4)
-    parser.add_argument('--samples', type=int, default=98_304,
+    parser.add_argument('--samples', type=int, default=DEFAULTS['samples'],
                         help='samples seen by every arm')
-    parser.add_argument('--warmup', type=int, default=8_192,
+    parser.add_argument('--warmup', type=int, default=DEFAULTS['warmup'],
                         help='samples of the linear learning-rate warm-up')
-    parser.add_argument('--eval-every', type=int, default=16_384,
+    parser.add_argument('--eval-every', type=int,
+                        default=DEFAULTS['eval_every'],
                         help='samples between evaluations')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--table', metavar='JSON',
@@ -316,22 +347,15 @@ def main(argv=None):
                 f'batch = {args.kappa * args.batch}, so that every arm is '
                 f'scored at the same samples, got {getattr(args, name)}')
     from .data import load_digits_split, two_views
-    from .train import default_config_path, load_config
     torch.set_num_threads(1)
-    cfg = load_config(default_config_path())
-    augment = {k: v for k, v in cfg.data.train.items()
-               if k not in ('type', 'repeat', 'heldout_fraction',
-                            'split_seed')}
-    model = {k: v for k, v in cfg.model.items() if k != 'type'}
-    optimizer = dict(lr=cfg.optimizer.lr, betas=(0.9, 0.999), eps=1e-8,
-                     weight_decay=cfg.optimizer.weight_decay)
+    settings = demo_settings(batch=args.batch, samples=args.samples,
+                             warmup=args.warmup, eval_every=args.eval_every)
+    augment = settings['augment']
     grid = dict(batch=args.batch, kappa=args.kappa, samples=args.samples,
                 warmup=args.warmup, eval_every=args.eval_every,
-                seeds=args.seeds, model=model,
-                arms=arms(args.batch, args.kappa, optimizer), results={},
-                seconds={})
-    settings = dict(model=model, samples=args.samples, warmup=args.warmup,
-                    eval_every=args.eval_every)
+                seeds=args.seeds, model=settings['model'],
+                arms=arms(args.batch, args.kappa, settings['optimizer']),
+                results={}, seconds={})
     train_images, _ = load_digits_split('train')
     images, labels = load_digits_split('heldout')
     heldout_views = two_views(
@@ -341,8 +365,8 @@ def main(argv=None):
     print(__doc__[__doc__.index('The pass criterion'):], flush=True)
     start = time.monotonic()
     for seed in args.seeds:
-        views = sample_views(train_images, args.samples, args.batch,
-                             1000 + seed, augment)
+        views = sample_views(train_images, args.samples, args.batch, seed,
+                             augment)
         for arm in grid['arms']:
             tick = time.monotonic()
             trajectory = train_arm(arm, seed, views,
