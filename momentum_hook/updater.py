@@ -301,6 +301,11 @@ class MomentumUpdater:
                 f'momentum m is used as m ** kappa (base_momentum '
                 f'{model.base_momentum!r} -> '
                 f'{scaled_momentum(model.base_momentum, self.kappa)!r})')
+            if self.base_batch_size == 'auto' and self.update_interval > 1:
+                scaling += (
+                    '; auto_scale_lr scales the learning rate by the samples '
+                    f'per iteration, {self.update_interval} times fewer: see '
+                    "docs/scaling.md, MMEngine's auto_scale_lr")
         return (f'{cls.__module__}.{cls.__qualname__}({arguments}) schedules '
                 f'the target momentum of {type(model).__name__} from '
                 f'base_momentum={model.base_momentum!r} over {max_iters} '

@@ -511,6 +511,18 @@ def test_the_accumulation_advice_makes_mmengines_lr_ratio_kappa(tmp_path):
     assert ratio == pytest.approx(kappa, rel=1e-12)
 
 
+def test_mmengine_auto_with_accumulation_says_what_the_lr_counts(tmp_path):
+    runner = engine_case.build_runner(
+        tmp_path, engine_case.TinyMomentumModel(base_momentum=0.5),
+        [dict(type=engine_case.HOOK, update_interval=2,
+              base_batch_size='auto')], iters=4, accumulative_counts=2,
+        auto_scale_lr=dict(enable=True, base_batch_size=8))
+    runner.train()
+    log, = tmp_path.glob('*/*.log')
+    assert ('auto_scale_lr scales the learning rate by the samples per '
+            'iteration, 2 times fewer') in log.read_text()
+
+
 @pytest.mark.parametrize('kappa, half, three_quarters', [
     (2, 0.0016, 0.0039), (4, 0.0048, 0.0117), (8, 0.0111, 0.0276)])
 def test_product_form_gap_is_the_table_of_the_docs(kappa, half,
