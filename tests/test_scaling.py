@@ -545,3 +545,18 @@ def test_product_form_gap_is_the_table_of_the_docs(kappa, half,
         product *= value
     first_order = kappa * (kappa - 1) / 2 * delta * m[0]**(kappa - 1)
     assert product - m[0]**kappa == pytest.approx(first_order, rel=1e-3)
+
+
+def test_updater_with_auto_and_no_auto_scale_lr_refuses_to_start():
+    """Without a runner nothing supplies auto_scale_lr: the updater says so
+    instead of failing on None."""
+    from momentum_hook.updater import MomentumUpdater
+    updater = MomentumUpdater(base_batch_size='auto')
+    model = engine_case.TinyMomentumModel()
+    updater.check_run(model, 4)
+    with pytest.raises(ValueError, match="base_batch_size='auto' takes the "
+                       "base_batch_size of MMEngine's auto_scale_lr"):
+        updater.start(model, 4, lambda: DataLoader(range(4), batch_size=2))
+    updater.use_auto_scale_lr(dict(enable=True, base_batch_size=8))
+    updater.start(model, 4, lambda: DataLoader(range(4), batch_size=2))
+    assert updater.kappa == 0.25
