@@ -46,8 +46,18 @@ class MomentumUpdateHook(HookOptions, Hook):
     ``base_batch_size=None``. With ``base_batch_size`` the batch is read from
     ``runner.data_loader``, which mmcv sets just before the first iteration:
     the hook logs its line and refuses a loader without a fixed batch size
-    then, before the first forward pass.
+    then, before the first forward pass. ``base_batch_size='auto'`` is
+    MMEngine's (mmcv 1.x runners have no ``auto_scale_lr``) and is refused.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.base_batch_size == 'auto':
+            raise ValueError(
+                "base_batch_size='auto' follows MMEngine's auto_scale_lr, "
+                'which mmcv 1.x runners do not have: give the hook '
+                'base_batch_size=N, the samples per target update its '
+                'momenta were tuned for (e.g. 4096), or None not to scale')
 
     def before_run(self, runner):
         self.updater.check_run(unwrap(runner.model),

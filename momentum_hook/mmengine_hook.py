@@ -56,6 +56,15 @@ def _accumulative_counts(optim_wrapper):
             for name, wrapper in wrappers.items()}
 
 
+def _auto_scale_lr(runner):
+    """The runner's ``auto_scale_lr`` config: a public attribute of
+    ``Runner``, private (``_auto_scale_lr``) in ``FlexibleRunner``
+    (MMEngine 0.10.7)."""
+    if hasattr(runner, 'auto_scale_lr'):
+        return runner.auto_scale_lr
+    return getattr(runner, '_auto_scale_lr', None)
+
+
 class MomentumUpdateHook(HookOptions, Hook):
     """Cosine-scheduled momentum (EMA) update of a BYOL / MoCo v3 target.
 
@@ -93,7 +102,10 @@ class MomentumUpdateHook(HookOptions, Hook):
     It takes :class:`~momentum_hook.updater.MomentumUpdater`'s arguments:
     ``end_momentum=1.``, ``update_interval=1``, ``reach_end_momentum=False``,
     ``base_batch_size=None``; with ``base_batch_size`` the batch is that of
-    ``runner.train_dataloader``.
+    ``runner.train_dataloader``. ``base_batch_size='auto'`` takes the
+    ``base_batch_size`` of the config's ``auto_scale_lr``, which must be
+    enabled (checked before iteration 1), so that the momentum follows the
+    batch the learning rate is scaled against.
     """
 
     def _check_optimizer(self, runner):
@@ -148,6 +160,8 @@ class MomentumUpdateHook(HookOptions, Hook):
         model = _unwrap(runner.model)
         self.updater.check_run(model, getattr(runner, 'max_iters', None))
         self._check_optimizer(runner)
+        if self.base_batch_size == 'auto':
+            self.updater.use_auto_scale_lr(_auto_scale_lr(runner))
         runner.logger.info(self.updater.start(
             model, runner.max_iters, lambda: runner.train_dataloader,
             owner=self))

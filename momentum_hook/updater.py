@@ -118,10 +118,13 @@ class MomentumUpdater:
             optimizer steps. Defaults to 1.
         reach_end_momentum (bool): Make the run's last update use exactly
             ``end_momentum``. Defaults to False (MMSelfSup 0.x's sequence).
-        base_batch_size (int, optional): The samples per target update for
-            which ``model.base_momentum`` and ``end_momentum`` were tuned
-            (4096 for MMSelfSup's ``byol_resnet50_8xb32-accum16``). Defaults
-            to None: the momenta are used as scheduled, whatever the batch.
+        base_batch_size (int | str, optional): The samples per target update
+            for which ``model.base_momentum`` and ``end_momentum`` were tuned
+            (4096 for MMSelfSup's ``byol_resnet50_8xb32-accum16``), or
+            ``'auto'`` (MMEngine only): the ``base_batch_size`` of the
+            config's ``auto_scale_lr``, which the hook hands to
+            :meth:`use_auto_scale_lr` before the run. Defaults to None: the
+            momenta are used as scheduled, whatever the batch.
 
     Raises:
         TypeError, ValueError: For an argument of the wrong type or range.
@@ -136,13 +139,18 @@ class MomentumUpdater:
             raise TypeError('reach_end_momentum must be a bool, got '
                             f'{reach_end_momentum!r}')
         self.reach_end_momentum = reach_end_momentum
-        if base_batch_size is not None:
+        if base_batch_size is not None and base_batch_size != 'auto':
             base_batch_size = check_positive_int(
                 base_batch_size, 'base_batch_size',
                 hint='the samples per target update that base_momentum and '
                 'end_momentum were tuned for, e.g. 4096 for 8 GPUs x 32 '
-                'images x 16 accumulation steps; or None not to scale')
+                "images x 16 accumulation steps; 'auto' (MMEngine) to take "
+                "it from auto_scale_lr; or None not to scale")
         self.base_batch_size = base_batch_size
+        #: The ``base_batch_size`` of this run: that of ``auto_scale_lr``
+        #: for ``'auto'`` (set by :meth:`use_auto_scale_lr`).
+        self.run_base_batch_size = (None if base_batch_size == 'auto'
+                                    else base_batch_size)
         #: The run's samples per update and S / base_batch_size, known from
         #: the start of the run on (None without base_batch_size).
         self.samples_per_update = self.kappa = self._batch = None
@@ -223,8 +231,39 @@ class MomentumUpdater:
         self._batch = (batch_size, processes)
         self.samples_per_update = (batch_size * processes *
                                    self.update_interval)
-        self.kappa = self.samples_per_update / self.base_batch_size
+        self.kappa = self.samples_per_update / self.run_base_batch_size
         return self.kappa
+
+    def use_auto_scale_lr(self, auto_scale_lr):
+        """Take this run's ``base_batch_size`` from MMEngine's
+        ``auto_scale_lr`` config, for ``base_batch_size='auto'``.
+
+        Args:
+            auto_scale_lr (dict, optional): The runner's ``auto_scale_lr``,
+                e.g. ``dict(enable=True, base_batch_size=4096)``.
+
+        Raises:
+            ValueError: If it is missing or disabled, naming which.
+            TypeError, ValueError: If its ``base_batch_size`` is not a
+                positive int.
+        """
+        explicit = ('or give the momentum hook base_batch_size=N, the '
+                    'samples per target update its momenta were tuned for')
+        if not auto_scale_lr:
+            raise ValueError(
+                "base_batch_size='auto' follows the config's auto_scale_lr, "
+                f'but the runner has auto_scale_lr={auto_scale_lr!r}: add '
+                'auto_scale_lr=dict(enable=True, base_batch_size=N) to the '
+                f'config, {explicit}')
+        if not auto_scale_lr.get('enable', False):
+            raise ValueError(
+                "base_batch_size='auto' follows the config's auto_scale_lr, "
+                f'but it is disabled ({auto_scale_lr!r}), so the learning '
+                'rate is not scaled either: set enable=True in it, '
+                f'{explicit}')
+        self.run_base_batch_size = check_positive_int(
+            auto_scale_lr.get('base_batch_size'),
+            'auto_scale_lr.base_batch_size')
 
     def write_momentum(self, model, cur_iter, max_iters):
         """Write the scheduled momentum into ``model`` on update iterations.
@@ -250,6 +289,9 @@ class MomentumUpdater:
         scaling = ''
         if self.kappa is not None:
             arguments += f', base_batch_size={self.base_batch_size!r}'
+            if self.base_batch_size == 'auto':
+                arguments += (' (auto_scale_lr.base_batch_size='
+                              f'{self.run_base_batch_size})')
             batch, processes = self._batch
             scaling = (
                 f'; S = {batch} per process x {processes} processes x '
@@ -259,6 +301,11 @@ class MomentumUpdater:
                 f'momentum m is used as m ** kappa (base_momentum '
                 f'{model.base_momentum!r} -> '
                 f'{scaled_momentum(model.base_momentum, self.kappa)!r})')
+            if self.base_batch_size == 'auto' and self.update_interval > 1:
+                scaling += (
+                    '; auto_scale_lr scales the learning rate by the samples '
+                    f'per iteration, {self.update_interval} times fewer: see '
+                    "docs/scaling.md, MMEngine's auto_scale_lr")
         return (f'{cls.__module__}.{cls.__qualname__}({arguments}) schedules '
                 f'the target momentum of {type(model).__name__} from '
                 f'base_momentum={model.base_momentum!r} over {max_iters} '
@@ -284,6 +331,12 @@ class MomentumUpdater:
                 fixed batch size.
         """
         if self.base_batch_size is not None:
+            if self.run_base_batch_size is None:
+                raise ValueError(
+                    "base_batch_size='auto' takes the base_batch_size of "
+                    "MMEngine's auto_scale_lr, which this runner does not "
+                    'have: give the hook base_batch_size=N, the samples per '
+                    'target update its momenta were tuned for')
             self.scale_to(loader_batch_size(train_loader()), world_size())
         self.started = True
         return self.describe(model, max_iters, owner)
