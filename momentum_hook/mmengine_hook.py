@@ -102,8 +102,15 @@ class MomentumUpdateHook(HookOptions, Hook):
     config with ZeRO++ quantized weights (``zero_quantized_weights``,
     ``zero_quantized_nontrainable_weights``) is refused there too.
 
-    The hook keeps no state: a resumed run (``resume=True``) takes ``k`` from
-    the restored ``runner.iter`` and the target from the model's checkpoint.
+    The target follows the optimizer's real steps (``on_skipped_step=
+    'hold'``, see :class:`~momentum_hook.ledger.Ledger`), read from each
+    ``OptimWrapper``'s optimizer and accumulation boundary or from
+    DeepSpeed's step counters; a second momentum hook is refused before
+    training. A resumed run (``resume=True``) takes ``k`` from the restored
+    ``runner.iter`` and the target from the model's checkpoint; the hook
+    keeps the run length in ``runner.message_hub`` so that the run's log
+    warns about a resume with another length, inside an accumulation
+    window, or running past ``max_iters``.
     With torch >= 2.6, MMEngine 0.10.7 cannot load its own checkpoints
     (numpy arrays, ``HistoryBuffer``) under ``torch.load``'s
     ``weights_only=True`` default; for checkpoints you trust, run with

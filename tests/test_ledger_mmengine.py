@@ -227,3 +227,26 @@ def test_iterations_past_max_iters_after_an_epoch_restart_are_announced(
                      'momentum schedule') == 1
     assert log.index('is past max_iters') < log.index('Epoch(train) [2][3/3]')
     assert logged_momenta(runner)[-2:] == [0.9, 0.9]
+
+
+def test_the_leftover_step_at_the_end_of_a_run_is_followed(tmp_path):
+    """7 iterations, accumulation 2: MMEngine also steps after the last
+    iteration, with the one leftover micro-batch, and the target follows."""
+    torch.manual_seed(0)
+    model = TinyMomentumModel(BASE)
+    recorder = OnlineRecorder()
+    runner = build_runner(
+        tmp_path, model,
+        [dict(type=HOOK, end_momentum=1., update_interval=2), recorder],
+        iters=7, accumulative_counts=2)
+    runner.train()
+
+    stepped = moved(recorder, 7)
+    assert stepped == [1, 3, 5, 6]
+    expected = {k: reference_momentum(k, 7, BASE) for k in stepped}
+    assert logged_momenta(runner) == pytest.approx(list(expected.values()),
+                                                   rel=0, abs=1e-12)
+    torch.testing.assert_close(
+        _flat(model.target).double(),
+        reference_target(recorder.initial, recorder.after_iter, expected),
+        rtol=1e-6, atol=1e-6)
