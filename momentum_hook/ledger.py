@@ -14,6 +14,7 @@ any runner framework: the adapters translate.
 """
 import collections
 
+from .registration import HOOK_NAMES
 from .schedule import is_update_iter
 
 __all__ = ['SKIPPED_STEP_POLICIES', 'Step', 'OptimizerSteps', 'EngineSteps',
@@ -26,9 +27,6 @@ SKIPPED_STEP_POLICIES = ('hold', 'update')
 #: Where a run keeps its schedule for a resume to compare: a key of MMEngine's
 #: ``message_hub`` runtime info, of mmcv's ``runner.meta['hook_msgs']``.
 RECORD_KEY = 'momentum_hook'
-
-#: MMSelfSup 0.x's names of its momentum hook (and of this package's).
-_HOOK_CLASS_NAMES = ('MomentumUpdateHook', 'BYOLHook')
 
 #: What an iteration did to the optimizer. ``stepped``: an optimizer step
 #: happened. ``boundary``: the iteration ended an accumulation window (a step
@@ -160,7 +158,7 @@ def check_one_momentum_hook(hooks, own_class):
     """
     found = [(index, hook) for index, hook in enumerate(hooks)
              if isinstance(hook, own_class)
-             or type(hook).__name__ in _HOOK_CLASS_NAMES]
+             or type(hook).__name__ in HOOK_NAMES]
     if len(found) < 2:
         return
     ours = [(index, hook) for index, hook in found
@@ -175,10 +173,10 @@ def check_one_momentum_hook(hooks, own_class):
                 'keep one entry in custom_hooks')
     else:
         keep = ("type='MomentumUpdateHook', type='BYOLHook' and their "
-                "'momentum_hook.' names build the same hook, so keep one "
-                'entry in custom_hooks (e.g. delete the line added beside an '
-                "MMSelfSup config's own BYOLHook) with the arguments you "
-                f'mean: {_describe_hook(*found[0])}')
+                "'momentum_hook.' names build the same hook, so delete all "
+                'but one entry from custom_hooks (e.g. the line added beside '
+                "an MMSelfSup config's own BYOLHook), say the one that built "
+                f'{_describe_hook(*found[0])}')
     raise ValueError(
         f'the runner has {len(found)} momentum hooks, {names}: each would '
         'update the target after every optimizer step, so it would move '

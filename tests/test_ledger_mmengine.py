@@ -67,6 +67,15 @@ def moved(recorder, iters, start=0):
     return changed
 
 
+def assert_target_is_ema(model, initial, recorder, expected):
+    """The target is the EMA from ``initial`` of the recorded online weights
+    after the iterations of ``expected`` (``{k: m_k}``)."""
+    torch.testing.assert_close(
+        _flat(model.target).double(),
+        reference_target(initial, recorder.after_iter, expected),
+        rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize('second', [HOOK, 'momentum_hook.BYOLHook'])
 def test_a_second_momentum_hook_is_refused_before_iteration_1(tmp_path,
                                                               second):
@@ -109,10 +118,7 @@ def test_a_step_the_loss_scaler_skipped_gets_no_update(tmp_path, policy,
     expected = {k: reference_momentum(k, 6, BASE) for k in updates}
     assert logged_momenta(runner) == pytest.approx(list(expected.values()),
                                                    rel=0, abs=1e-12)
-    torch.testing.assert_close(
-        _flat(model.target).double(),
-        reference_target(recorder.initial, recorder.after_iter, expected),
-        rtol=1e-6, atol=1e-6)
+    assert_target_is_ema(model, recorder.initial, recorder, expected)
     summary = (f'momentum_hook: {len(updates)} target updates; '
                f'{len(poison)} optimizer steps were skipped')
     summary += (" and the target was held (on_skipped_step='hold')"
@@ -160,10 +166,7 @@ def test_a_resume_inside_an_accumulation_window_warns_and_follows_the_steps(
     saved = torch.load(first / 'iter_3.pth', weights_only=False)['state_dict']
     target_at_resume = torch.cat([saved['target.weight'].flatten(),
                                   saved['target.bias']])
-    torch.testing.assert_close(
-        _flat(model.target).double(),
-        reference_target(target_at_resume, recorder.after_iter, expected),
-        rtol=1e-6, atol=1e-6)
+    assert_target_is_ema(model, target_at_resume, recorder, expected)
     assert log_text(tmp_path / 'resumed').count(
         'resumed at iteration 3, inside a gradient-accumulation window of 2 '
         'iterations: the gradients of iterations 2 to 2 are not in the '
@@ -246,7 +249,4 @@ def test_the_leftover_step_at_the_end_of_a_run_is_followed(tmp_path):
     expected = {k: reference_momentum(k, 7, BASE) for k in stepped}
     assert logged_momenta(runner) == pytest.approx(list(expected.values()),
                                                    rel=0, abs=1e-12)
-    torch.testing.assert_close(
-        _flat(model.target).double(),
-        reference_target(recorder.initial, recorder.after_iter, expected),
-        rtol=1e-6, atol=1e-6)
+    assert_target_is_ema(model, recorder.initial, recorder, expected)
