@@ -331,6 +331,8 @@ BAD_ARGUMENTS = [
     (dict(update_interval=2.0), TypeError),
     (dict(update_interval=True), TypeError),
     (dict(reach_end_momentum=1), TypeError),
+    (dict(on_skipped_step='skip'), ValueError),
+    (dict(on_skipped_step=True), TypeError),
 ]
 
 
