@@ -17,6 +17,7 @@ The contract with the model (the same as MMSelfSup 0.x):
 """
 import numbers
 
+from .ledger import SKIPPED_STEP_POLICIES, Ledger
 from .ranks import world_size
 from .schedule import (cosine_momentum, is_update_iter, last_update_iter,
                        scaled_momentum)
@@ -125,13 +126,20 @@ class MomentumUpdater:
             config's ``auto_scale_lr``, which the hook hands to
             :meth:`use_auto_scale_lr` before the run. Defaults to None: the
             momenta are used as scheduled, whatever the batch.
+        on_skipped_step (str): What follows an optimizer step that did not
+            happen (a loss scaler skipped it on inf gradients) where the
+            runner reports its steps: ``'hold'`` (the target is updated
+            exactly after the optimizer's real steps, see
+            :class:`~momentum_hook.ledger.Ledger`) or ``'update'`` (on every
+            scheduled iteration, MMSelfSup 0.x). Defaults to ``'hold'``.
 
     Raises:
         TypeError, ValueError: For an argument of the wrong type or range.
     """
 
     def __init__(self, end_momentum=1., update_interval=1,
-                 reach_end_momentum=False, base_batch_size=None):
+                 reach_end_momentum=False, base_batch_size=None,
+                 on_skipped_step='hold'):
         self.end_momentum = check_momentum(end_momentum, 'end_momentum')
         self.update_interval = check_positive_int(update_interval,
                                                   'update_interval')
@@ -151,6 +159,16 @@ class MomentumUpdater:
         #: for ``'auto'`` (set by :meth:`use_auto_scale_lr`).
         self.run_base_batch_size = (None if base_batch_size == 'auto'
                                     else base_batch_size)
+        if not isinstance(on_skipped_step, str):
+            raise TypeError('on_skipped_step must be a str, one of '
+                            f'{SKIPPED_STEP_POLICIES}, got {on_skipped_step!r}')
+        if on_skipped_step not in SKIPPED_STEP_POLICIES:
+            raise ValueError(
+                f'on_skipped_step must be one of {SKIPPED_STEP_POLICIES}, '
+                f'got {on_skipped_step!r}')
+        self.on_skipped_step = on_skipped_step
+        #: Which iterations update the target, and the run's counts.
+        self.ledger = Ledger(self.update_interval, on_skipped_step)
         #: The run's samples per update and S / base_batch_size, known from
         #: the start of the run on (None without base_batch_size).
         self.samples_per_update = self.kappa = self._batch = None
@@ -174,6 +192,7 @@ class MomentumUpdater:
         check_positive_int(max_iters, 'runner.max_iters')
         self.samples_per_update = self.kappa = None
         self.started = False
+        self.ledger.start(accumulation=1)
 
     def check_accumulation(self, accumulation_steps, source):
         """Check that target updates fall on real optimizer steps.
@@ -201,6 +220,7 @@ class MomentumUpdater:
                 f'{accumulation_steps} (or a multiple of it) in the momentum '
                 'hook so that the target is updated after optimizer steps '
                 'only')
+        self.ledger.start(accumulation=accumulation_steps)
 
     def is_update_iter(self, cur_iter):
         """Whether the target is updated after 0-based iteration ``cur_iter``."""
@@ -341,16 +361,39 @@ class MomentumUpdater:
         self.started = True
         return self.describe(model, max_iters, owner)
 
-    def update_target(self, model, cur_iter):
-        """Call ``model.momentum_update()`` on update iterations.
+    def update_target(self, model, cur_iter, max_iters, step=None):
+        """After iteration ``cur_iter``: if the :attr:`ledger` says so, write
+        the scheduled momentum into ``model`` and call its
+        ``momentum_update()``.
+
+        Args:
+            model: The unwrapped model.
+            cur_iter (int): The 0-based iteration that just ended.
+            max_iters (int): The run length ``K``.
+            step (~momentum_hook.ledger.Step, optional): What the iteration
+                did to the optimizer; None if the runner cannot tell.
 
         Returns:
-            bool: Whether the target was updated.
+            float or None: The momentum of the update, or None when the
+            target was not updated.
         """
-        if not self.is_update_iter(cur_iter):
-            return False
+        if not self.ledger.should_update(cur_iter, step):
+            return None
+        momentum = self.momentum_at(cur_iter, max_iters, model.base_momentum)
+        model.momentum = momentum
         model.momentum_update()
-        return True
+        return momentum
+
+    def resume_messages(self, record, model, cur_iter, max_iters,
+                        window_restarts=False):
+        """The warnings of a run resumed at ``cur_iter`` from a checkpoint
+        whose run kept ``record`` (see
+        :meth:`~momentum_hook.ledger.Ledger.resume_messages`)."""
+        return self.ledger.resume_messages(
+            record, cur_iter, max_iters,
+            lambda k, length: self.momentum_at(k, length,
+                                               model.base_momentum),
+            window_restarts)
 
 
 def _option(name):
@@ -366,17 +409,29 @@ class HookOptions:
     Args:
         end_momentum, update_interval, reach_end_momentum, base_batch_size:
             As for :class:`MomentumUpdater`.
+        on_skipped_step (str, optional): As for :class:`MomentumUpdater`;
+            None (the default) takes the runner family's default:
+            ``'update'`` on mmcv 1.x (MMSelfSup 0.x), ``'hold'`` on MMEngine.
     """
 
     end_momentum = _option('end_momentum')
     update_interval = _option('update_interval')
     reach_end_momentum = _option('reach_end_momentum')
     base_batch_size = _option('base_batch_size')
+    on_skipped_step = _option('on_skipped_step')
+
+    #: The runner family's default ``on_skipped_step``.
+    _default_on_skipped_step = 'hold'
+    #: The current run's step watch (:mod:`momentum_hook.ledger`), or None.
+    _steps = None
 
     def __init__(self, end_momentum=1., update_interval=1,
-                 reach_end_momentum=False, base_batch_size=None):
+                 reach_end_momentum=False, base_batch_size=None,
+                 on_skipped_step=None):
+        if on_skipped_step is None:
+            on_skipped_step = self._default_on_skipped_step
         #: The framework-free schedule: :class:`MomentumUpdater`.
         self.updater = MomentumUpdater(
             end_momentum=end_momentum, update_interval=update_interval,
             reach_end_momentum=reach_end_momentum,
-            base_batch_size=base_batch_size)
+            base_batch_size=base_batch_size, on_skipped_step=on_skipped_step)
