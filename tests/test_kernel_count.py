@@ -174,3 +174,37 @@ def test_a_list_call_of_another_dtype_is_bounded():
         assert others.count('aten.empty.memory_format') == 1, others
         counts.append(len(kernels))
     assert counts[0] == counts[1] <= 8, counts
+
+
+@pytest.fixture
+def one_rank_group():
+    """A one-rank gloo process group in this process, torn down after."""
+    import torch.distributed as dist
+    from momentum_testing import free_port
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:'
+                            f'{free_port()}', rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('target_dtype,online_dtype,most', PATHS,
+                         ids=lambda value: str(value).replace('torch.', ''))
+def test_fsdp2_updates_its_local_tensors_in_as_few_ops(
+        one_rank_group, target_dtype, online_dtype, most):
+    """FSDP2 (``fully_shard_pair``, each Linear a group): the update runs
+    on the DTensors' local tensors, with the same bound."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from momentum_hook.sharding import fully_shard_pair
+    counts = []
+    for layers, width in SIZES:
+        target, online = make(layers, width, target_dtype, online_dtype)
+        fully_shard_pair(online, target, submodules=nn.Linear,
+                         mesh=init_device_mesh('cpu', (1, )))
+        plan = ModuleUpdatePlan(target, online)
+        logs = ops_of_updates(lambda: plan.update_(MOMENTUM), target, online)
+        assert all('_foreach_' in name for name in logs[0]), logs[0]
+        counts.append(len(logs[0]))
+    assert counts[0] == counts[1] <= most, counts
