@@ -114,6 +114,8 @@ def _converted(lerped, onlines):
                     (flat[0][start:stop], flat[1][start:stop]))
                 start = stop
         offset += numel
+    if not pieces:  # every tensor empty (e.g. ZeRO-3 partitions)
+        return []
     buffer = torch.empty(
         max(sum(pair[0].numel() for pair in piece)
             for piece in pieces.values()),

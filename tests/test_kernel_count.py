@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from momentum_hook import ModuleUpdatePlan, MomentumTargetMixin
-from momentum_hook import momentum_update_
+from momentum_hook import kernels, momentum_update_
 
 MOMENTUM = 0.99
 
@@ -208,3 +208,18 @@ def test_fsdp2_updates_its_local_tensors_in_as_few_ops(
         assert all('_foreach_' in name for name in logs[0]), logs[0]
         counts.append(len(logs[0]))
     assert counts[0] == counts[1] <= most, counts
+
+
+@pytest.mark.parametrize('master', [False, True])
+def test_a_converted_group_of_empty_tensors_is_no_call(master):
+    """Empty local tensors (a ZeRO-3 partition of a small parameter on some
+    rank) need no scratch and no call, and a master still rounds into its
+    empty target."""
+    dtype = torch.bfloat16 if master else torch.float32
+    targets = [torch.zeros(0, 3, dtype=dtype), torch.zeros(0, dtype=dtype)]
+    onlines = [torch.zeros(tensor.shape, dtype=torch.float16)
+               for tensor in targets]
+    masters = [tensor.float() for tensor in targets] if master else None
+    calls = kernels.plan_lerp(targets, onlines, masters)
+    kernels.run_lerp(calls, 0.5)
+    assert [op for op, _, _ in calls] == (['copy'] if master else [])
