@@ -6,7 +6,9 @@ the target, the least memory traffic the update allows.
 
 The tensors are each rank's local shards (:mod:`~momentum_hook.local_shards`),
 grouped by device and dtype; each group is updated by one
-``torch._foreach_lerp_``, a few kernel launches for the whole group. The
+``torch._foreach_lerp_`` (a few more ``torch._foreach`` calls where the
+online tensors need converting, :mod:`~momentum_hook.kernels`), a few
+kernel launches for the whole group. The
 user's tensors are never moved, re-laid out or re-allocated. Nothing here
 synchronises host and device in a regular update: the momentum is a Python
 float.

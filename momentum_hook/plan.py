@@ -103,7 +103,8 @@ class ModuleUpdatePlan:
     Planning walks both modules, finds each parameter's rank-local tensor
     (:mod:`~momentum_hook.local_shards`), checks that the two sides are
     sharded alike and groups the tensors by device and dtype; :meth:`update_`
-    then only launches one ``torch._foreach_lerp_`` per group.
+    then only makes a few ``torch._foreach`` calls per group
+    (:mod:`~momentum_hook.kernels`), however many tensors it holds.
 
     :meth:`is_current` says whether the plan still describes the modules,
     with a check local to them: every parameter, submodule (and, for the
