@@ -213,10 +213,15 @@ def runs(tmp_path_factory):
     out_dir.mkdir()
     ranks = launch_ranks(rank_main, (free_port(), out_dir, base), out_dir,
                          'spawn')
-    for rank in ranks:
-        for name, record in rank.items():
-            assert isinstance(record, dict), (name, record)  # not an error
     return base, single, ranks
+
+
+def records(runs, name):
+    """Both ranks' records of scenario ``name``."""
+    found = [rank[name] for rank in runs[2]]
+    for record in found:
+        assert isinstance(record, dict), record  # not an error
+    return found
 
 
 def masters_of(state):
@@ -256,7 +261,7 @@ def assert_masters_are_the_ema(record):
 
 @pytest.mark.parametrize('name', ['fsdp2 straight', 'fsdp1 straight'])
 def test_a_full_state_dict_holds_every_rank_s_masters_whole(runs, name):
-    for record in runs[2][0][name], runs[2][1][name]:
+    for record in records(runs, name):
         assert_masters_are_the_ema(record)
 
 
@@ -265,8 +270,8 @@ def test_a_full_state_dict_holds_every_rank_s_masters_whole(runs, name):
                                   'fsdp1 resumed'])
 def test_a_resume_on_the_same_world_size_is_bit_for_bit(runs, name):
     straight_name = name.split(' resumed')[0] + ' straight'
-    for rank in runs[2]:
-        expected, resumed = rank[straight_name], rank[name]
+    for expected, resumed in zip(records(runs, straight_name),
+                                 records(runs, name)):
         assert masters_of(expected['final'])
         assert_states_equal(resumed['final'], expected['final'])
         assert torch.equal(resumed['forward'], expected['forward'])
@@ -276,11 +281,10 @@ def test_an_fsdp2_checkpoint_loads_in_one_process_resharded(runs):
     """Two ranks' DCP checkpoint into a plain model in one process without
     a process group; the same updates then give the same target bit for
     bit, and the same forward."""
-    base, _, ranks = runs
-    expected = ranks[0]['fsdp2 straight']
+    expected = records(runs, 'fsdp2 straight')[0]
     model, online, target = fresh(moved=True)
     state = model.state_dict()
-    dcp.load(state, checkpoint_id=str(base / 'fsdp2'))
+    dcp.load(state, checkpoint_id=str(runs[0] / 'fsdp2'))
     model.load_state_dict(state)
     assert_states_equal(model.state_dict(), expected['checkpoint'])
     for weights in expected['after']:
@@ -298,14 +302,13 @@ def test_an_fsdp2_checkpoint_loads_in_one_process_resharded(runs):
 
 
 def test_a_one_process_checkpoint_loads_on_two_ranks_resharded(runs):
-    _, single, ranks = runs
+    single = runs[1]
     expected = {key: value.detach().clone()
                 for key, value in single.state_dict().items()}
     single.momentum = 0.9
     single.momentum_update()
     updated = single.state_dict()
-    for rank in ranks:
-        record = rank['fsdp2 loads one process']
+    for record in records(runs, 'fsdp2 loads one process'):
         assert_states_equal(record['loaded'], expected)
         assert_states_equal(record['updated'], updated)
         assert torch.equal(record['forward'],
