@@ -76,6 +76,93 @@ def test_the_state_dict_holds_float32_masters_of_a_bf16_target_only():
     strict.load_state_dict(state)  # strict: the masters are no strangers
 
 
+def masters_of(state):
+    return {key[len(MASTER):]: value for key, value in state.items()
+            if key.startswith(MASTER)}
+
+
+def test_a_fresh_model_lists_its_masters_before_any_update():
+    """So that a checkpointer that loads into the state dict in place (DCP)
+    finds every master's key; each holds the target's values in float32,
+    where the first update starts."""
+    model = Bf16Model()
+    masters = masters_of(model.state_dict())
+    assert list(masters) == [name for name, _ in
+                             model.target.named_parameters()]
+    for (name, param), master in zip(model.target.named_parameters(),
+                                     masters.values()):
+        assert master.dtype == torch.float32
+        assert torch.equal(master, param.float())
+    # What is loaded into those keys is what the first update starts from.
+    saved = Bf16Model(seed=3)
+    with torch.no_grad():
+        for param in saved.online.parameters():
+            param.add_(0.5)
+    saved.momentum_update()
+    state = model.state_dict()
+    for key, value in saved.state_dict().items():
+        state[key].copy_(value)  # in place, as DCP loads
+    model.load_state_dict(state)
+    assert masters_of(model.state_dict()).keys() == masters.keys()
+    for mine, theirs in zip(masters_of(model.state_dict()).values(),
+                            masters_of(saved.state_dict()).values()):
+        assert torch.equal(mine, theirs)
+    saved.momentum_update()
+    model.momentum_update()
+    for mine, theirs in zip(model.state_dict().values(),
+                            saved.state_dict().values()):
+        assert torch.equal(mine, theirs)
+
+
+def test_masters_exist_only_while_the_target_is_low_precision():
+    """After ``.float()``, or once a float32 model loaded a bfloat16
+    checkpoint, no master is saved, and the next update is the float32
+    EMA of the target as it is."""
+    bf16 = Bf16Model()
+    with torch.no_grad():
+        for param in bf16.online.parameters():
+            param.add_(0.5)
+    bf16.momentum_update()
+    checkpoint = bf16.state_dict()
+    assert masters_of(checkpoint)
+    for model in (bf16.float(), Bf16Model(seed=1).float()):
+        if model is not bf16:
+            model.load_state_dict(checkpoint)  # strict
+        assert not masters_of(model.state_dict())
+        reference = float64_copy(params(model.target))
+        model.momentum_update()
+        assert not masters_of(model.state_dict())
+        reference = [0.99 * ref + 0.01 * online.double() for ref, online in
+                     zip(reference, params(model.online))]
+        for param, ref in zip(params(model.target), reference):
+            assert param.dtype == torch.float32
+            torch.testing.assert_close(param.double(), ref, rtol=1e-6,
+                                       atol=1e-7)
+
+
+def test_torch_s_state_dict_functions_carry_the_masters():
+    """``get_model_state_dict`` and ``set_model_state_dict`` (full or not)
+    round-trip a bfloat16 model with its masters, bit for bit."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, set_model_state_dict)
+    saved = Bf16Model()
+    with torch.no_grad():
+        for param in saved.online.parameters():
+            param.add_(0.5)
+    for _ in range(3):
+        saved.momentum_update()
+    for full in (False, True):
+        options = StateDictOptions(full_state_dict=full)
+        state = get_model_state_dict(saved, options=options)
+        assert state.keys() == saved.state_dict().keys()
+        assert masters_of(state)
+        model = Bf16Model(seed=1)
+        set_model_state_dict(model, state, options=options)
+        for mine, theirs in zip(model.state_dict().items(),
+                                saved.state_dict().items()):
+            assert mine[0] == theirs[0] and torch.equal(mine[1], theirs[1])
+
+
 def test_an_older_checkpoint_restarts_the_masters_from_the_loaded_target():
     """A checkpoint without masters (or with masters of other weights) is
     loaded strictly, and the next update starts from the loaded target."""
