@@ -163,9 +163,14 @@ def _gather_fsdp1(slot, master):
 
 def _scatter_fsdp1(slot, loaded):
     """This rank's flat master of an FSDP1 unit from the whole masters of
-    its parameters in ``loaded`` (by name), or None if one is missing."""
-    pieces = []
+    its parameters in ``loaded`` (by name), or None if one is missing.
+
+    The padding in the flat parameter (FSDP1 fills alignment padding with a
+    constant, sharding padding with zeros) keeps the target's own values.
+    """
+    pieces, padding = [], []
     for name, shape, numel, is_padding in _fsdp1_members(slot.owner):
+        padding.append(torch.full((numel,), is_padding))
         if is_padding:
             pieces.append(torch.zeros(numel, dtype=torch.float32))
             continue
@@ -175,9 +180,13 @@ def _scatter_fsdp1(slot, loaded):
         pieces.append(value.detach().reshape(-1).float().cpu())
     rank, world = _fsdp1_group(slot.owner)
     size = slot.local.numel()
-    flat = torch.cat(pieces)
-    flat = torch.nn.functional.pad(flat, [0, size * world - flat.numel()])
-    return flat[rank * size:(rank + 1) * size].view(slot.local.shape)
+    flat, padding = torch.cat(pieces), torch.cat(padding)
+    extra = size * world - flat.numel()
+    part = slice(rank * size, (rank + 1) * size)
+    flat = torch.nn.functional.pad(flat, [0, extra])[part]
+    padding = torch.nn.functional.pad(padding, [0, extra], value=True)[part]
+    own = slot.local.detach().reshape(-1).float().cpu()
+    return torch.where(padding, own, flat).view(slot.local.shape)
 
 
 def _whole(value):

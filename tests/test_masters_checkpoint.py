@@ -57,9 +57,12 @@ def sharded_fsdp2(moved=False):
     return model, model, model.target_net
 
 
-def sharded_fsdp1(moved=False):
+def sharded_fsdp1(moved=False, use_orig_params=False):
+    """FSDP1, each network a unit (with ``use_orig_params``, bfloat16
+    parameters are aligned to 8 elements in the flat parameter, with
+    padding between them)."""
     model, _, _ = fresh(moved)
-    wrapped = fsdp1(model, False, ModuleWrapPolicy({nn.Sequential}))
+    wrapped = fsdp1(model, use_orig_params, ModuleWrapPolicy({nn.Sequential}))
     return model, wrapped, model.target_net
 
 
@@ -136,7 +139,8 @@ def fsdp2_resumed(rank, directory, planned):
         state = get_model_state_dict(model)
         checkpointed(dcp.load, state, checkpoint_id=directory)
         set_model_state_dict(model, state)
-    return ending(model, wrapped, rank, target)
+    return dict(loaded=full_state(wrapped),
+                **ending(model, wrapped, rank, target))
 
 
 def fsdp2_loads_one_process(rank, directory):
@@ -157,11 +161,12 @@ def fsdp1_full_save(model, wrapped):
     return full_state(wrapped)
 
 
-def fsdp1_resumed(rank, saved):
+def fsdp1_resumed(rank, saved, use_orig_params):
     """A fresh FSDP1 model that loads the straight run's full state dict."""
-    model, wrapped, target = sharded_fsdp1(moved=True)
+    model, wrapped, target = sharded_fsdp1(True, use_orig_params)
     set_model_state_dict(wrapped, saved, options=FULL)
-    return ending(model, wrapped, rank, target)
+    return dict(loaded=full_state(wrapped),
+                **ending(model, wrapped, rank, target))
 
 
 def rank_main(rank, port, out_dir, directory):
@@ -170,10 +175,13 @@ def rank_main(rank, port, out_dir, directory):
     fsdp2_dir, single_dir = str(directory / 'fsdp2'), str(directory / 'single')
     results = {}
 
-    def fsdp1_straight(rank):
-        results['fsdp1'] = straight(rank, sharded_fsdp1, None,
-                                    fsdp1_full_save)
-        return results['fsdp1']
+    def fsdp1_straight(orig):
+        def run(rank):
+            results[orig] = straight(
+                rank, lambda: sharded_fsdp1(False, orig), None,
+                fsdp1_full_save)
+            return results[orig]
+        return run
     run_scenarios(rank, {
         'fsdp2 straight': lambda rank: straight(
             rank, sharded_fsdp2, fsdp2_dir, dcp_save(fsdp2_dir)),
@@ -183,9 +191,12 @@ def rank_main(rank, port, out_dir, directory):
             rank, fsdp2_dir, False),
         'fsdp2 loads one process': lambda rank: fsdp2_loads_one_process(
             rank, single_dir),
-        'fsdp1 straight': fsdp1_straight,
-        'fsdp1 resumed': lambda rank: fsdp1_resumed(
-            rank, results['fsdp1']['saved']),
+        **{f'fsdp1{suffix} {run}': (
+            fsdp1_straight(orig) if run == 'straight' else
+            lambda rank, orig=orig: fsdp1_resumed(
+                rank, results[orig]['saved'], orig))
+           for orig, suffix in ((False, ''), (True, ' orig'))
+           for run in ('straight', 'resumed')},
     }, out_dir)
 
 
@@ -259,7 +270,8 @@ def assert_masters_are_the_ema(record):
                for name in names)
 
 
-@pytest.mark.parametrize('name', ['fsdp2 straight', 'fsdp1 straight'])
+@pytest.mark.parametrize('name', ['fsdp2 straight', 'fsdp1 straight',
+                                  'fsdp1 orig straight'])
 def test_a_full_state_dict_holds_every_rank_s_masters_whole(runs, name):
     for record in records(runs, name):
         assert_masters_are_the_ema(record)
@@ -267,12 +279,13 @@ def test_a_full_state_dict_holds_every_rank_s_masters_whole(runs, name):
 
 @pytest.mark.parametrize('name', ['fsdp2 resumed, planned',
                                   'fsdp2 resumed, not planned',
-                                  'fsdp1 resumed'])
+                                  'fsdp1 resumed', 'fsdp1 orig resumed'])
 def test_a_resume_on_the_same_world_size_is_bit_for_bit(runs, name):
     straight_name = name.split(' resumed')[0] + ' straight'
     for expected, resumed in zip(records(runs, straight_name),
                                  records(runs, name)):
         assert masters_of(expected['final'])
+        assert_states_equal(resumed['loaded'], expected['checkpoint'])
         assert_states_equal(resumed['final'], expected['final'])
         assert torch.equal(resumed['forward'], expected['forward'])
 
@@ -305,6 +318,9 @@ def test_a_one_process_checkpoint_loads_on_two_ranks_resharded(runs):
     single = runs[1]
     expected = {key: value.detach().clone()
                 for key, value in single.state_dict().items()}
+    assert any(not torch.equal(
+        master, expected['target_net.' + key[len(MASTER_KEY):]].float())
+        for key, master in masters_of(expected).items())
     single.momentum = 0.9
     single.momentum_update()
     updated = single.state_dict()
