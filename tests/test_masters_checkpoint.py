@@ -1,7 +1,7 @@
 """The float32 masters of a bfloat16 target in checkpoints, in the target's
 own layout: FSDP2 through ``torch.distributed.checkpoint`` (DCP) on the same
-and on another world size, FSDP1 through a full state dict, on two gloo
-ranks, against the uninterrupted run and a float64 EMA.
+and on another world size, FSDP1 through a full state dict and through DCP,
+on two gloo ranks, against the uninterrupted run and a float64 EMA.
 
 Each run trains a bfloat16 :class:`LayerNormBYOL` with plain SGD (no
 optimizer state to carry), updating the target with momentum 0.99 after each
@@ -98,7 +98,7 @@ def ending(model, wrapped, rank, target):
                 forward=target(probe().to(BF16)).detach().clone())
 
 
-def straight(rank, shard, directory, save):
+def straight(rank, shard, save):
     """The uninterrupted run, checkpointed after ``BEFORE`` steps by
     ``save(model, wrapped)``."""
     model, wrapped, target = shard()
@@ -161,6 +161,24 @@ def fsdp1_full_save(model, wrapped):
     return full_state(wrapped)
 
 
+def dcp_save_sharded(directory):
+    """Save torch's sharded state dict (FSDP1: ``SHARDED_STATE_DICT``)."""
+    def save(model, wrapped):
+        checkpointed(dcp.save, get_model_state_dict(wrapped),
+                     checkpoint_id=directory)
+    return save
+
+
+def fsdp1_dcp_resumed(rank, directory):
+    """A fresh FSDP1 model that loads the sharded DCP checkpoint."""
+    model, wrapped, target = sharded_fsdp1(moved=True)
+    state = get_model_state_dict(wrapped)
+    checkpointed(dcp.load, state, checkpoint_id=directory)
+    set_model_state_dict(wrapped, state)
+    return dict(loaded=full_state(wrapped),
+                **ending(model, wrapped, rank, target))
+
+
 def fsdp1_resumed(rank, saved, use_orig_params):
     """A fresh FSDP1 model that loads the straight run's full state dict."""
     model, wrapped, target = sharded_fsdp1(True, use_orig_params)
@@ -173,18 +191,18 @@ def rank_main(rank, port, out_dir, directory):
     set_rank_environment(rank, port)
     dist.init_process_group('gloo', timeout=timedelta(seconds=60))
     fsdp2_dir, single_dir = str(directory / 'fsdp2'), str(directory / 'single')
+    fsdp1_dir = str(directory / 'fsdp1')
     results = {}
 
     def fsdp1_straight(orig):
         def run(rank):
             results[orig] = straight(
-                rank, lambda: sharded_fsdp1(False, orig), None,
-                fsdp1_full_save)
+                rank, lambda: sharded_fsdp1(False, orig), fsdp1_full_save)
             return results[orig]
         return run
     run_scenarios(rank, {
         'fsdp2 straight': lambda rank: straight(
-            rank, sharded_fsdp2, fsdp2_dir, dcp_save(fsdp2_dir)),
+            rank, sharded_fsdp2, dcp_save(fsdp2_dir)),
         'fsdp2 resumed, planned': lambda rank: fsdp2_resumed(
             rank, fsdp2_dir, True),
         'fsdp2 resumed, not planned': lambda rank: fsdp2_resumed(
@@ -197,6 +215,9 @@ def rank_main(rank, port, out_dir, directory):
                 rank, results[orig]['saved'], orig))
            for orig, suffix in ((False, ''), (True, ' orig'))
            for run in ('straight', 'resumed')},
+        'fsdp1 dcp straight': lambda rank: straight(
+            rank, sharded_fsdp1, dcp_save_sharded(fsdp1_dir)),
+        'fsdp1 dcp resumed': lambda rank: fsdp1_dcp_resumed(rank, fsdp1_dir),
     }, out_dir)
 
 
@@ -279,7 +300,8 @@ def test_a_full_state_dict_holds_every_rank_s_masters_whole(runs, name):
 
 @pytest.mark.parametrize('name', ['fsdp2 resumed, planned',
                                   'fsdp2 resumed, not planned',
-                                  'fsdp1 resumed', 'fsdp1 orig resumed'])
+                                  'fsdp1 resumed', 'fsdp1 orig resumed',
+                                  'fsdp1 dcp resumed'])
 def test_a_resume_on_the_same_world_size_is_bit_for_bit(runs, name):
     straight_name = name.split(' resumed')[0] + ' straight'
     for expected, resumed in zip(records(runs, straight_name),
