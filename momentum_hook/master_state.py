@@ -43,7 +43,7 @@ from .local_shards import local_shards
 from .masters import is_low_precision
 from .wrappers import loaded as _loaded
 
-__all__ = ['MASTER_KEY', 'save_masters', 'load_masters']
+__all__ = ['MASTER_KEY', 'save_masters', 'take_masters', 'place_masters']
 
 #: The state-dict key prefix, after the model's own, of the float32 masters
 #: of a low-precision target: ``<prefix>momentum_target_master.<name>``.
@@ -80,12 +80,13 @@ class _Slot(NamedTuple):
 
 
 def _slots(target):
-    """The :class:`_Slot` of each low-precision tensor of ``target``, or
-    none for a network that the update would refuse."""
-    try:
-        shards = local_shards(target)
-    except ValueError:
-        return []
+    """The :class:`_Slot` of each low-precision tensor of ``target``.
+
+    Raises:
+        ValueError: If the update would refuse ``target`` now (e.g. meta
+            tensors, an FSDP1 unit unsharded).
+    """
+    shards = local_shards(target)
     fsdp = _loaded('torch.distributed.fsdp', 'FullyShardedDataParallel')
     units = {} if fsdp is None else {
         id(torch_internals.fsdp1_flat_param(module)): (path, module)
@@ -212,8 +213,14 @@ def save_masters(target, masters, destination, prefix):
         destination (dict): The state dict.
         prefix (str): The model's key prefix.
     """
+    try:
+        slots = _slots(target)
+    except ValueError:
+        if masters.tensors or masters.loaded:
+            raise  # masters that cannot be saved: say so
+        return  # nothing to save (e.g. a model still on the meta device)
     prefix = prefix + MASTER_KEY
-    for slot in _slots(target):
+    for slot in slots:
         master = masters.current(slot.name, slot.local)
         if slot.kind == 'DTensor':
             from torch.distributed.tensor import DTensor
@@ -236,21 +243,38 @@ def save_masters(target, masters, destination, prefix):
             destination[prefix + slot.key] = master
 
 
-def load_masters(target, masters, state_dict, prefix):
-    """Take the masters out of ``state_dict`` (all ``MASTER_KEY`` keys) and
-    keep, for the next update, those of ``target``'s low-precision tensors
-    in the target's current layout.
+def take_masters(state_dict, prefix):
+    """Take every ``MASTER_KEY`` key out of ``state_dict``.
+
+    Returns:
+        dict[str, Tensor]: The masters by the name after ``MASTER_KEY``.
+    """
+    key = prefix + MASTER_KEY
+    return {name[len(key):]: state_dict.pop(name)
+            for name in [name for name in state_dict
+                         if name.startswith(key)]}
+
+
+def place_masters(target, masters, loaded):
+    """Keep, for the next update, the masters in ``loaded`` (from
+    :func:`take_masters`) of ``target``'s low-precision tensors, in the
+    target's current layout.
 
     A master that cannot be placed (its parameter is not low precision now,
     or a key is missing) is dropped; that tensor's master then restarts
     from the loaded target.
+
+    Returns:
+        bool: False, placing nothing, if ``target``'s tensors cannot be
+        listed now (e.g. on the meta device, before ``load_state_dict(...,
+        assign=True)`` has given them values).
     """
-    key = prefix + MASTER_KEY
-    loaded = {name[len(key):]: state_dict.pop(name)
-              for name in [name for name in state_dict
-                           if name.startswith(key)]}
+    try:
+        slots = _slots(target)
+    except ValueError:
+        return False
     local = {}
-    for slot in _slots(target):
+    for slot in slots:
         if slot.kind == 'FSDP1 unit':
             value = loaded.get(slot.key + '_flat_param')
             if value is None or value.shape != slot.local.shape:
@@ -262,6 +286,7 @@ def load_masters(target, masters, state_dict, prefix):
         if value is not None and value.shape == slot.local.shape:
             local[slot.name] = value
     masters.load(local)
+    return True
 
 
 def _dtensor_local(param, value):

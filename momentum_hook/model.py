@@ -6,7 +6,8 @@ from torch import nn
 
 from ._compat import deepspeed as ds
 
-from .master_state import MASTER_KEY, load_masters, save_masters
+from .master_state import (MASTER_KEY, place_masters, save_masters,
+                           take_masters)
 from .masters import TargetMasters
 from .plan import ModuleUpdatePlan, check_buffer_policy
 from .validation import check_momentum
@@ -107,11 +108,23 @@ class MomentumTargetMixin:
         return state
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        masters = self.__dict__.get('_momentum_masters')
-        if masters is not None:  # before the target's own keys are loaded
-            load_masters(self._outermost(self.__dict__['_momentum_pair'][1]),
-                         masters, state_dict, prefix)
+        if '_momentum_masters' in self.__dict__:
+            # Before the target's own keys are loaded: strict loads must not
+            # see the master keys.
+            self.__dict__['_momentum_loaded'] = take_masters(state_dict,
+                                                             prefix)
+            self._place_loaded_masters()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _place_loaded_masters(self):
+        """Bring the masters of the last load into the target's layout, or
+        keep them until its tensors have values (a model on the meta device
+        that ``load_state_dict(..., assign=True)`` is filling)."""
+        loaded = self.__dict__.pop('_momentum_loaded', None)
+        if loaded is not None and not place_masters(
+                self.momentum_target_master,
+                self.__dict__['_momentum_masters'], loaded):
+            self.__dict__['_momentum_loaded'] = loaded
 
     @property
     def momentum_target_master(self):
@@ -151,6 +164,7 @@ class MomentumTargetMixin:
                 f'{type(self).__name__}.{caller}() was called before '
                 'init_momentum_target(): call it in __init__')
         online, target, buffers = self.__dict__['_momentum_pair']
+        self._place_loaded_masters()
         plan = ModuleUpdatePlan(self._outermost(target),
                                 self._outermost(online), buffers,
                                 self.__dict__['_momentum_masters'])
@@ -175,6 +189,7 @@ def _save_masters(module, destination, prefix, local_metadata):
     """State-dict hook: the float32 masters of ``module``'s target."""
     masters = module.__dict__.get('_momentum_masters')
     if masters is not None:
+        module._place_loaded_masters()
         save_masters(module.momentum_target_master, masters, destination,
                      prefix)
 

@@ -140,6 +140,31 @@ def test_masters_exist_only_while_the_target_is_low_precision():
                                        atol=1e-7)
 
 
+def test_a_model_built_on_the_meta_device_loads_its_masters_by_assign():
+    """``load_state_dict(..., assign=True)`` into a model built under
+    ``torch.device('meta')`` keeps the masters until the target has values,
+    and the next update continues them bit for bit."""
+    saved = Bf16Model()
+    with torch.no_grad():
+        for param in saved.online.parameters():
+            param.add_(0.5)
+    saved.momentum_update()
+    checkpoint = {key: value.clone() for key, value in
+                  saved.state_dict().items()}
+    with torch.device('meta'):
+        model = Bf16Model(seed=1)
+    assert not masters_of(model.state_dict())  # nothing to list yet
+    model.load_state_dict(checkpoint, assign=True)
+    for mine, theirs in zip(masters_of(model.state_dict()).values(),
+                            masters_of(checkpoint).values()):
+        assert torch.equal(mine, theirs)
+    saved.momentum_update()
+    model.momentum_update()
+    for mine, theirs in zip(model.state_dict().items(),
+                            saved.state_dict().items()):
+        assert mine[0] == theirs[0] and torch.equal(mine[1], theirs[1])
+
+
 def test_torch_s_state_dict_functions_carry_the_masters():
     """``get_model_state_dict`` and ``set_model_state_dict`` (full or not)
     round-trip a bfloat16 model with its masters, bit for bit."""
