@@ -145,7 +145,7 @@ def _fsdp1_members(unit):
 
 def _gather_fsdp1(slot, master):
     """The whole master of each parameter of an FSDP1 unit, by name."""
-    rank, world = _fsdp1_group(slot.owner)
+    world = _fsdp1_group(slot.owner)[1]
     if world > 1:
         pieces = [torch.empty_like(master) for _ in range(world)]
         torch.distributed.all_gather(pieces, master.contiguous(),
@@ -235,8 +235,8 @@ def save_masters(target, masters, destination, prefix):
                 continue
             whole = _gather_fsdp1(slot, master)  # on every rank
             if mode == 'FULL_STATE_DICT' and rank0_only and \
-                    torch.distributed.get_rank() != 0:
-                continue
+                    _fsdp1_group(slot.owner)[0] != 0:
+                continue  # as FSDP1 leaves its own keys to rank 0
             for key, value in whole.items():
                 destination[prefix + key] = value.cpu() if offload else value
         else:

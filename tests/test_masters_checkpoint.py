@@ -312,15 +312,22 @@ def test_a_resume_on_the_same_world_size_is_bit_for_bit(runs, name):
         assert torch.equal(resumed['forward'], expected['forward'])
 
 
-def test_an_fsdp2_checkpoint_loads_in_one_process_resharded(runs):
-    """Two ranks' DCP checkpoint into a plain model in one process without
-    a process group; the same updates then give the same target bit for
-    bit, and the same forward."""
-    expected = records(runs, 'fsdp2 straight')[0]
+@pytest.mark.parametrize('name,checkpoint', [
+    ('fsdp2 straight', 'fsdp2'), ('fsdp1 dcp straight', 'fsdp1'),
+    ('fsdp1 straight', None), ('fsdp1 orig straight', None)])
+def test_a_two_rank_checkpoint_loads_in_one_process_resharded(runs, name,
+                                                              checkpoint):
+    """Two ranks' checkpoint (DCP, or FSDP1's full state dict) into a plain
+    model in one process without a process group; the same updates then
+    give the same target bit for bit, and the same forward."""
+    expected = records(runs, name)[0]
     model, online, target = fresh(moved=True)
-    state = model.state_dict()
-    dcp.load(state, checkpoint_id=str(runs[0] / 'fsdp2'))
-    model.load_state_dict(state)
+    if checkpoint is None:
+        model.load_state_dict(expected['saved'])
+    else:
+        state = model.state_dict()
+        dcp.load(state, checkpoint_id=str(runs[0] / checkpoint))
+        model.load_state_dict(state)
     assert_states_equal(model.state_dict(), expected['checkpoint'])
     for weights in expected['after']:
         with torch.no_grad():
