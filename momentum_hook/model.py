@@ -132,9 +132,8 @@ class MomentumTargetMixin:
         ``momentum_target_master.<name>`` state-dict keys walk, as torch's
         ``get_model_state_dict`` and ``set_model_state_dict`` walk every
         key's attribute path."""
-        if '_momentum_pair' not in self.__dict__:
-            raise AttributeError('momentum_target_master: '
-                                 'init_momentum_target() was not called')
+        if '_momentum_pair' not in self.__dict__:  # no target, no masters
+            raise AttributeError('momentum_target_master')
         return self._outermost(self.__dict__['_momentum_pair'][1])
 
     def momentum_update(self):
