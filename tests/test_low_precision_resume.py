@@ -165,23 +165,38 @@ def test_a_model_built_on_the_meta_device_loads_its_masters_by_assign():
         assert mine[0] == theirs[0] and torch.equal(mine[1], theirs[1])
 
 
-def test_torch_s_state_dict_functions_carry_the_masters():
+def checkpointed_linears(model):
+    """``model`` with each Linear in a ``checkpoint_wrapper``, whose
+    ``_checkpoint_wrapped_module.`` its state-dict keys leave out."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing)
+    apply_activation_checkpointing(
+        model, check_fn=lambda module: isinstance(module, nn.Linear))
+    return model
+
+
+@pytest.mark.parametrize('wrap', [lambda model: model, checkpointed_linears],
+                         ids=['plain', 'checkpoint_wrapper'])
+def test_torch_s_state_dict_functions_carry_the_masters(wrap):
     """``get_model_state_dict`` and ``set_model_state_dict`` (full or not)
-    round-trip a bfloat16 model with its masters, bit for bit."""
+    round-trip a bfloat16 model with its masters, bit for bit, under the
+    target's own state-dict names."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions, get_model_state_dict, set_model_state_dict)
-    saved = Bf16Model()
+    saved = wrap(Bf16Model())
     with torch.no_grad():
         for param in saved.online.parameters():
             param.add_(0.5)
     for _ in range(3):
         saved.momentum_update()
+    names = list(saved.target.state_dict())
+    assert names == ['0.weight', '0.bias', '2.weight', '2.bias']
     for full in (False, True):
         options = StateDictOptions(full_state_dict=full)
         state = get_model_state_dict(saved, options=options)
         assert state.keys() == saved.state_dict().keys()
-        assert masters_of(state)
-        model = Bf16Model(seed=1)
+        assert list(masters_of(state)) == names
+        model = wrap(Bf16Model(seed=1))
         set_model_state_dict(model, state, options=options)
         for mine, theirs in zip(model.state_dict().items(),
                                 saved.state_dict().items()):
