@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                      set_model_state_dict)
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+from momentum_hook.export import full_state_dict
 from momentum_hook.model import MASTER_KEY
 from momentum_hook.sharding import fully_shard_pair
 
@@ -105,9 +106,11 @@ def straight(rank, shard, save):
     initial = full_state(wrapped)
     history = train(model, wrapped, rank, range(BEFORE))
     checkpoint = full_state(wrapped)
+    exported = full_state_dict(wrapped)  # CPU, on rank 0 (FSDP1: rank0_only)
     saved = save(model, wrapped)
     return dict(initial=initial, history=history, checkpoint=checkpoint,
-                saved=saved, **ending(model, wrapped, rank, target))
+                exported=exported, saved=saved,
+                **ending(model, wrapped, rank, target))
 
 
 def dcp_save(directory):
@@ -294,8 +297,13 @@ def assert_masters_are_the_ema(record):
 @pytest.mark.parametrize('name', ['fsdp2 straight', 'fsdp1 straight',
                                   'fsdp1 orig straight'])
 def test_a_full_state_dict_holds_every_rank_s_masters_whole(runs, name):
-    for record in records(runs, name):
+    for rank, record in enumerate(records(runs, name)):
         assert_masters_are_the_ema(record)
+        # momentum_hook's full_state_dict: the same, on rank 0 alone
+        if rank == 0:
+            assert_states_equal(record['exported'], record['checkpoint'])
+        else:
+            assert record['exported'] == {}
 
 
 @pytest.mark.parametrize('name', ['fsdp2 resumed, planned',
