@@ -38,7 +38,8 @@ class TargetMasters:
 
     Masters are kept by the name of the local tensor (the parameter's or
     buffer's name in the target, or the FSDP1 unit's), so that they survive
-    a new plan. A master is used only while its target holds it rounded;
+    a new plan; :mod:`~momentum_hook.master_state` puts them in a state
+    dict in the target's own layout and takes them back. A master is used only while its target holds it rounded;
     when the target was written otherwise (``load_state_dict``, an in-place
     write, a reload of the same values under another name), the master
     restarts from the target's values, or from a master loaded with it
@@ -99,9 +100,16 @@ class TargetMasters:
         self._copies = kept
         return masters
 
-    def state(self):
-        """The masters to save, by name (a loaded one not bound yet wins)."""
-        return {**self.tensors, **self.loaded}
+    def current(self, name, target):
+        """The master of the local tensor ``target``, as a checkpoint holds
+        it: a loaded or bound master (the very tensor, so that a checkpointer
+        that loads in place writes into it) where it rounds to ``target``,
+        else a float32 copy of ``target``, where the next update would
+        start."""
+        for candidate in (self.loaded.get(name), self.tensors.get(name)):
+            if candidate is not None and _rounds_to(candidate, target):
+                return candidate
+        return target.detach().to(torch.float32, copy=True)
 
     def load(self, masters):
         """Keep ``masters`` (by name) from a checkpoint; check them at the

@@ -14,7 +14,8 @@ from . import missing_attribute
 
 __all__ = ['internal', 'version_counter', 'dtensor_local',
            'fsdp1_flat_param', 'flat_param_layout', 'flat_param_members',
-           'flat_param_shard', 'is_fsdp1_flattened', 'is_flat_param',
+           'flat_param_padding', 'flat_param_shard', 'is_fsdp1_flattened',
+           'is_flat_param',
            'module_slots', 'view_base', 'NO_GRAD_DECORATOR']
 
 #: The file of torch's ``no_grad`` decorator, whose frames a warning skips.
@@ -82,6 +83,12 @@ def flat_param_layout(flat):
     return (tuple(internal(flat, '_fqns')),
             tuple(tuple(shape) for shape in internal(flat, '_shapes')),
             tuple(internal(flat, '_numels_with_padding')))
+
+
+def flat_param_padding(flat):
+    """Whether each entry of ``flat_param_layout``'s numels is alignment
+    padding rather than a parameter."""
+    return tuple(internal(flat, '_is_padding_mask'))
 
 
 def flat_param_shard(flat):
