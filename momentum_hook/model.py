@@ -166,8 +166,7 @@ class MomentumTargetMixin:
         plan = state.get('_momentum_plan')
         if plan is None or not self._watched() or not plan.is_current():
             plan = self._plan('momentum_update')
-        state['_momentum_loaded'] = False
-        _LOADED_TARGETS.discard(state['_momentum_hooked'])
+        _take_load(state)  # a later plan is local
         plan.update_(self.momentum)
 
     def check_momentum_target(self):
@@ -202,8 +201,7 @@ class MomentumTargetMixin:
                 'init_momentum_target(): call it in __init__')
         online, target = self._networks()
         buffers = state['_momentum_pair'][2]
-        loaded = (state.get('_momentum_loaded', False) or
-                  state['_momentum_hooked'] in _LOADED_TARGETS)
+        loaded = _take_load(state)
         start = not state.get('_momentum_planned', False)
         compare = start and not loaded and (
             caller == 'check_momentum_target' or
@@ -214,8 +212,6 @@ class MomentumTargetMixin:
                                 compare=compare)
         state['_momentum_plan'] = plan
         state['_momentum_planned'] = True
-        state['_momentum_loaded'] = False
-        _LOADED_TARGETS.discard(state['_momentum_hooked'])
         if plan.differs is not None:
             self._start_from_online(plan, target, online, caller)
         return plan
@@ -323,6 +319,17 @@ class MomentumTargetMixin:
 def _note_load(target, incompatible_keys):
     """Load-state-dict post-hook of a target: it was loaded."""
     _LOADED_TARGETS.add(target)
+
+
+def _take_load(state):
+    """Whether the model (``state``: its ``__dict__``) or its target was
+    loaded since the last call; forgets it."""
+    loaded = state.pop('_momentum_loaded', False)
+    hooked = state.get('_momentum_hooked')
+    if hooked is not None and hooked in _LOADED_TARGETS:
+        _LOADED_TARGETS.discard(hooked)
+        loaded = True
+    return loaded
 
 
 def _save_masters(module, destination, prefix, local_metadata):

@@ -15,8 +15,8 @@ import torch
 from ._compat.torch import module_slots, version_counter
 from .kernels import lerp_gathered, plan_lerp, run_lerp
 from .local_shards import FSDP_UNIT, buffer_shards, check_alike, local_shards
-from .pairing import pair_by_name
 from .masters import TargetMasters, is_low_precision, refuse_low_precision
+from .pairing import pair_by_name
 from .ranks import agree_across_ranks
 from .validation import check_momentum
 from .zero import (drop_secondary_partitions, gathered_copies,

@@ -274,16 +274,21 @@ def test_a_network_attribute_that_holds_no_module_is_refused():
 
 # --- A target that starts from scratch ------------------------------------
 
-def meta_pair():
+def materialised(cls):
     """The large-model recipe: built on the meta device, materialised with
     to_empty(), then every layer initialised anew (both networks)."""
     with torch.device('meta'):
-        model = Pair()
+        model = cls()
     model.to_empty(device='cpu')
     torch.manual_seed(5)
     for module in model.modules():
         if hasattr(module, 'reset_parameters'):
             module.reset_parameters()
+    return model
+
+
+def meta_pair():
+    model = materialised(Pair)
     with torch.no_grad():  # a LayerNorm starts at (1, 0): make it differ
         model.target_net[2].weight.normal_()
     assert not torch.equal(model.target_net[0].weight,
@@ -323,6 +328,14 @@ def test_without_a_check_the_first_update_of_a_meta_build_syncs(caplog):
         caplog.records[0].getMessage()
 
 
+def assert_the_check_leaves_the_target_alone(model, caplog):
+    before = copy.deepcopy(model.target_net.state_dict())
+    with caplog.at_level(logging.WARNING, logger='momentum_hook'):
+        model.check_momentum_target()
+    assert not caplog.records
+    assert_all_equal(model.target_net.state_dict().values(), before.values())
+
+
 @pytest.mark.parametrize('load', ['model', 'target'])
 def test_a_loaded_target_is_never_overwritten(load, caplog):
     saved = Pair(seed=1)
@@ -334,18 +347,11 @@ def test_a_loaded_target_is_never_overwritten(load, caplog):
         model.load_state_dict(saved.state_dict())
     else:
         model.target_net.load_state_dict(saved.target_net.state_dict())
-    loaded = copy.deepcopy(model.target_net.state_dict())
-    with caplog.at_level(logging.WARNING, logger='momentum_hook'):
-        model.check_momentum_target()
-    assert not caplog.records
-    assert_all_equal(model.target_net.state_dict().values(), loaded.values())
+    assert_the_check_leaves_the_target_alone(model, caplog)
 
 
 def test_a_target_equal_to_its_online_network_is_left_alone(caplog):
-    model = Pair()
-    with caplog.at_level(logging.WARNING, logger='momentum_hook'):
-        model.check_momentum_target()
-    assert not caplog.records
+    assert_the_check_leaves_the_target_alone(Pair(), caplog)
 
 
 def test_a_target_that_moved_is_not_synced_after_the_first_plan(caplog):
@@ -356,11 +362,7 @@ def test_a_target_that_moved_is_not_synced_after_the_first_plan(caplog):
     drift(model.online_net, seed=1)
     model.momentum = 0.5
     model.momentum_update()
-    trained = copy.deepcopy(model.target_net.state_dict())
-    with caplog.at_level(logging.WARNING, logger='momentum_hook'):
-        model.check_momentum_target()
-    assert not caplog.records
-    assert_all_equal(model.target_net.state_dict().values(), trained.values())
+    assert_the_check_leaves_the_target_alone(model, caplog)
 
 
 class RunnerPair(Pair):
@@ -374,13 +376,7 @@ def test_an_mmcv_runner_starts_a_meta_built_target_from_the_online_network(
         tmp_path):
     """The hook checks the target before iteration 1: the run's target is
     the EMA of the online network from its initial weights."""
-    with torch.device('meta'):
-        model = RunnerPair()
-    model.to_empty(device='cpu')
-    torch.manual_seed(5)
-    for module in model.modules():
-        if hasattr(module, 'reset_parameters'):
-            module.reset_parameters()
+    model = materialised(RunnerPair)
     initial = by_name(model.online_net)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     runner = IterBasedRunner(model, optimizer=optimizer,
