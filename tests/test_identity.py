@@ -400,3 +400,28 @@ def test_an_mmcv_runner_starts_a_meta_built_target_from_the_online_network(
         expected = {name: momentum * value + (1 - momentum) * online[name]
                     for name, value in expected.items()}
     assert_matches(model.target_net, expected)
+
+
+def test_an_mmengine_runner_starts_a_redrawn_target_from_the_online_network(
+        tmp_path):
+    """MMEngine's Runner calls the model's init_weights(), which here draws
+    both networks anew; the hook's check before training makes the target
+    the online network's copy, and the run's target is their EMA."""
+    from test_hook_mmengine import (HOOK, OnlineRecorder, TinyMomentumModel,
+                                    assert_follows_reference, build_runner,
+                                    reference_momenta)
+
+    class Redrawn(TinyMomentumModel):
+        def init_weights(self):
+            torch.manual_seed(3)
+            self.online.reset_parameters()
+            self.target.reset_parameters()
+
+    torch.manual_seed(0)
+    model = Redrawn(base_momentum=0.5)
+    recorder = OnlineRecorder()
+    runner = build_runner(tmp_path, model,
+                          [dict(type=HOOK, end_momentum=1.), recorder])
+    runner.train()
+    expected = reference_momenta(0.5, 1.0, max_iters=6)
+    assert_follows_reference(model, recorder, expected, 0.5, max_iters=6)
