@@ -289,7 +289,8 @@ def check_alike(targets, onlines, what='parameters'):
 
     Args:
         targets (list[LocalShard]): The target's shards.
-        onlines (list[LocalShard]): The online network's, in the same order.
+        onlines (list[LocalShard]): The online network's, paired with the
+            targets by position.
         what (str): What the shards are, for the messages.
 
     Raises:
