@@ -8,15 +8,15 @@
   a network attribute of the mixin replaced, makes the next update plan
   again, right by name.
 - A target that starts unlike its online network (a meta build materialised
-  with ``to_empty()`` and initialised) is made a copy of it at the first
-  plan, unless it was loaded.
+  with ``to_empty()`` and initialised, an ``init_weights()`` that draws both
+  networks) is made a copy of it at the first plan, unless it was loaded:
+  alone, in a real mmcv 1.x ``IterBasedRunner`` and MMEngine ``Runner``.
 - ``torch.compile`` and ``checkpoint_wrapper`` around the online network
   (or part of it) keep working.
 
 References are float64 EMAs written out here, name by name.
 """
 import copy
-import gc
 import logging
 
 import mmcv
