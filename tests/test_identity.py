@@ -425,3 +425,14 @@ def test_an_mmengine_runner_starts_a_redrawn_target_from_the_online_network(
     runner.train()
     expected = reference_momenta(0.5, 1.0, max_iters=6)
     assert_follows_reference(model, recorder, expected, 0.5, max_iters=6)
+
+
+def test_fully_shard_pair_pairs_by_name_before_sharding():
+    from momentum_hook.sharding import fully_shard_pair
+    torch.manual_seed(0)
+    online = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    target = copy.deepcopy(online).requires_grad_(False)
+    prune.identity(online[1], 'weight')
+    with pytest.raises(ValueError, match="'1.weight_orig' in the online "
+                       'network only'):
+        fully_shard_pair(online, target)

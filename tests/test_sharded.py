@@ -100,11 +100,7 @@ def fsdp2_meta_materialised(rank):
     with torch.device('meta'):
         model, online, target = build_sharded('keep')
     mesh = init_device_mesh('cpu', (SHARDED_WORLD_SIZE,))
-    for network in (online, target):  # fully_shard_pair refuses meta
-        for layer in network:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(network, mesh=mesh)
+    fully_shard_pair(online, target, submodules=nn.Linear, mesh=mesh)
     fully_shard(model, mesh=mesh)
     model.to_empty(device='cpu')
     torch.manual_seed(rank)
