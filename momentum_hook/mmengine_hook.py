@@ -159,12 +159,8 @@ class MomentumUpdateHook(HookOptions, Hook):
         Raises:
             ValueError: The model's own, plus the strategy's config key.
         """
-        check = getattr(_unwrap(runner.model),
-                        'check_momentum_target', None)
-        if check is None:
-            return
         try:
-            check()
+            self.updater.check_target(_unwrap(runner.model))
         except ValueError as error:
             strategy = type(getattr(runner, 'strategy', None)).__name__
             fix = _WRAP_FIX.get(strategy)
