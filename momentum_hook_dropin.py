@@ -57,8 +57,10 @@ def _take_plain_names():
     if not adapters:
         raise ImportError(
             'momentum_hook_dropin registers the hook in a runner framework, '
-            "and neither mmcv 1.x nor MMEngine is installed: pip install "
-            "'momentum_hook[mmcv]' or 'momentum_hook[mmengine]'")
+            'and neither mmcv 1.x nor MMEngine is installed: in a clone of '
+            'momentum_hook, pip install -e ".[mmengine]", or for mmcv 1.x '
+            'pip install "setuptools<81" wheel, then pip install '
+            '--no-build-isolation -e ".[mmcv]"')
     _register_mmselfsup_hooks_first()
     return {adapter.__name__: take_plain_names(adapter.HOOKS,
                                                adapter.MomentumUpdateHook)
