@@ -7,7 +7,8 @@ The core needs only torch: :func:`cosine_momentum` (the schedule),
 one module pair, planned once), :class:`MomentumTargetMixin` (the model
 side), :class:`MomentumUpdater` (what the hook decides, free of any
 runner), :func:`fully_shard_pair` (one FSDP2 plan for both networks) and
-:func:`export_target` (the full target of a sharded run, as one file). The runner hooks are in their own modules,
+:func:`export_target` (the full target of a sharded run, as one file).
+The runner hooks are in their own modules,
 :mod:`momentum_hook.mmcv_hook` (mmcv 1.x) and
 :mod:`momentum_hook.mmengine_hook` (MMEngine).
 

@@ -116,7 +116,8 @@ class MomentumTargetMixin:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def momentum_update(self):
-        """``target = m * target + (1 - m) * online``, m = ``self.momentum``."""
+        """``target = m * target + (1 - m) * online``, m = ``self.momentum``.
+        """
         plan = self.__dict__.get('_momentum_plan')
         if plan is None or not plan.is_current():
             plan = self._plan('momentum_update')

@@ -78,7 +78,8 @@ def check_frozen(trainables, names):
 
 
 def check_buffer_policy(buffers):
-    """Raise ``ValueError`` unless ``buffers`` is in :data:`BUFFER_POLICIES`."""
+    """Raise ``ValueError`` unless ``buffers`` is in
+    :data:`BUFFER_POLICIES`."""
     if buffers not in BUFFER_POLICIES:
         raise ValueError(f'buffers must be one of {BUFFER_POLICIES}, got '
                          f'{buffers!r}')
@@ -291,7 +292,7 @@ class ModuleUpdatePlan:
 #: reused only while :meth:`ModuleUpdatePlan.is_current` holds, so every
 #: check of a fresh plan still applies; an entry goes when either module is
 #: collected, so it keeps no tensor of a dead network alive.
-_STATELESS_PLANS = weakref.WeakKeyDictionary()
+_STATELESS_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _forget_on_collect(target):

@@ -195,7 +195,8 @@ class MomentumUpdater:
                 'only')
 
     def is_update_iter(self, cur_iter):
-        """Whether the target is updated after 0-based iteration ``cur_iter``."""
+        """Whether the target is updated after 0-based iteration
+        ``cur_iter``."""
         return is_update_iter(cur_iter, self.update_interval)
 
     def momentum_at(self, cur_iter, max_iters, base_momentum):

@@ -49,7 +49,8 @@ def _warn_small_momentum(value, name):
 
 
 def check_momentum(value, name='momentum', warn_small=True):
-    """Return ``value`` as a float after checking it is a real number in [0, 1].
+    """Return ``value`` as a float after checking it is a real number in
+    [0, 1].
 
     Args:
         value: The candidate momentum. ``bool`` is rejected although it is an

@@ -140,6 +140,7 @@ def test_small_momenta_in_the_hook_and_the_mixin_warn(fresh_warning, make):
         make()
 
 
+@pytest.mark.mmcv
 def test_the_mmcv_hook_warns_for_mmengine_s_convention(fresh_warning):
     mmcv_hook = pytest.importorskip('momentum_hook.mmcv_hook')
     with pytest.warns(UserWarning, match=r'end_momentum=0\.0002 is below'):
@@ -232,7 +233,8 @@ def test_the_cache_keeps_no_dead_network_alive():
     weights = weakref.ref(online[0].weight), weakref.ref(target[0].weight)
     del online
     gc.collect()
-    assert target not in plan_module._STATELESS_PLANS  # the online network died
+    # the online network died
+    assert target not in plan_module._STATELESS_PLANS
     assert weights[0]() is None
     momentum_update_(target, networks()[0], 0.5)
     del target

@@ -85,7 +85,7 @@ def markdown_table(grid):
     for arm in grid['arms']:
         s = summarise(arm['runs'])
         cells = [f'{s[m][0]:.3f} ± {s[m][1]:.3f}' for m in METRICS]
-        rule = ('m ** %d' % arm['multiplier'] if 'scaled' in arm['name']
+        rule = (f"m ** {arm['multiplier']:d}" if 'scaled' in arm['name']
                 else 'm')
         rows.append(f"| {arm['name']} | {rule} | {arm['lr']:.4g} | "
                     f"{len(arm['runs'])} | {' | '.join(cells)} | "
