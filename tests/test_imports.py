@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each test starts a fresh interpreter
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / 'configs'
 SCOPED = ('momentum_hook.MomentumUpdateHook', 'momentum_hook.BYOLHook')
