@@ -70,8 +70,8 @@ def check_frozen(trainables, names):
             'so the update would overwrite weights that an optimizer '
             'trains. Either the arguments are swapped: the target comes '
             'first, momentum_update_(target, online, momentum) (lightly\'s '
-            'update_momentum and fully_shard_pair take the online network '
-            'first); or the target was never frozen: call '
+            'update_momentum takes the online network first); or the '
+            'target was never frozen: call '
             'target.requires_grad_(False) once after copying it '
             '(MomentumTargetMixin.init_momentum_target does). Nothing was '
             'updated')
