@@ -56,8 +56,9 @@ class MomentumTargetMixin:
     updates (a write through ``.data`` is not seen).
     """
 
-    def init_momentum_target(self, online, base_momentum=0.99,
-                             buffers='keep'):
+    def init_momentum_target(self, online: nn.Module,
+                             base_momentum: float = 0.99,
+                             buffers: str = 'keep') -> nn.Module:
         """Make the target a frozen copy of ``online`` and return it.
 
         Assign the result to an attribute (``self.target_net = ...``) so that
@@ -96,7 +97,8 @@ class MomentumTargetMixin:
         self.__dict__['_momentum_masters'] = TargetMasters()
         # A hook, not an override of _save_to_state_dict: mmcv's and
         # MMEngine's checkpoint savers call the hooks but not that method.
-        self.register_state_dict_post_hook(_save_masters)
+        self.register_state_dict_post_hook(  # type: ignore[attr-defined]
+            _save_masters)  # (a mixin of nn.Module)
         return target
 
     def __getstate__(self):
@@ -115,7 +117,7 @@ class MomentumTargetMixin:
             masters.load(loaded)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def momentum_update(self):
+    def momentum_update(self) -> None:
         """``target = m * target + (1 - m) * online``, m = ``self.momentum``.
         """
         plan = self.__dict__.get('_momentum_plan')
@@ -123,7 +125,7 @@ class MomentumTargetMixin:
             plan = self._plan('momentum_update')
         plan.update_(self.momentum)
 
-    def check_momentum_target(self):
+    def check_momentum_target(self) -> None:
         """Plan the update now, without updating: refuse an unusable target.
 
         The momentum hooks call it once before training, after the runner
