@@ -94,7 +94,8 @@ test-wheel:
 # the formatter and the import sorter over the whole tree (then FORMATTED
 # becomes `.`, and "I" joins ruff's rules in pyproject.toml).
 LINT_VENV ?= .venv-lint
-FORMATTED ?= tests/test_packaging.py tests/test_errors_page.py
+FORMATTED ?= tests/test_packaging.py tests/test_errors_page.py \
+	tests/test_zero3_partitions.py
 $(LINT_VENV)/.installed: requirements/lint.txt
 	$(PYTHON) -m venv $(LINT_VENV)
 	$(LINT_VENV)/bin/python -m pip install -q -r requirements/lint.txt
