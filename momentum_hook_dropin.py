@@ -22,6 +22,7 @@ does not fail on a duplicate name.
 import importlib
 from importlib import metadata
 
+from momentum_hook._compat import release
 from momentum_hook.registration import installed_adapters, take_plain_names
 
 __all__ = ['REPLACED']
@@ -33,7 +34,7 @@ def _mmselfsup0_version():
         version = metadata.version('mmselfsup')
     except metadata.PackageNotFoundError:
         return None
-    return version if int(version.split('.')[0]) < 1 else None
+    return version if release(version)[:1] < (1,) else None
 
 
 def _register_mmselfsup_hooks_first():
