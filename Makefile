@@ -65,10 +65,11 @@ test-torch-latest:
 	$(MAKE) test VENV=.venv-torch-latest TORCH=requirements/torch-latest.txt
 
 # The wheel as a user gets it: built from this checkout, installed (not
-# editable) into a fresh venv with torch alone (the torch of $(TORCH)), then
-# imported and tested from outside the checkout. Tests that need mmcv,
-# MMEngine, DeepSpeed or MMSelfSup skip there. MMEngine is then added so
-# that the drop-in, which needs a runner framework, imports too.
+# editable) into a fresh venv with its own dependencies only (torch from
+# $(TORCH), numpy) and pytest, imported from outside the checkout, and the
+# suite run against the installed package. Tests that need mmcv, MMEngine,
+# DeepSpeed or MMSelfSup skip there. MMEngine is then added so that the
+# drop-in, which needs a runner framework, imports too.
 WHEEL_VENV ?= .venv-wheel
 WHEEL_PIP := $(WHEEL_VENV)/bin/python -m pip
 WHEEL_PYTHON := cd /tmp && $(abspath $(WHEEL_VENV))/bin/python
