@@ -17,7 +17,8 @@ EXTENSIONS := TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions
 .PHONY: venv demo demo-scaling test test-fast test-torch-latest test-wheel \
 	lint format bench clean
 
-$(VENV)/.installed: pyproject.toml $(wildcard requirements/*.txt)
+$(VENV)/.installed: pyproject.toml \
+	$(filter-out requirements/lint.txt,$(wildcard requirements/*.txt))
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools<81" wheel
 	$(PIP) install -q -r $(TORCH) -r requirements/stack.txt
