@@ -1,4 +1,6 @@
 # Everything a fresh machine needs: `make demo` (the main job) and `make test`.
+# `make lint`, `make test-fast` and `make test-wheel` are for maintainers
+# (docs/development.md).
 PYTHON ?= python3
 VENV ?= .venv
 # Which torch: requirements/torch.txt (the tested stack) or, for
@@ -12,9 +14,11 @@ PIP := PIP_CONSTRAINT=$(TORCH) $(BIN)/python -m pip
 # not in ~/.cache: a new venv builds them once, in `make venv`.
 EXTENSIONS := TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions
 
-.PHONY: venv demo demo-scaling test test-torch-latest bench clean
+.PHONY: venv demo demo-scaling test test-fast test-torch-latest test-wheel \
+	lint format bench clean
 
-$(VENV)/.installed: setup.py $(wildcard requirements/*.txt)
+$(VENV)/.installed: pyproject.toml \
+	$(filter-out requirements/lint.txt,$(wildcard requirements/*.txt))
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools<81" wheel
 	$(PIP) install -q -r $(TORCH) -r requirements/stack.txt
@@ -52,12 +56,65 @@ demo-scaling: venv
 test: venv
 	$(QUIET_PYTHON) -m pytest -q tests $(ARGS)
 
+# The quick loop: every test that starts no second process and is not marked
+# slow (the markers are declared in pyproject.toml).
+test-fast: venv
+	$(QUIET_PYTHON) -m pytest -q tests -m "not distributed and not slow" $(ARGS)
+
 # The same suite with the newest torch on the index, in .venv-torch-latest.
 test-torch-latest:
 	$(MAKE) test VENV=.venv-torch-latest TORCH=requirements/torch-latest.txt
+
+# The wheel as a user gets it: built from this checkout, installed (not
+# editable) into a fresh venv with its own dependencies only (torch from
+# $(TORCH), numpy) and pytest, imported from outside the checkout, and the
+# suite run against the installed package. Tests that need mmcv, MMEngine,
+# DeepSpeed or MMSelfSup skip there. MMEngine is then added so that the
+# drop-in, which needs a runner framework, imports too.
+WHEEL_VENV ?= .venv-wheel
+WHEEL_PIP := $(WHEEL_VENV)/bin/python -m pip
+WHEEL_PYTHON := cd /tmp && $(abspath $(WHEEL_VENV))/bin/python
+test-wheel:
+	rm -rf $(WHEEL_VENV) build dist
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_PIP) install -q --upgrade pip
+	$(WHEEL_PIP) wheel -q --no-deps -w dist .
+	$(WHEEL_PIP) install -q -c $(TORCH) torch pytest dist/momentum_hook-*.whl
+	$(WHEEL_PYTHON) -c "import momentum_hook, sys; \
+	    assert 'site-packages' in momentum_hook.__file__, momentum_hook.__file__"
+	$(WHEEL_PYTHON) -c "import momentum_hook_dropin" 2>&1 | \
+	    grep -q "neither mmcv 1.x nor MMEngine is installed"
+	MOMENTUM_HOOK_FROM_WHEEL=1 $(WHEEL_VENV)/bin/pytest -q -p no:cacheprovider \
+	    tests $(ARGS)
+	$(WHEEL_PIP) install -q -c $(TORCH) "$$(ls dist/momentum_hook-*.whl)[mmengine]"
+	$(WHEEL_PYTHON) -c "import momentum_hook_dropin as d; \
+	    assert 'mmengine_hook' in str(d.REPLACED), d.REPLACED"
+
+# ruff (lint, and the format check of the files in FORMATTED) and mypy
+# (against the torch of .venv), their versions from requirements/lint.txt in
+# a small venv of their own; seconds once .venv exists. `make format` runs
+# the formatter and the import sorter over the whole tree (then FORMATTED
+# becomes `.`, and "I" joins ruff's rules in pyproject.toml).
+LINT_VENV ?= .venv-lint
+FORMATTED ?= tests/test_packaging.py tests/test_errors_page.py \
+	tests/test_zero3_partitions.py
+$(LINT_VENV)/.installed: requirements/lint.txt
+	$(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/python -m pip install -q -r requirements/lint.txt
+	touch $@
+
+lint: venv $(LINT_VENV)/.installed
+	$(LINT_VENV)/bin/ruff check .
+	$(LINT_VENV)/bin/ruff format --check $(FORMATTED)
+	$(LINT_VENV)/bin/mypy --python-executable $(BIN)/python
+
+format: $(LINT_VENV)/.installed
+	$(LINT_VENV)/bin/ruff format .
+	$(LINT_VENV)/bin/ruff check --select I --fix .
 
 bench: venv
 	$(QUIET_PYTHON) benchmarks/bench_momentum_update.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-torch-latest work_dirs .pytest_cache
+	rm -rf $(VENV) .venv-torch-latest $(WHEEL_VENV) $(LINT_VENV) build dist \
+	    work_dirs .pytest_cache

@@ -22,6 +22,7 @@ does not fail on a duplicate name.
 import importlib
 from importlib import metadata
 
+from momentum_hook._compat import release
 from momentum_hook.registration import installed_adapters, take_plain_names
 
 __all__ = ['REPLACED']
@@ -33,7 +34,7 @@ def _mmselfsup0_version():
         version = metadata.version('mmselfsup')
     except metadata.PackageNotFoundError:
         return None
-    return version if int(version.split('.')[0]) < 1 else None
+    return version if release(version)[:1] < (1,) else None
 
 
 def _register_mmselfsup_hooks_first():
@@ -57,8 +58,10 @@ def _take_plain_names():
     if not adapters:
         raise ImportError(
             'momentum_hook_dropin registers the hook in a runner framework, '
-            "and neither mmcv 1.x nor MMEngine is installed: pip install "
-            "'momentum_hook[mmcv]' or 'momentum_hook[mmengine]'")
+            'and neither mmcv 1.x nor MMEngine is installed: in a clone of '
+            'momentum_hook, pip install -e ".[mmengine]", or for mmcv 1.x '
+            'pip install "setuptools<81" wheel, then pip install '
+            '--no-build-isolation -e ".[mmcv]"')
     _register_mmselfsup_hooks_first()
     return {adapter.__name__: take_plain_names(adapter.HOOKS,
                                                adapter.MomentumUpdateHook)

@@ -5,7 +5,8 @@ ViT-B/16 and ViT-L/16 (torchvision, no weights, fp32), by each style people
 use, and by :func:`momentum_hook.momentum_update_`:
 
 - MMSelfSup 0.x's loop, ``param_tgt.data = param_tgt.data * m + ...``;
-- torch ``AveragedModel`` with ``get_ema_multi_avg_fn`` (``update_parameters``);
+- torch ``AveragedModel`` with ``get_ema_multi_avg_fn``
+  (``update_parameters``);
 - timm ``ModelEmaV3.update`` (re-implemented here when timm is missing);
 - ``torch._foreach_mul_`` + ``torch._foreach_add_``;
 - ``torch._foreach_lerp_`` over tensor lists made once, and the same
@@ -57,9 +58,9 @@ its host side. The hand-written ``_foreach_lerp_`` over
 ``list(target.parameters())``, ``momentum_update_`` and the mixin are timed
 there side by side in interleaved rounds, in microseconds per call.
 
-Apart from the rows, it also measures the host side of ours, in microseconds per
-call (the median of many calls): planning (what ``momentum_update_`` does on
-every call and the mixin once), the mixin's check that its plan is current
+Apart from the rows, it also measures the host side of ours, in microseconds
+per call (the median of many calls): planning (what ``momentum_update_`` does
+on every call and the mixin once), the mixin's check that its plan is current
 (what it does on every call), and on CUDA the CPU time of one mixin
 ``momentum_update()`` until its kernels are queued, which must stay below
 the kernels' own time for the GPU never to wait on the update.
@@ -666,9 +667,9 @@ def host_table(results):
                  'tensors)' for r in results) + ' |',
              '|---' * (len(results) + 1) + '|']
     for label in HOST_LABELS:
-        cells = [f"{r['host_only_us'][label]:.0f} us "
-                 f"({r['host_only_us'][label] / r['host_only_us'][HAND_LABEL]:.2f}x)"
-                 for r in results]
+        cells = [f"{r['host_only_us'][label]:.0f} us ({ratio:.2f}x)"
+                 for r in results for ratio in
+                 [r['host_only_us'][label] / r['host_only_us'][HAND_LABEL]]]
         lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 

@@ -119,7 +119,8 @@ def sharded(quick, mesh, dtype=torch.float32):
     torch.manual_seed(0)
     model, block, label = build(quick)
     model.to(dtype)
-    fully_shard_pair(model.online_net, model.target_net, submodules=block,
+    fully_shard_pair(online=model.online_net, target=model.target_net,
+                     submodules=block,
                      mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model, label

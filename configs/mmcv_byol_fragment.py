@@ -9,8 +9,9 @@ update_interval = 16  # e.g. 4096 / (16 GPUs x 16 images per GPU)
 
 optimizer = dict(type='LARS', lr=4.8, momentum=0.9, weight_decay=1e-6)
 # Plain mmcv: accumulate gradients over `update_interval` iterations. In
-# MMSelfSup 0.x write `optimizer_config = dict(update_interval=update_interval)`
-# (its DistOptimizerHook); the hook accepts both.
+# MMSelfSup 0.x write
+# `optimizer_config = dict(update_interval=update_interval)` (its
+# DistOptimizerHook); the hook accepts both.
 optimizer_config = dict(type='GradientCumulativeOptimizerHook',
                         cumulative_iters=update_interval)
 

@@ -1,6 +1,7 @@
 # Copy into an mmcv 1.x (MMSelfSup 0.x-style) config to schedule the target
 # momentum of BYOL / MoCo v3. The model must have `base_momentum`, `momentum`
-# and `momentum_update()` (see "The model contract and the mixin" in README.md).
+# and `momentum_update()` (see "The model contract and the mixin" in
+# README.md).
 custom_imports = dict(imports=['momentum_hook'], allow_failed_imports=False)
 
 # Iterations per target update: keep equal to the optimizer's gradient

@@ -7,7 +7,8 @@ The core needs only torch: :func:`cosine_momentum` (the schedule),
 one module pair, planned once), :class:`MomentumTargetMixin` (the model
 side), :class:`MomentumUpdater` (what the hook decides, free of any
 runner), :func:`fully_shard_pair` (one FSDP2 plan for both networks) and
-:func:`export_target` (the full target of a sharded run, as one file). The runner hooks are in their own modules,
+:func:`export_target` (the full target of a sharded run, as one file).
+The runner hooks are in their own modules,
 :mod:`momentum_hook.mmcv_hook` (mmcv 1.x) and
 :mod:`momentum_hook.mmengine_hook` (MMEngine).
 
@@ -40,14 +41,16 @@ __all__ = [
 
 installed_adapters()  # registers the hook in each installed framework
 
-_MOVED = ('MomentumUpdateHook', 'BYOLHook')
+#: Names a user coming from MMSelfSup may look for here; each hook lives in
+#: its framework's adapter.
+_IN_ADAPTERS = ('MomentumUpdateHook', 'BYOLHook')
 
 
 def __getattr__(name):
-    if name in _MOVED:
+    if name in _IN_ADAPTERS:
         raise AttributeError(
-            f'momentum_hook.{name} is gone: the hook is framework-specific, '
-            f'so import it from its adapter, momentum_hook.mmcv_hook.{name} '
-            f'(mmcv 1.x runners) or momentum_hook.mmengine_hook.{name} '
-            "(MMEngine); in a config, type='momentum_hook.MomentumUpdateHook'")
+            f'momentum_hook.{name} is framework-specific: import it from its '
+            f'adapter, momentum_hook.mmcv_hook.{name} (mmcv 1.x runners) or '
+            f'momentum_hook.mmengine_hook.{name} (MMEngine); in a config, '
+            "type='momentum_hook.MomentumUpdateHook'")
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

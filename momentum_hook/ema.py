@@ -21,6 +21,8 @@ the target receives the rounded result. The stateless
 :func:`momentum_update_` refuses such a target. Only after the target was
 written elsewhere (a load) are masters and targets compared, on the host.
 """
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -49,7 +51,9 @@ def _as_tensor_list(tensors, name):
 
 
 @torch.no_grad()
-def momentum_update_(target, online, momentum, buffers='keep'):
+def momentum_update_(target: nn.Module | Sequence[torch.Tensor],
+                     online: nn.Module | Sequence[torch.Tensor],
+                     momentum: float, buffers: str = 'keep') -> None:
     """In place, ``target = momentum * target + (1 - momentum) * online``.
 
     Each rank updates the elements it holds (see

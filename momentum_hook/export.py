@@ -23,6 +23,8 @@ DeepSpeed ZeRO-3          ``deepspeed.zero.GatheredParameters``, one
 
 Nothing distributed is imported before a call needs it.
 """
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -67,7 +69,8 @@ def _zero3_state_dict(model, keep):
     return state
 
 
-def full_state_dict(model, prefix=''):
+def full_state_dict(model: nn.Module, prefix: str = ''
+                    ) -> dict[str, torch.Tensor]:
     """The whole, unsharded ``state_dict`` of ``model``, on rank 0.
 
     A collective under FSDP and ZeRO-3: call it on every rank.
@@ -99,15 +102,17 @@ def full_state_dict(model, prefix=''):
     if torch.distributed.is_available():  # plain, FSDP1 and FSDP2 alike
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions, get_model_state_dict)
-        state = get_model_state_dict(model, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True))
+        state: dict[str, Any] = get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True,
+                                            cpu_offload=True))
     else:
         state = model.state_dict()
     return {key: value.detach().cpu().clone() for key, value in state.items()
             if keep(key)} if _rank() == 0 else {}
 
 
-def export_target(model, path, target='target_net'):
+def export_target(model: nn.Module, path: str, target: str = 'target_net'
+                  ) -> dict[str, torch.Tensor] | None:
     """Write the full, unsharded target network's ``state_dict`` to ``path``.
 
     A collective under FSDP and ZeRO-3: call it on every rank; rank 0 writes

@@ -33,8 +33,8 @@ by :mod:`~momentum_hook.zero`; the cross-rank verdict at planning time by
 Nothing here imports a distributed package: a tensor can only be a DTensor or
 an FSDP1 unit if ``torch.distributed.tensor`` or ``torch.distributed.fsdp``
 is already imported.
-"""
-from typing import Any, NamedTuple, Optional
+"""  # noqa: E501 (the engine table)
+from typing import Any, NamedTuple
 
 import torch
 
@@ -43,6 +43,7 @@ from ._compat import torch as torch_internals
 from .pairing import join, named_modules
 from .ranks import group_position
 from .wrappers import loaded as _loaded
+from .zero import QUANTIZED
 
 __all__ = ['LocalShard', 'local_shards', 'buffer_shards', 'tensor_shard',
            'check_alike', 'HOW_TO_SHARD', 'SHARED_UNIT', 'FSDP_UNIT']
@@ -102,8 +103,8 @@ class LocalShard(NamedTuple):
     tensor: torch.Tensor
     layout: tuple
     owner: Any = None
-    link: Optional[str] = None
-    base: Optional[torch.Tensor] = None
+    link: str | None = None
+    base: torch.Tensor | None = None
     keys: tuple = ()
 
 
@@ -309,7 +310,8 @@ def check_alike(targets, onlines, what='parameters'):
                 f'{_describe(target.layout)}) and online ({online.name}: '
                 f'{_describe(online.layout)}), so their local elements do '
                 f'not correspond; {HOW_TO_SHARD}')
-        if (target.tensor.numel() and target.tensor.untyped_storage().data_ptr()
+        if (target.tensor.numel() and
+                target.tensor.untyped_storage().data_ptr()
                 == online.tensor.untyped_storage().data_ptr()):
             raise ValueError(
                 f'{what} {index} ({target.name}) of the target and the online '

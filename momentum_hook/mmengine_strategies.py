@@ -41,6 +41,8 @@ only the first change.
 """
 import dataclasses
 
+from typing import Any
+
 import torch
 from mmengine.registry import STRATEGIES
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -48,7 +50,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from ._compat.mmengine import fsdp_strategy
 from .registration import register_scoped
 
-FSDPStrategy = fsdp_strategy()
+FSDPStrategy: Any = fsdp_strategy()  # MMEngine ships no types
 
 __all__ = ['FSDPResumeStrategy', 'STRATEGY_NAMES', 'check_adam_state']
 

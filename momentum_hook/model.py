@@ -87,8 +87,9 @@ class MomentumTargetMixin:
     a runner's resume, a distributed checkpoint) is never overwritten.
     """
 
-    def init_momentum_target(self, online, base_momentum=0.99,
-                             buffers='keep'):
+    def init_momentum_target(self, online: nn.Module,
+                             base_momentum: float = 0.99,
+                             buffers: str = 'keep') -> nn.Module:
         """Make the target a frozen copy of ``online`` and return it.
 
         Assign the result to an attribute (``self.target_net = ...``) so that
@@ -132,7 +133,8 @@ class MomentumTargetMixin:
             param.is_meta for param in online.parameters())
         # A hook, not an override of _save_to_state_dict: mmcv's and
         # MMEngine's checkpoint savers call the hooks but not that method.
-        self.register_state_dict_post_hook(_save_masters)
+        self.register_state_dict_post_hook(  # type: ignore[attr-defined]
+            _save_masters)  # (a mixin of nn.Module)
         return target
 
     def __getstate__(self):
@@ -172,7 +174,7 @@ class MomentumTargetMixin:
             raise AttributeError('momentum_target_master')
         return self._outermost(self.__dict__['_momentum_pair'][1])
 
-    def momentum_update(self):
+    def momentum_update(self) -> None:
         """``target = m * target + (1 - m) * online``, m = ``self.momentum``.
 
         Plans again when the plan is stale (see
@@ -189,7 +191,7 @@ class MomentumTargetMixin:
         _take_load(state)  # a later plan is local
         plan.update_(self.momentum)
 
-    def check_momentum_target(self):
+    def check_momentum_target(self) -> None:
         """Plan the update now, without updating: refuse an unusable target.
 
         The momentum hooks call it once before training, after the runner

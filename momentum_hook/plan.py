@@ -71,15 +71,16 @@ def check_frozen(trainables, names):
             'so the update would overwrite weights that an optimizer '
             'trains. Either the arguments are swapped: the target comes '
             'first, momentum_update_(target, online, momentum) (lightly\'s '
-            'update_momentum and fully_shard_pair take the online network '
-            'first); or the target was never frozen: call '
+            'update_momentum takes the online network first); or the '
+            'target was never frozen: call '
             'target.requires_grad_(False) once after copying it '
             '(MomentumTargetMixin.init_momentum_target does). Nothing was '
             'updated')
 
 
 def check_buffer_policy(buffers):
-    """Raise ``ValueError`` unless ``buffers`` is in :data:`BUFFER_POLICIES`."""
+    """Raise ``ValueError`` unless ``buffers`` is in
+    :data:`BUFFER_POLICIES`."""
     if buffers not in BUFFER_POLICIES:
         raise ValueError(f'buffers must be one of {BUFFER_POLICIES}, got '
                          f'{buffers!r}')
@@ -338,7 +339,7 @@ class ModuleUpdatePlan:
 #: reused only while :meth:`ModuleUpdatePlan.is_current` holds, so every
 #: check of a fresh plan still applies; an entry goes when either module is
 #: collected, so it keeps no tensor of a dead network alive.
-_STATELESS_PLANS = weakref.WeakKeyDictionary()
+_STATELESS_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _forget_on_collect(target):

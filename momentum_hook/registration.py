@@ -136,7 +136,9 @@ def has_mmcv1():
     if importlib.util.find_spec('mmcv') is None:
         return False
     import mmcv
-    return int(mmcv.__version__.split('.')[0]) < 2
+
+    from ._compat.mmcv import is_mmcv1
+    return is_mmcv1(mmcv.__version__)
 
 
 def has_mmengine():

@@ -13,7 +13,8 @@ __all__ = ['cosine_momentum', 'scaled_momentum', 'is_update_iter',
            'last_update_iter']
 
 
-def cosine_momentum(cur_iter, max_iters, base_momentum, end_momentum):
+def cosine_momentum(cur_iter: int, max_iters: int, base_momentum: float,
+                    end_momentum: float) -> float:
     """Momentum at 0-based iteration ``cur_iter`` of ``max_iters``.
 
     .. math::
@@ -56,7 +57,7 @@ def cosine_momentum(cur_iter, max_iters, base_momentum, end_momentum):
         math.cos(math.pi * cur_iter / float(max_iters)) + 1) / 2
 
 
-def scaled_momentum(momentum, kappa):
+def scaled_momentum(momentum: float, kappa: float) -> float:
     """The momentum for an update over ``kappa`` times the samples.
 
     .. math::
@@ -94,7 +95,7 @@ def scaled_momentum(momentum, kappa):
     return momentum**check_kappa(kappa, 'kappa')
 
 
-def is_update_iter(cur_iter, update_interval):
+def is_update_iter(cur_iter: int, update_interval: int) -> bool:
     """Whether the target is updated after 0-based iteration ``cur_iter``.
 
     The same rule as mmcv's ``Hook.every_n_iters``, ``GradientCumulative
@@ -105,7 +106,7 @@ def is_update_iter(cur_iter, update_interval):
     return (cur_iter + 1) % update_interval == 0
 
 
-def last_update_iter(max_iters, update_interval):
+def last_update_iter(max_iters: int, update_interval: int) -> int:
     """The 0-based iteration of a run's last target update.
 
     Args:

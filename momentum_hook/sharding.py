@@ -9,6 +9,8 @@ unit), DeepSpeed ZeRO none at all.
 Importing this module imports nothing distributed; ``fully_shard`` is
 imported when called.
 """
+from collections.abc import Callable
+
 from torch import nn
 
 from .local_shards import check_alike, local_shards
@@ -30,8 +32,18 @@ def _selector(submodules):
                     f'{type(submodules).__name__}')
 
 
-def fully_shard_pair(online, target, submodules=None, **fully_shard_kwargs):
+def fully_shard_pair(
+        *, online: nn.Module, target: nn.Module,
+        submodules: (type[nn.Module] | tuple[type[nn.Module], ...]
+                     | Callable[[str, nn.Module], bool] | None) = None,
+        **fully_shard_kwargs) -> tuple[nn.Module, nn.Module]:
     """Apply the same FSDP2 ``fully_shard`` plan to the online and the target.
+
+    The two networks are keyword-only: ``momentum_update_`` takes the target
+    first (as ``Tensor.lerp_``), lightly's ``update_momentum`` the online
+    network first, so a positional pair here would read one way or the other;
+    ``fully_shard_pair(model.online_net, model.target_net)`` is a
+    ``TypeError``.
 
     The selected submodules of each network become their own FSDP2 groups
     (innermost first, as ``fully_shard`` wants), then each network a group of
@@ -42,7 +54,7 @@ def fully_shard_pair(online, target, submodules=None, **fully_shard_kwargs):
     before ``fully_shard`` of the model that holds both::
 
         mesh = init_device_mesh('cuda', (world_size,))
-        fully_shard_pair(model.online_net, model.target_net,
+        fully_shard_pair(online=model.online_net, target=model.target_net,
                          submodules=Block, mesh=mesh)
         fully_shard(model, mesh=mesh)
 

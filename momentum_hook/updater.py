@@ -16,6 +16,8 @@ The contract with the model (the same as MMSelfSup 0.x):
   ``m = self.momentum``, called after the iteration's optimizer step.
 """
 import numbers
+from collections.abc import Callable
+from typing import Any, cast
 
 from .ledger import SKIPPED_STEP_POLICIES, Ledger
 from .ranks import world_size
@@ -33,7 +35,7 @@ LOG_KEY = 'target_momentum'
 CONTRACT = ('base_momentum', 'momentum', 'momentum_update')
 
 
-def check_momentum_contract(model):
+def check_momentum_contract(model: Any) -> None:
     """Check that ``model`` has the attributes the hook relies on.
 
     Args:
@@ -137,9 +139,10 @@ class MomentumUpdater:
         TypeError, ValueError: For an argument of the wrong type or range.
     """
 
-    def __init__(self, end_momentum=1., update_interval=1,
-                 reach_end_momentum=False, base_batch_size=None,
-                 on_skipped_step='hold'):
+    def __init__(self, end_momentum: float = 1., update_interval: int = 1,
+                 reach_end_momentum: bool = False,
+                 base_batch_size: int | str | None = None,
+                 on_skipped_step: str = 'hold') -> None:
         self.end_momentum = check_momentum(end_momentum, 'end_momentum')
         self.update_interval = check_positive_int(update_interval,
                                                   'update_interval')
@@ -171,11 +174,13 @@ class MomentumUpdater:
         self.ledger = Ledger(self.update_interval, on_skipped_step)
         #: The run's samples per update and S / base_batch_size, known from
         #: the start of the run on (None without base_batch_size).
-        self.samples_per_update = self.kappa = self._batch = None
+        self.samples_per_update: int | None = None
+        self.kappa: float | None = None
+        self._batch: tuple[int, int] | None = None
         #: Whether :meth:`start` ran since the last :meth:`check_run`.
         self.started = False
 
-    def check_run(self, model, max_iters):
+    def check_run(self, model: Any, max_iters: int | None) -> None:
         """Check the model's contract and the run length once, before a run,
         and forget the batch scaling of any earlier run.
 
@@ -207,7 +212,8 @@ class MomentumUpdater:
         if check is not None:
             check()
 
-    def check_accumulation(self, accumulation_steps, source):
+    def check_accumulation(self, accumulation_steps: int, source: str
+                           ) -> None:
         """Check that target updates fall on real optimizer steps.
 
         With gradients accumulated over ``accumulation_steps`` iterations the
@@ -235,11 +241,13 @@ class MomentumUpdater:
                 'only')
         self.ledger.start(accumulation=accumulation_steps)
 
-    def is_update_iter(self, cur_iter):
-        """Whether the target is updated after 0-based iteration ``cur_iter``."""
+    def is_update_iter(self, cur_iter: int) -> bool:
+        """Whether the target is updated after 0-based iteration
+        ``cur_iter``."""
         return is_update_iter(cur_iter, self.update_interval)
 
-    def momentum_at(self, cur_iter, max_iters, base_momentum):
+    def momentum_at(self, cur_iter: int, max_iters: int,
+                    base_momentum: float) -> float:
         """The momentum for the update after iteration ``cur_iter``."""
         horizon = max_iters
         if self.reach_end_momentum:
@@ -253,7 +261,7 @@ class MomentumUpdater:
             return momentum
         return scaled_momentum(momentum, self.kappa)
 
-    def scale_to(self, batch_size, processes):
+    def scale_to(self, batch_size: int, processes: int) -> float:
         """Set :attr:`kappa` for ``batch_size`` samples on each of
         ``processes`` processes per iteration.
 
@@ -262,12 +270,13 @@ class MomentumUpdater:
             base_batch_size``.
         """
         self._batch = (batch_size, processes)
-        self.samples_per_update = (batch_size * processes *
-                                   self.update_interval)
-        self.kappa = self.samples_per_update / self.run_base_batch_size
-        return self.kappa
+        samples = batch_size * processes * self.update_interval
+        self.samples_per_update = samples
+        kappa = samples / cast(int, self.run_base_batch_size)  # see start()
+        self.kappa = kappa
+        return kappa
 
-    def use_auto_scale_lr(self, auto_scale_lr):
+    def use_auto_scale_lr(self, auto_scale_lr: dict | None) -> None:
         """Take this run's ``base_batch_size`` from MMEngine's
         ``auto_scale_lr`` config, for ``base_batch_size='auto'``.
 
@@ -298,7 +307,8 @@ class MomentumUpdater:
             auto_scale_lr.get('base_batch_size'),
             'auto_scale_lr.base_batch_size')
 
-    def write_momentum(self, model, cur_iter, max_iters):
+    def write_momentum(self, model: Any, cur_iter: int, max_iters: int
+                       ) -> float | None:
         """Write the scheduled momentum into ``model`` on update iterations.
 
         Returns:
@@ -311,7 +321,8 @@ class MomentumUpdater:
         model.momentum = momentum
         return momentum
 
-    def describe(self, model, max_iters, owner=None):
+    def describe(self, model: Any, max_iters: int, owner: Any = None
+                 ) -> str:
         """One line for the run's log: which hook (the class of ``owner``,
         this updater by default), with which arguments, on which model and
         run."""
@@ -325,7 +336,7 @@ class MomentumUpdater:
             if self.base_batch_size == 'auto':
                 arguments += (' (auto_scale_lr.base_batch_size='
                               f'{self.run_base_batch_size})')
-            batch, processes = self._batch
+            batch, processes = cast(tuple[int, int], self._batch)
             scaling = (
                 f'; S = {batch} per process x {processes} processes x '
                 f'update_interval {self.update_interval} = '
@@ -345,7 +356,8 @@ class MomentumUpdater:
                 'iterations, with an update after every iteration k with '
                 f'(k + 1) % {self.update_interval} == 0{scaling}')
 
-    def start(self, model, max_iters, train_loader, owner=None):
+    def start(self, model: Any, max_iters: int,
+              train_loader: Callable[[], Any], owner: Any = None) -> str:
         """Start the run: with ``base_batch_size``, find the batch scaling
         from the train data loader and the default process group.
 
@@ -374,7 +386,8 @@ class MomentumUpdater:
         self.started = True
         return self.describe(model, max_iters, owner)
 
-    def update_target(self, model, cur_iter, max_iters, step=None):
+    def update_target(self, model: Any, cur_iter: int, max_iters: int,
+                      step: Any = None) -> float | None:
         """After iteration ``cur_iter``: if the :attr:`ledger` says so, write
         the scheduled momentum into ``model`` and call its
         ``momentum_update()``.

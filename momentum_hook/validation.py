@@ -48,8 +48,10 @@ def _warn_small_momentum(value, name):
         stacklevel=_caller_stacklevel())
 
 
-def check_momentum(value, name='momentum', warn_small=True):
-    """Return ``value`` as a float after checking it is a real number in [0, 1].
+def check_momentum(value: object, name: str = 'momentum',
+                   warn_small: bool = True) -> float:
+    """Return ``value`` as a float after checking it is a real number in
+    [0, 1].
 
     Args:
         value: The candidate momentum. ``bool`` is rejected although it is an
@@ -94,7 +96,8 @@ def _check_int(value, name, minimum, wording):
     return int(value)
 
 
-def check_positive_int(value, name, hint=None):
+def check_positive_int(value: object, name: str,
+                       hint: str | None = None) -> int:
     """Return ``value`` as an int after checking it is an integer >= 1.
 
     Args:
@@ -112,7 +115,7 @@ def check_positive_int(value, name, hint=None):
     return _check_int(value, name, 1, wording)
 
 
-def check_non_negative_int(value, name):
+def check_non_negative_int(value: object, name: str) -> int:
     """Return ``value`` as an int after checking it is an integer >= 0.
 
     Raises:
@@ -122,7 +125,7 @@ def check_non_negative_int(value, name):
     return _check_int(value, name, 0, 'a non-negative int')
 
 
-def check_kappa(value, name='kappa'):
+def check_kappa(value: object, name: str = 'kappa') -> float:
     """Return ``value`` as a float after checking it is a finite real > 0.
 
     Args:

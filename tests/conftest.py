@@ -1,4 +1,6 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the skips of the tests whose requirements are
+missing."""
+import importlib.util
 import types
 
 import pytest
@@ -18,14 +20,42 @@ def single_rank_group():
         dist.destroy_process_group()
 
 
+#: The markers of tests that need a framework beside torch, with the module
+#: that framework installs and the line that installs it.
+FRAMEWORKS = {
+    'mmcv': ('mmcv', 'pip install --no-build-isolation -e ".[mmcv]"'),
+    'mmengine': ('mmengine', 'pip install -e ".[mmengine]"'),
+    'deepspeed': ('deepspeed', 'DS_BUILD_OPS=0 pip install '
+                               '--no-build-isolation -e ".[deepspeed]"'),
+    'mmselfsup': ('mmselfsup', 'pip install --no-deps -r '
+                               'requirements/mmselfsup.txt'),
+}
+
+
+def _installed(module):
+    return importlib.util.find_spec(module) is not None
+
+
 def pytest_collection_modifyitems(config, items):
-    """Skip the tests marked ``cuda`` on a machine without a CUDA device."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason='cuda: needs a CUDA device')
+    """Skip the tests marked ``cuda`` on a machine without a CUDA device, and
+    those marked with a framework (``FRAMEWORKS``) where it is not installed.
+
+    A test module that imports a framework at its top skips itself first
+    (``pytest.importorskip``); the markers cover the tests that import it
+    inside.
+    """
+    skips = {}
+    if not torch.cuda.is_available():
+        skips['cuda'] = pytest.mark.skip(reason='cuda: needs a CUDA device')
+    for marker, (module, install) in FRAMEWORKS.items():
+        if not _installed(module):
+            skips[marker] = pytest.mark.skip(
+                reason=f'{marker}: needs {module}, not installed ({install})')
     for item in items:
-        if 'cuda' in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
+                break
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,6 @@ from datetime import timedelta
 import pytest
 import torch
 from doc_snippets import code_block
-from mmcv.runner import Hook
 from torch import nn
 
 from momentum_hook import MomentumTargetMixin
@@ -153,15 +152,29 @@ class Interrupt(Exception):
     """Stands for a crash."""
 
 
-class InterruptBefore(Hook):
-    """Interrupts a run before iteration ``k``, once ``k`` are done."""
+def _interrupt_before():
+    from mmcv.runner import Hook
 
-    def __init__(self, k):
-        self.k = k
+    class InterruptBefore(Hook):
+        """Interrupts a run before iteration ``k``, once ``k`` are done."""
 
-    def before_train_iter(self, runner):
-        if runner.iter == self.k:
-            raise Interrupt
+        def __init__(self, k):
+            self.k = k
+
+        def before_train_iter(self, runner):
+            if runner.iter == self.k:
+                raise Interrupt
+
+    return InterruptBefore
+
+
+def __getattr__(name):
+    # An mmcv 1.x hook, built on first use, so that this module (and the
+    # tests that need only torch) import without mmcv.
+    if name == 'InterruptBefore':
+        globals()[name] = _interrupt_before()
+        return globals()[name]
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 #: The ZeRO-3 options of every DeepSpeed run in the tests. DeepSpeed 0.19.6

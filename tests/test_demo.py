@@ -15,9 +15,13 @@ import os.path as osp
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
+
+pytestmark = [pytest.mark.mmcv, pytest.mark.slow]
+pytest.importorskip('mmcv')
+pytest.importorskip('sklearn', reason='the demo needs scikit-learn')
+import numpy as np
 from mmcv import Config
 from mmcv.cnn import MODELS
 from momentum_testing import reference_momentum
@@ -297,7 +301,7 @@ def test_missing_scikit_learn_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, 'sklearn', None)  # import fails
     assert exit_status(['--work-dir', str(tmp_path)]) == 2
     assert_one_line_error(capsys.readouterr().err, 'scikit-learn',
-                          "pip install 'momentum_hook[demo]'")
+                          'pip install --no-build-isolation -e ".[demo]"')
 
 
 @pytest.mark.parametrize('options, fragments', [

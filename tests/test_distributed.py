@@ -11,6 +11,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+
+pytestmark = [pytest.mark.distributed, pytest.mark.mmcv]
+pytest.importorskip('mmcv')
+pytest.importorskip('sklearn', reason='the demo needs scikit-learn')
 from mmcv.runner import Hook
 from momentum_testing import free_port, launch_ranks, reference_momentum
 

@@ -211,7 +211,8 @@ def _modules_differing_in_buffers():
 # (make (target, online), momentum, buffers, error, message pattern)
 ERROR_CASES = [
     pytest.param(lambda: (_tensors(3, 4), _tensors(3)), 0.9, 'keep',
-                 ValueError, 'target has 2 tensors but the online network has 1',
+                 ValueError,
+                 'target has 2 tensors but the online network has 1',
                  id='tensor-count'),
     pytest.param(_modules_differing_in_count, 0.9, 'keep', ValueError,
                  'target has 2 parameters but the online network has 1',

@@ -19,6 +19,8 @@ from momentum_testing import (SHARDED_WORLD_SIZE, TinyBYOL, assert_all_equal,
                               launch_ranks, replay_ema, snapshot)
 from torch.nn.parallel import DistributedDataParallel
 
+pytestmark = pytest.mark.distributed
+
 WORLD_SIZE = SHARDED_WORLD_SIZE
 MOMENTA = [0.9, 0.99, 0.5]
 

@@ -64,7 +64,7 @@ def ddp(model):
 
 
 def fsdp2(model):
-    fully_shard_pair(model.online_net, model.target_net)
+    fully_shard_pair(online=model.online_net, target=model.target_net)
     return model
 
 

@@ -37,6 +37,9 @@ from torch.utils.data import Dataset
 from momentum_hook import MomentumTargetMixin
 from momentum_hook.export import export_target
 
+pytestmark = [pytest.mark.distributed, pytest.mark.mmengine,
+              pytest.mark.deepspeed, pytest.mark.slow]
+pytest.importorskip('mmengine')
 pytest.importorskip('deepspeed')
 
 HOOK = 'momentum_hook.MomentumUpdateHook'

@@ -22,6 +22,12 @@ import pytest
 import torch
 from momentum_testing import free_port, reference_momentum
 
+pytestmark = [pytest.mark.distributed, pytest.mark.mmcv,
+              pytest.mark.mmengine, pytest.mark.deepspeed, pytest.mark.slow]
+pytest.importorskip('mmcv')
+pytest.importorskip('mmengine')
+pytest.importorskip('deepspeed')
+pytest.importorskip('sklearn', reason='the demo needs scikit-learn')
 from momentum_hook.demo.__main__ import main
 from momentum_hook.demo.data import DigitsTwoViews
 from momentum_hook.demo.model import DigitsBYOL

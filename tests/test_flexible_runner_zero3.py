@@ -21,6 +21,9 @@ from momentum_testing import (assert_matches_reference, gather_zero3,
                               init_deepspeed_rank, launch_each, raised,
                               reference_momentum, replay_ema, run_scenarios)
 
+pytestmark = [pytest.mark.distributed, pytest.mark.mmengine,
+              pytest.mark.deepspeed, pytest.mark.slow]
+pytest.importorskip('mmengine')
 deepspeed = pytest.importorskip('deepspeed')
 from test_flexible_runner import (BASE, ITERS, build_model,  # noqa: E402
                                   build_runner, deepspeed_strategy,

@@ -12,6 +12,9 @@ import os.path as osp
 
 import pytest
 import torch
+
+pytestmark = pytest.mark.mmcv
+pytest.importorskip('mmcv')
 from mmcv.parallel import MMDataParallel
 from mmcv.runner import (HOOKS, EpochBasedRunner,
                          GradientCumulativeOptimizerHook, Hook,
@@ -236,7 +239,8 @@ def test_resume_gives_the_uninterrupted_run(tmp_path, kind, base_batch_size):
     The epoch runner's CheckpointHook writes ``epoch_2.pth``. The iter
     runner's CheckpointHook cannot serve: mmcv 1.7.2 saves from
     ``after_train_iter`` with ``meta['iter']`` one less than the iterations
-    done, so a resume repeats one iteration (an mmcv quirk, see docs/semantics.md, "Resume").
+    done, so a resume repeats one iteration (an mmcv quirk, see
+    docs/semantics.md, "Resume").
     There the checkpoint is taken with ``runner.save_checkpoint`` once the
     interrupted runner has counted its iterations. With ``base_batch_size``
     the resumed run keeps the scaled momenta.

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+pytestmark = pytest.mark.mmengine
+pytest.importorskip('mmengine')
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from mmengine.model import BaseModel, MMDistributedDataParallel, \
@@ -268,8 +271,8 @@ def test_reach_end_momentum_ends_exactly_on_the_last_update(tmp_path):
     recorder = OnlineRecorder()
     runner = build_runner(
         tmp_path, model,
-        [dict(type='momentum_hook.BYOLHook', end_momentum=0.9, update_interval=3,
-              reach_end_momentum=True), recorder], iters=7)
+        [dict(type='momentum_hook.BYOLHook', end_momentum=0.9,
+              update_interval=3, reach_end_momentum=True), recorder], iters=7)
     runner.train()
 
     expected = reference_momenta(0.5, 0.9, max_iters=7, update_interval=3,

@@ -11,6 +11,8 @@ import time
 import pytest
 from momentum_testing import launch_ranks, note_progress
 
+pytestmark = pytest.mark.distributed
+
 
 def rank_main(rank, out_dir, child_pid_file):
     """Rank 0 finishes; rank 1 starts a child process and then hangs."""

@@ -13,8 +13,11 @@ from datetime import timedelta
 
 import pytest
 import torch
+
+pytestmark = pytest.mark.mmengine
+pytest.importorskip('mmengine')
 from mmengine.model import BaseModel
-from momentum_testing import (Interrupt, InterruptBefore, float64_copy,
+from momentum_testing import (Interrupt, float64_copy,
                               free_port, launch_ranks, params, run_scenarios,
                               set_rank_environment)
 from torch import nn
@@ -65,8 +68,7 @@ def test_the_state_dict_holds_float32_masters_of_a_bf16_target_only():
                if key.startswith(MASTER)}
     assert list(masters) == [name for name, _ in
                              model.target.named_parameters()]
-    for (name, param), master in zip(model.target.named_parameters(),
-                                     masters.values()):
+    for param, master in zip(model.target.parameters(), masters.values()):
         assert master.dtype == torch.float32
         assert torch.equal(master.to(BF16), param)
         assert not torch.equal(master, param.float())  # more than bf16
@@ -231,8 +233,10 @@ def test_an_older_checkpoint_restarts_the_masters_from_the_loaded_target():
 
 # --- mmcv ------------------------------------------------------------------
 
+@pytest.mark.mmcv
 def test_mmcv_epoch_runner_bf16_resume_is_bit_for_bit(tmp_path):
     from mmcv.runner import EpochBasedRunner
+    from momentum_testing import InterruptBefore
     from torch.utils.data import DataLoader
 
     from momentum_hook.mmcv_hook import MomentumUpdateHook
@@ -342,6 +346,8 @@ def flexible_main(rank, port, out_dir, resume, stage):
         str(out_dir.parent), rank, resume, stage)}, out_dir)
 
 
+@pytest.mark.distributed
+@pytest.mark.deepspeed
 @pytest.mark.parametrize('stage', [2, 3])
 def test_flexible_runner_deepspeed_bf16_resume_is_bit_for_bit(tmp_path,
                                                               stage):

@@ -29,6 +29,8 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from momentum_hook.sharding import fully_shard_pair
 
+pytestmark = pytest.mark.distributed
+
 BF16 = torch.bfloat16
 STEPS = 60
 MOMENTA = [0.996] * STEPS
@@ -97,7 +99,8 @@ def fsdp2(rank):
     model, online, target = build_bf16()
     model.to(BF16)
     mesh = init_device_mesh('cpu', (SHARDED_WORLD_SIZE,))
-    fully_shard_pair(online, target, submodules=nn.Linear, mesh=mesh)
+    fully_shard_pair(online=online, target=target, submodules=nn.Linear,
+                     mesh=mesh)
     fully_shard(model, mesh=mesh)
     return bf16_training(rank, model, online, target, sgd_step(model),
                          gather_fsdp2, target)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.mmselfsup, pytest.mark.mmcv, pytest.mark.mmengine,
+              pytest.mark.slow]
+pytest.importorskip('mmselfsup')
 ROOT = Path(__file__).resolve().parents[1]
-pytest.importorskip('mmselfsup', reason='MMSelfSup 0.11 is in the stack')
 
 SELFSUP_HOOK = 'mmselfsup.core.hooks.momentum_update_hook.MomentumUpdateHook'
 OURS = {'mmcv': 'momentum_hook.mmcv_hook.MomentumUpdateHook',

@@ -9,11 +9,9 @@ import copy
 import io
 import pickle
 
-import mmcv
 import pytest
 import torch
-from mmcv.runner import Hook, IterBasedRunner
-from momentum_testing import (Interrupt, InterruptBefore, TinyBYOL,
+from momentum_testing import (Interrupt, TinyBYOL,
                               assert_all_equal, assert_matches_reference,
                               cuda_only, ema_step, float64_copy, params,
                               reference_momentum, replay_ema, snapshot)
@@ -22,7 +20,6 @@ from torch.utils.data import DataLoader
 
 import momentum_hook
 from momentum_hook import MomentumTargetMixin
-from momentum_hook.mmcv_hook import MomentumUpdateHook
 
 
 def tiny_model(seed=0, **kwargs):
@@ -205,21 +202,30 @@ def test_a_copy_updates_its_own_networks(duplicate):
                  0.5))
 
 
-class RecordOnline(Hook):
-    """After the optimizer and momentum hooks: the online weights and the
-    model's momentum of each iteration."""
+def record_online():
+    """An mmcv hook that records, after the optimizer and momentum hooks, the
+    online weights and the model's momentum of each iteration."""
+    from mmcv.runner import Hook
 
-    def __init__(self):
-        self.online, self.momenta = [], []
+    class RecordOnline(Hook):
 
-    def after_train_iter(self, runner):
-        self.online.append(snapshot(runner.model.online_net.parameters()))
-        self.momenta.append(runner.model.momentum)
+        def __init__(self):
+            self.online, self.momenta = [], []
+
+        def after_train_iter(self, runner):
+            self.online.append(snapshot(runner.model.online_net.parameters()))
+            self.momenta.append(runner.model.momentum)
+
+    return RecordOnline()
 
 
 def make_runner(model, work_dir, max_iters):
     """A real IterBasedRunner: SGD with momentum, the optimizer hook and the
     momentum hook, as MMSelfSup's BYOL config registers them."""
+    import mmcv
+    from mmcv.runner import IterBasedRunner
+
+    from momentum_hook.mmcv_hook import MomentumUpdateHook
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     runner = IterBasedRunner(model, optimizer=optimizer,
                              work_dir=str(work_dir),
@@ -237,11 +243,12 @@ def batches(count=3):
     return DataLoader(list(torch.randn(count, 4, 4)), batch_size=None)
 
 
+@pytest.mark.mmcv
 def test_mixin_with_the_hook_on_a_real_runner(tmp_path):
     model = tiny_model(base_momentum=0.9)
     initial = snapshot(model.target_net.parameters())
     runner = make_runner(model, tmp_path, max_iters=5)
-    recorder = RecordOnline()
+    recorder = record_online()
     runner.register_hook(recorder, priority='LOWEST')
     runner.run([batches()], [('train', 5)])
     momenta = [reference_momentum(k, 5, 0.9) for k in range(5)]
@@ -251,6 +258,7 @@ def test_mixin_with_the_hook_on_a_real_runner(tmp_path):
     assert not torch.equal(params(model.target_net)[0], initial[0])
 
 
+@pytest.mark.mmcv
 def test_checkpoint_resume_gives_the_uninterrupted_target(tmp_path):
     whole = tiny_model(seed=0)
     make_runner(whole, tmp_path / 'whole', max_iters=6).run(
@@ -260,6 +268,7 @@ def test_checkpoint_resume_gives_the_uninterrupted_target(tmp_path):
     # (Not by CheckpointHook: mmcv 1.7.2 saves from after_train_iter with
     # meta['iter'] one short of the iterations done, so a resume would
     # repeat one.)
+    from momentum_testing import InterruptBefore
     interrupted = tiny_model(seed=0)
     runner = make_runner(interrupted, tmp_path / 'first', max_iters=6)
     runner.register_hook(InterruptBefore(3), priority='HIGHEST')

@@ -8,9 +8,13 @@ The real MMSelfSup 0.11 in a real process is tested in ``test_mmselfsup.py``.
 """
 import logging
 
+import pytest
+
+pytestmark = [pytest.mark.mmcv, pytest.mark.mmengine]
+pytest.importorskip('mmcv')
+pytest.importorskip('mmengine')
 import mmcv.utils
 import mmengine.registry
-import pytest
 
 from momentum_hook import mmcv_hook, mmengine_hook
 from momentum_hook.registration import (DROPIN_LINE, register_hook_class,

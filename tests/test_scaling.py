@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
+pytestmark = [pytest.mark.mmcv, pytest.mark.mmengine]
+pytest.importorskip('mmcv')
+pytest.importorskip('mmengine')
 import test_hook_mmcv as mmcv_case
 import test_hook_mmengine as engine_case
 from mmcv.runner import HOOKS as MMCV_HOOKS
@@ -280,6 +284,7 @@ def test_mmengine_loader_without_a_batch_size_is_refused_before_iteration_one(
 
 # -- the docs ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_plain_loop_example_uses_the_scaled_momenta():
     namespace = run_doc_example(DOCS, 'Without a runner')
     kappa = namespace['kappa']

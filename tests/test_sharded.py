@@ -13,7 +13,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from momentum_testing import (SHARDED_WORLD_SIZE, TinyBYOL,
+from momentum_testing import (SHARDED_WORLD_SIZE,
                               assert_trainings_match, build_sharded,
                               free_port, launch_ranks, raised,
                               record_sharded_training, run_scenarios,
@@ -28,6 +28,8 @@ from torch.distributed.tensor import DTensor, Shard
 from momentum_hook import momentum_update_
 from momentum_hook.zero import check_zero_config
 from momentum_hook.sharding import fully_shard_pair
+
+pytestmark = pytest.mark.distributed
 
 POLICIES = ('keep', 'copy', 'average')
 
@@ -58,7 +60,8 @@ def gather_fsdp2(network):
 def fsdp2_training(buffers, functional=False, rank=0):
     model, online, target = build_sharded(buffers)
     mesh = init_device_mesh('cpu', (SHARDED_WORLD_SIZE,))
-    fully_shard_pair(online, target, submodules=nn.Linear, mesh=mesh)
+    fully_shard_pair(online=online, target=target, submodules=nn.Linear,
+                     mesh=mesh)
     fully_shard(model, mesh=mesh)
     def update():
         momentum_update_(target, online, model.momentum, buffers)
@@ -87,7 +90,7 @@ def fsdp2_meta(rank):
     """Sharded on the meta device and never materialised."""
     with torch.device('meta'):
         model, online, target = build_sharded('keep')
-    fully_shard_pair(online, target,
+    fully_shard_pair(online=online, target=target,
                      mesh=init_device_mesh('cpu', (SHARDED_WORLD_SIZE,)))
     model.momentum_update()
 
@@ -223,6 +226,13 @@ SCENARIOS = {
 }
 
 
+def by_name(names):
+    """Test parameters, those on MMEngine's wrapper marked ``mmengine`` (their
+    scenarios raise ImportError without it, and the tests skip)."""
+    return [pytest.param(name, marks=pytest.mark.mmengine)
+            if name.startswith('mmengine') else name for name in names]
+
+
 def rank_main(rank, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}',
@@ -238,9 +248,9 @@ def results(tmp_path_factory):
                            SCENARIOS)
 
 
-@pytest.mark.parametrize('name', TRAININGS)
+@pytest.mark.parametrize('name', by_name(TRAININGS))
 def test_the_sharded_target_matches_the_reference(results, name):
-    records = assert_trainings_match(results, TRAININGS, name)
+    assert_trainings_match(results, TRAININGS, name)
 
 
 def test_a_materialised_meta_target_starts_as_the_online_network(results):
@@ -277,7 +287,7 @@ REFUSALS = {
 }
 
 
-@pytest.mark.parametrize('name', REFUSALS)
+@pytest.mark.parametrize('name', by_name(REFUSALS))
 def test_unlike_or_unusable_shards_are_refused(results, name):
     for result in results[name]:
         message = raised(result)
@@ -325,7 +335,8 @@ def test_every_rank_refuses_a_shard_that_differs_on_one_rank(tmp_path):
 def test_fully_shard_pair_refuses_unlike_networks(target, match):
     online = nn.Sequential(nn.Linear(4, 3))
     with pytest.raises(ValueError, match=match):
-        fully_shard_pair(online, online if target is None else target)
+        fully_shard_pair(online=online,
+                         target=online if target is None else target)
     assert not isinstance(online, FSDPModule)  # left unsharded
 
 
@@ -336,7 +347,8 @@ def test_fully_shard_pair_refuses_unlike_networks(target, match):
 def test_fully_shard_pair_checks_its_arguments(online, submodules, error,
                                                match):
     with pytest.raises(error, match=match):
-        fully_shard_pair(online, nn.Linear(2, 2), submodules=submodules)
+        fully_shard_pair(online=online, target=nn.Linear(2, 2),
+                         submodules=submodules)
 
 
 # --- ZeRO++ options, from a DeepSpeed config --------------------------------

@@ -20,6 +20,7 @@ from momentum_testing import (SHARDED_WORLD_SIZE, TinyBYOL, ZERO3_ON_GLOO,
 
 from momentum_hook import momentum_update_
 
+pytestmark = [pytest.mark.distributed, pytest.mark.deepspeed]
 deepspeed = pytest.importorskip('deepspeed')
 
 

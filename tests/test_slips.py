@@ -1,9 +1,10 @@
 """The easy slips are refused or flagged, and correct calls stay silent.
 
 - ``momentum_update_(online, target, m)``, in the order of lightly's
-  ``update_momentum`` and of ``fully_shard_pair``, would train the target and
-  overwrite the online network: refused before anything is written, because
-  the first argument's parameters require grad.
+  ``update_momentum``, would train the target and overwrite the online
+  network: refused before anything is written, because the first argument's
+  parameters require grad. ``fully_shard_pair`` takes the networks by
+  keyword only, so that no order can be read the wrong way.
 - A momentum in (0, 0.5), almost always MMEngine's convention (the weight of
   the new value) written into ours, warns once.
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from momentum_hook import MomentumTargetMixin, MomentumUpdater, \
-    momentum_update_, scaled_momentum
+    fully_shard_pair, momentum_update_, scaled_momentum
 from momentum_hook import plan as plan_module
 from momentum_hook import validation
 
@@ -71,6 +72,15 @@ def test_swapped_arguments_are_refused_before_anything_is_written(form):
     with pytest.raises(ValueError, match=SWAP):
         momentum_update_(first, second, 0.5)
     assert_unchanged(before, online, target)
+
+
+def test_fully_shard_pair_refuses_positional_networks():
+    from torch.distributed.fsdp import FSDPModule
+    online, target = networks()
+    with pytest.raises(TypeError, match='positional argument'):
+        fully_shard_pair(online, target)
+    assert not isinstance(online, FSDPModule)
+    assert not isinstance(target, FSDPModule)
 
 
 def test_the_error_names_the_first_trainable_parameter():
@@ -140,6 +150,7 @@ def test_small_momenta_in_the_hook_and_the_mixin_warn(fresh_warning, make):
         make()
 
 
+@pytest.mark.mmcv
 def test_the_mmcv_hook_warns_for_mmengine_s_convention(fresh_warning):
     mmcv_hook = pytest.importorskip('momentum_hook.mmcv_hook')
     with pytest.warns(UserWarning, match=r'end_momentum=0\.0002 is below'):
@@ -232,7 +243,8 @@ def test_the_cache_keeps_no_dead_network_alive():
     weights = weakref.ref(online[0].weight), weakref.ref(target[0].weight)
     del online
     gc.collect()
-    assert target not in plan_module._STATELESS_PLANS  # the online network died
+    # the online network died
+    assert target not in plan_module._STATELESS_PLANS
     assert weights[0]() is None
     momentum_update_(target, networks()[0], 0.5)
     del target

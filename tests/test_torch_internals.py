@@ -21,7 +21,8 @@ def fsdp1_pair(policy=True):
     torch.manual_seed(0)
     model = TinyBYOL()
     wrapped = FSDP(model, device_id=torch.device('cpu'),
-                   use_orig_params=not policy, auto_wrap_policy=(ModuleWrapPolicy({nn.Sequential})
+                   use_orig_params=not policy,
+                   auto_wrap_policy=(ModuleWrapPolicy({nn.Sequential})
                                      if policy else None))
     return model, wrapped
 

@@ -1,6 +1,15 @@
-"""The private mmcv 1.x attribute momentum_hook reads."""
+"""The private mmcv 1.x attribute momentum_hook reads, and the version
+check that tells mmcv 1.x (with ``mmcv.runner``) from mmcv 2."""
 
-__all__ = ['train_loader']
+from . import release
+
+__all__ = ['train_loader', 'is_mmcv1']
+
+
+def is_mmcv1(version):
+    """Whether an mmcv ``version`` string is a 1.x release (mmcv 2 has no
+    runners)."""
+    return release(version)[:1] < (2,)
 
 
 def train_loader(loader):

@@ -1,4 +1,5 @@
-"""``python -m momentum_hook.demo``: BYOL on the digits, with the momentum hook.
+"""``python -m momentum_hook.demo``: BYOL on the digits, with the momentum
+hook.
 
 Trains the config's BYOL with a real mmcv 1.x ``EpochBasedRunner`` whose
 ``custom_hooks`` hold ``momentum_hook.MomentumUpdateHook``, then compares the
@@ -151,7 +152,8 @@ def run(args):
     missing = _check_requirements()
     if missing:
         raise DemoError(f'the demo needs {" and ".join(missing)}, missing '
-                        "here: pip install 'momentum_hook[demo]'")
+                        'here: in a clone of momentum_hook, pip install '
+                        '--no-build-isolation -e ".[demo]"')
     device = _device(args.device)
     if device is None:
         raise DemoError('--device cuda, but torch sees no CUDA GPU: use '

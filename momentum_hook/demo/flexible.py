@@ -5,7 +5,8 @@ and which has a ``strategy`` (``configs/byol_digits_fsdp.py``,
 ``configs/byol_digits_deepspeed.py``) trains here instead of in an mmcv
 ``EpochBasedRunner``: the same model, data, optimizer and ``custom_hooks``
 line, with MMEngine's ``FSDPStrategy`` or ``DeepSpeedStrategy`` (ZeRO-3)
-sharding the online and the target network alike. The model, the data, the evaluation,
+sharding the online and the target network alike. The model, the data, the
+evaluation,
 the plot and the report are the demo's own; this module only builds the
 runner and, after training, gathers the sharded weights with
 :func:`momentum_hook.export.full_state_dict`, so that rank 0 evaluates an
