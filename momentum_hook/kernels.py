@@ -155,7 +155,7 @@ def plan_lerp(targets, onlines, masters=None):
     """
     masters = [None] * len(targets) if masters is None else masters
     calls = []
-    for (device, dtype, online_device, online_dtype), group in \
+    for (_device, dtype, online_device, online_dtype), group in \
             _grouped(targets, onlines, masters).items():
         group_targets, group_onlines, group_masters = group
         master = dtype in LOW_PRECISION and group_masters[0] is not None

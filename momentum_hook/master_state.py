@@ -1,4 +1,5 @@
-"""The float32 masters in a state dict, in the layout of the target they shadow.
+"""The float32 masters in a state dict, in the layout of the target they
+shadow.
 
 :class:`~momentum_hook.masters.TargetMasters` keeps one float32 master per
 rank-local float16/bfloat16 target tensor. A checkpoint holds them under
@@ -112,7 +113,8 @@ def _slots(target):
 
 def _fsdp1_mode(unit):
     """``(type name, rank0_only, offload_to_cpu)`` of the unit's state dict
-    type (``FULL_STATE_DICT``, ``SHARDED_STATE_DICT``, ``LOCAL_STATE_DICT``)."""
+    type (``FULL_STATE_DICT``, ``SHARDED_STATE_DICT``,
+    ``LOCAL_STATE_DICT``)."""
     fsdp = _loaded('torch.distributed.fsdp', 'FullyShardedDataParallel')
     settings = fsdp.get_state_dict_type(unit)
     config = settings.state_dict_config

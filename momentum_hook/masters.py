@@ -39,7 +39,8 @@ class TargetMasters:
     Masters are kept by the name of the local tensor (the parameter's or
     buffer's name in the target, or the FSDP1 unit's), so that they survive
     a new plan; :mod:`~momentum_hook.master_state` puts them in a state
-    dict in the target's own layout and takes them back. A master is used only while its target holds it rounded;
+    dict in the target's own layout and takes them back. A master is used
+    only while its target holds it rounded;
     when the target was written otherwise (``load_state_dict``, an in-place
     write, a reload of the same values under another name), the master
     restarts from the target's values, or from a master loaded with it

@@ -22,7 +22,7 @@ logger = logging.getLogger('momentum_hook')
 
 #: Target networks loaded (``load_state_dict`` on the target alone) since
 #: their model last planned; see :func:`_note_load`.
-_LOADED_TARGETS = weakref.WeakSet()
+_LOADED_TARGETS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 class MomentumTargetMixin:

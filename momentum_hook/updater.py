@@ -164,7 +164,8 @@ class MomentumUpdater:
                                     else base_batch_size)
         if not isinstance(on_skipped_step, str):
             raise TypeError('on_skipped_step must be a str, one of '
-                            f'{SKIPPED_STEP_POLICIES}, got {on_skipped_step!r}')
+                            f'{SKIPPED_STEP_POLICIES}, got '
+                            f'{on_skipped_step!r}')
         if on_skipped_step not in SKIPPED_STEP_POLICIES:
             raise ValueError(
                 f'on_skipped_step must be one of {SKIPPED_STEP_POLICIES}, '

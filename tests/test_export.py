@@ -37,7 +37,7 @@ def updated_bf16_pair():
     target holds; and its target's weights as a float64 EMA."""
     model = Pair(torch.bfloat16)
     expected = [param.double() for param in model.target_net.parameters()]
-    for step in range(3):
+    for _ in range(3):
         with torch.no_grad():
             for param in model.online_net.parameters():
                 param.add_(0.1)

@@ -19,10 +19,8 @@ References are float64 EMAs written out here, name by name.
 import copy
 import logging
 
-import mmcv
 import pytest
 import torch
-from mmcv.runner import IterBasedRunner
 from momentum_testing import assert_all_equal
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import \
@@ -31,7 +29,6 @@ from torch.nn.utils import prune
 from torch.utils.data import DataLoader
 
 from momentum_hook import MomentumTargetMixin, momentum_update_
-from momentum_hook.mmcv_hook import MomentumUpdateHook
 
 
 def by_name(module):
@@ -180,7 +177,7 @@ def test_wrappers_on_one_side_are_left_out_of_the_names():
     assert '_orig_mod.2._checkpoint_wrapped_module.weight' in dict(
         compiled.named_parameters())
     optimizer = torch.optim.SGD(compiled.parameters(), lr=0.5)
-    for step in range(2):
+    for _ in range(2):
         compiled(torch.randn(3, 4)).pow(2).mean().backward()
         optimizer.step()
         plain = {name.replace('._checkpoint_wrapped_module', ''): value
@@ -372,10 +369,15 @@ class RunnerPair(Pair):
                     num_samples=len(data_batch))
 
 
+@pytest.mark.mmcv
 def test_an_mmcv_runner_starts_a_meta_built_target_from_the_online_network(
         tmp_path):
     """The hook checks the target before iteration 1: the run's target is
     the EMA of the online network from its initial weights."""
+    import mmcv
+    from mmcv.runner import IterBasedRunner
+
+    from momentum_hook.mmcv_hook import MomentumUpdateHook
     model = materialised(RunnerPair)
     initial = by_name(model.online_net)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -402,6 +404,7 @@ def test_an_mmcv_runner_starts_a_meta_built_target_from_the_online_network(
     assert_matches(model.target_net, expected)
 
 
+@pytest.mark.mmengine
 def test_an_mmengine_runner_starts_a_redrawn_target_from_the_online_network(
         tmp_path):
     """MMEngine's Runner calls the model's init_weights(), which here draws
@@ -435,4 +438,4 @@ def test_fully_shard_pair_pairs_by_name_before_sharding():
     prune.identity(online[1], 'weight')
     with pytest.raises(ValueError, match="'1.weight_orig' in the online "
                        'network only'):
-        fully_shard_pair(online, target)
+        fully_shard_pair(online=online, target=target)

@@ -146,7 +146,8 @@ def test_a_small_group_is_one_piece():
     for layers in (5, 100):
         target, online = make(layers, 4, torch.float32, torch.bfloat16)
         plan = ModuleUpdatePlan(target, online)
-        logs = ops_of_updates(lambda: plan.update_(MOMENTUM), target, online)
+        logs = ops_of_updates(lambda plan=plan: plan.update_(MOMENTUM),
+                              target, online)
         assert logs[0] == ['aten._foreach_copy_.default',
                            'aten._foreach_lerp_.Scalar'], logs[0]
 
@@ -166,7 +167,8 @@ def test_a_list_call_of_another_dtype_is_bounded():
         target, online = make(layers, width, torch.float32, torch.bfloat16)
         targets, onlines = params(target), params(online)
         logs = ops_of_updates(
-            lambda: momentum_update_(targets, onlines, MOMENTUM),
+            lambda targets=targets, onlines=onlines: momentum_update_(
+                targets, onlines, MOMENTUM),
             target, online)
         kernels = [name for name in logs[0] if '_foreach_' in name]
         others = [name for name in logs[0] if '_foreach_' not in name]
@@ -201,10 +203,11 @@ def test_fsdp2_updates_its_local_tensors_in_as_few_ops(
     counts = []
     for layers, width in SIZES:
         target, online = make(layers, width, target_dtype, online_dtype)
-        fully_shard_pair(online, target, submodules=nn.Linear,
+        fully_shard_pair(online=online, target=target, submodules=nn.Linear,
                          mesh=init_device_mesh('cpu', (1, )))
         plan = ModuleUpdatePlan(target, online)
-        logs = ops_of_updates(lambda: plan.update_(MOMENTUM), target, online)
+        logs = ops_of_updates(lambda plan=plan: plan.update_(MOMENTUM),
+                              target, online)
         assert all('_foreach_' in name for name in logs[0]), logs[0]
         counts.append(len(logs[0]))
     assert counts[0] == counts[1] <= most, counts

@@ -20,6 +20,9 @@ from momentum_testing import (assert_matches_reference, free_port,
                               launch_ranks, reference_momentum, replay_ema,
                               run_scenarios, set_rank_environment)
 
+pytestmark = [pytest.mark.distributed, pytest.mark.mmengine,
+              pytest.mark.deepspeed]
+pytest.importorskip('mmengine')
 pytest.importorskip('deepspeed')
 
 import test_flexible_runner as flex  # noqa: E402 (after the skip)

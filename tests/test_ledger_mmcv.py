@@ -10,7 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from mmcv.runner import Fp16OptimizerHook
+
+pytestmark = pytest.mark.mmcv
+pytest.importorskip('mmcv')
+
+from mmcv.runner import Fp16OptimizerHook  # noqa: E402 (after the skip)
 from momentum_testing import Interrupt, InterruptBefore, reference_momentum
 from test_hook_mmcv import (BASE, ToyBYOL, assert_target_equal, make_runner,
                             reference, run)

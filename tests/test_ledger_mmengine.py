@@ -9,7 +9,11 @@ stepped is read off them) and the closed-form schedule.
 """
 import pytest
 import torch
-from mmengine.optim import AmpOptimWrapper, OptimWrapper
+
+pytestmark = pytest.mark.mmengine
+pytest.importorskip('mmengine')
+
+from mmengine.optim import AmpOptimWrapper, OptimWrapper  # noqa: E402
 from mmengine.registry import OPTIM_WRAPPERS
 from momentum_testing import reference_momentum
 from test_hook_mmengine import (HOOK, OnlineRecorder, TinyMomentumModel,

@@ -92,7 +92,7 @@ def test_a_fresh_model_lists_its_masters_before_any_update():
     masters = masters_of(model.state_dict())
     assert list(masters) == [name for name, _ in
                              model.target.named_parameters()]
-    for (name, param), master in zip(model.target.named_parameters(),
+    for (_, param), master in zip(model.target.named_parameters(),
                                      masters.values()):
         assert master.dtype == torch.float32
         assert torch.equal(master, param.float())

@@ -30,6 +30,8 @@ from momentum_hook.export import full_state_dict
 from momentum_hook.model import MASTER_KEY
 from momentum_hook.sharding import fully_shard_pair
 
+pytestmark = pytest.mark.distributed
+
 BEFORE, AFTER = 5, 5  # the steps before and after the checkpoint
 MOMENTUM = 0.99
 FULL = StateDictOptions(full_state_dict=True)
@@ -53,7 +55,8 @@ def sharded_fsdp2(moved=False):
     from torch.distributed.fsdp import fully_shard
     model, online, target = fresh(moved)
     mesh = init_device_mesh('cpu', (SHARDED_WORLD_SIZE,))
-    fully_shard_pair(online, target, submodules=nn.Linear, mesh=mesh)
+    fully_shard_pair(online=online, target=target, submodules=nn.Linear,
+                     mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model, model, model.target_net
 

@@ -103,7 +103,8 @@ def fsdp2_meta_materialised(rank):
     with torch.device('meta'):
         model, online, target = build_sharded('keep')
     mesh = init_device_mesh('cpu', (SHARDED_WORLD_SIZE,))
-    fully_shard_pair(online, target, submodules=nn.Linear, mesh=mesh)
+    fully_shard_pair(online=online, target=target, submodules=nn.Linear,
+                     mesh=mesh)
     fully_shard(model, mesh=mesh)
     model.to_empty(device='cpu')
     torch.manual_seed(rank)

@@ -17,7 +17,6 @@ batch ``B``.
 the scheduled momenta with one update at the ``κ``-th power of the first.
 """
 import argparse
-import copy
 import json
 import math
 import sys

@@ -199,7 +199,7 @@ def verdict(results, warmup, width=2.):
         off = {}
         for name in names[1:]:
             off[name] = []
-            for index, samples in enumerate(points):
+            for index, samples in enumerate(points):  # noqa: B007
                 base = _mean_sd([_at(t, samples)[metric]
                                  for t in results[names[0]].values()])
                 mean = _mean_sd([_at(t, samples)[metric]
