@@ -147,8 +147,14 @@ def _zero3_shard(name, param):
     return LocalShard(name, partition, layout, param, 'ds_tensor', partition)
 
 
-def tensor_shard(name, tensor):
+def tensor_shard(name, tensor, meta=False):
     """The :class:`LocalShard` of one parameter or tensor.
+
+    Args:
+        name (str): What the messages call it.
+        tensor (Tensor): The parameter or tensor.
+        meta (bool): Accept a (not sharded) meta tensor, for checks made
+            before the values exist. Defaults to False.
 
     Raises:
         ValueError: If ``tensor`` (or its local shard) is a meta tensor, a
@@ -168,7 +174,7 @@ def tensor_shard(name, tensor):
         return _zero3_shard(name, tensor)
     if torch_internals.is_fsdp1_flattened(tensor):
         raise ValueError(f'{name!r} {SHARED_UNIT}')
-    if tensor.is_meta:
+    if tensor.is_meta and not meta:
         raise _meta_error(name)
     return LocalShard(name, tensor, ('tensor', tuple(tensor.shape)),
                       base=tensor)
@@ -217,7 +223,7 @@ def _check_views_covered(modules, covered):
                     f'{(path + "." if path else "") + key!r} {SHARED_UNIT}')
 
 
-def local_shards(module):
+def local_shards(module, meta=False):
     """The :class:`LocalShard` of every parameter of ``module``, in order.
 
     FSDP1 units inside ``module`` come first, one entry per unit's
@@ -225,6 +231,8 @@ def local_shards(module):
 
     Args:
         module (nn.Module): The online or the target network.
+        meta (bool): Accept parameters on the meta device (see
+            :func:`tensor_shard`). Defaults to False.
 
     Returns:
         list[LocalShard]: One entry per update unit.
@@ -251,7 +259,7 @@ def local_shards(module):
         _note(params, path, name, own)
     if fsdp is not None:
         _check_views_covered(bare, covered)
-    shards.extend(_named_shards(params, covered))
+    shards.extend(_named_shards(params, covered, meta))
     return shards
 
 
@@ -265,8 +273,8 @@ def _note(found, path, name, members):
         entry[2].append(join(name, attribute))
 
 
-def _named_shards(found, covered=()):
-    return [tensor_shard(name, tensor)._replace(keys=tuple(keys))
+def _named_shards(found, covered=(), meta=False):
+    return [tensor_shard(name, tensor, meta)._replace(keys=tuple(keys))
             for key, (name, tensor, keys) in found.items()
             if key not in covered]
 
@@ -310,7 +318,7 @@ def check_alike(targets, onlines, what='parameters'):
                 f'{_describe(target.layout)}) and online ({online.name}: '
                 f'{_describe(online.layout)}), so their local elements do '
                 f'not correspond; {HOW_TO_SHARD}')
-        if (target.tensor.numel() and
+        if (target.tensor.numel() and not target.tensor.is_meta and
                 target.tensor.untyped_storage().data_ptr()
                 == online.tensor.untyped_storage().data_ptr()):
             raise ValueError(

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from torch import nn
 
 from .local_shards import check_alike, local_shards
+from .pairing import pair_by_name
 
 __all__ = ['fully_shard_pair']
 
@@ -77,14 +78,18 @@ def fully_shard_pair(
     Raises:
         TypeError: If a network is not an ``nn.Module`` or ``submodules`` is
             of an unknown kind.
-        ValueError: If the two networks differ in parameters or share
-            memory, before anything is sharded.
+        ValueError: If the two networks differ in their parameters' names
+            or shapes, or share memory, before anything is sharded.
     """
     for name, network in (('online', online), ('target', target)):
         if not isinstance(network, nn.Module):
             raise TypeError(f'{name} must be an nn.Module, got '
                             f'{type(network).__name__}')
-    check_alike(local_shards(target), local_shards(online))
+    # By name, as the update pairs them; on the meta device too (the
+    # large-model recipe shards before it materialises).
+    targets = local_shards(target, meta=True)
+    onlines = pair_by_name(targets, local_shards(online, meta=True))
+    check_alike(targets, onlines)
     selected = _selector(submodules)
     names = [name for name, module in online.named_modules()
              if name and selected(name, module)]

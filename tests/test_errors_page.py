@@ -42,6 +42,10 @@ EXEMPT = {
     ('momentum_hook/__init__.py', 'module '): (
         "Python's own wording for a missing module attribute"
     ),
+    ('momentum_hook/model.py', 'momentum_target_master'): (
+        "Python's own wording for a missing attribute: a model without a "
+        'target has no master keys to walk'
+    ),
 }
 
 #: A quote in a table row: `ErrorName: text` or `text`, first cell.
@@ -119,6 +123,21 @@ def _normalise(pieces):
     return literals
 
 
+def _percent_placeholders(pieces):
+    """``pieces`` with each ``%s``/``%r``/``%d`` of a logging message's
+    literal text as a wildcard."""
+    out = []
+    for piece in pieces:
+        if piece is _WILD:
+            out.append(piece)
+            continue
+        for index, part in enumerate(re.split(r'%[sdr]', piece)):
+            if index:
+                out.append(_WILD)
+            out.append(part)
+    return out
+
+
 def _call_name(node):
     func = node.func
     if isinstance(func, ast.Name):
@@ -154,6 +173,8 @@ def templates():
             pieces = _pieces(node.args[0], constants)
             if pieces is None or not any(p for p in pieces if p is not _WILD):
                 continue  # a variable: a carried or re-raised message
+            if name == 'warning':  # logging: %-placeholders are values
+                pieces = _percent_placeholders(pieces)
             literals = _normalise(pieces)
             messages.append(literals)
             kind = 'UserWarning' if name in ('warn', 'warning') else name
