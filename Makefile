@@ -12,7 +12,7 @@ PIP := PIP_CONSTRAINT=$(TORCH) $(BIN)/python -m pip
 # not in ~/.cache: a new venv builds them once, in `make venv`.
 EXTENSIONS := TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions
 
-.PHONY: venv demo demo-scaling test test-torch-latest bench clean
+.PHONY: venv demo demo-scaling test test-torch-latest test-mmpretrain bench clean
 
 $(VENV)/.installed: setup.py $(wildcard requirements/*.txt)
 	$(PYTHON) -m venv $(VENV)
@@ -56,8 +56,26 @@ test: venv
 test-torch-latest:
 	$(MAKE) test VENV=.venv-torch-latest TORCH=requirements/torch-latest.txt
 
+# mmpretrain 1.x (tests/mmpretrain/) in a venv of its own: it needs mmcv 2.x,
+# which cannot share .venv with mmcv 1.x (see requirements/mmpretrain*.txt).
+MMPRETRAIN_VENV := .venv-mmpretrain
+MMPRETRAIN_PIP := PIP_CONSTRAINT=$(TORCH) $(MMPRETRAIN_VENV)/bin/python -m pip
+
+$(MMPRETRAIN_VENV)/.installed: setup.py $(TORCH) requirements/stack.txt requirements/mmpretrain*.txt
+	$(PYTHON) -m venv $(MMPRETRAIN_VENV)
+	$(MMPRETRAIN_PIP) install -q --upgrade pip "setuptools<81" wheel
+	$(MMPRETRAIN_PIP) install -q -r $(TORCH) -r requirements/stack.txt
+	$(MMPRETRAIN_PIP) install -q --no-build-isolation -r requirements/mmpretrain-deps.txt
+	$(MMPRETRAIN_PIP) install -q --no-deps -r requirements/mmpretrain.txt
+	PYTHONWARNINGS="ignore:Editable installation" \
+	    $(MMPRETRAIN_PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test-mmpretrain: $(MMPRETRAIN_VENV)/.installed
+	$(MMPRETRAIN_VENV)/bin/python -m pytest -q tests/mmpretrain $(ARGS)
+
 bench: venv
 	$(QUIET_PYTHON) benchmarks/bench_momentum_update.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-torch-latest work_dirs .pytest_cache
+	rm -rf $(VENV) .venv-torch-latest $(MMPRETRAIN_VENV) work_dirs .pytest_cache

@@ -13,6 +13,7 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
 from .local_shards import check_zero3_gathers, check_zero_config
+from .mmpretrain import teacher_of
 from .registration import register_hook_class
 from .updater import LOG_KEY, HookOptions
 from .wrappers import loaded, unwrap, wrapper_chain
@@ -45,6 +46,13 @@ def _wrapper_chain(model):
 def _unwrap(model):
     """The user's model inside every wrapper of :func:`_wrapper_chain`."""
     return unwrap(model, is_model_wrapper)
+
+
+def _engines(runner):
+    """The DeepSpeed engines among the runner's model wrappers."""
+    engine = loaded('deepspeed', 'DeepSpeedEngine')
+    return [model for model in _wrapper_chain(runner.model)
+            if engine is not None and isinstance(model, engine)]
 
 
 def _accumulative_counts(optim_wrapper):
@@ -95,19 +103,34 @@ class MomentumUpdateHook(HookOptions, Hook):
     ``runner.train_dataloader``.
     """
 
+    #: The mmpretrain teacher this run updates, if any (see
+    #: :mod:`momentum_hook.mmpretrain`).
+    _teacher = None
+
+    def _model(self, runner):
+        """What the updater updates: the mmpretrain teacher the hook took
+        over, or the unwrapped model."""
+        return self._teacher or _unwrap(runner.model)
+
+    def _take_over(self, runner):
+        """Find an mmpretrain teacher and set the schedule from it."""
+        counts = [*_accumulative_counts(runner.optim_wrapper).values(),
+                  *(model.gradient_accumulation_steps()
+                    for model in _engines(runner))]
+        self._teacher = teacher_of(_unwrap(runner.model), self.updater,
+                                   self.given, counts)
+
     def _check_optimizer(self, runner):
         for name, counts in _accumulative_counts(runner.optim_wrapper).items():
             self.updater.check_accumulation(
                 counts, f'{name} has accumulative_counts={counts}')
-        engine = loaded('deepspeed', 'DeepSpeedEngine')
-        for model in _wrapper_chain(runner.model):
-            if engine is not None and isinstance(model, engine):
-                check_zero3_gathers(model)
-                steps = model.gradient_accumulation_steps()
-                self.updater.check_accumulation(
-                    steps, f'DeepSpeed has gradient_accumulation_steps='
-                    f"{steps}: strategy=dict(type='DeepSpeedStrategy', "
-                    f'gradient_accumulation_steps={steps})')
+        for model in _engines(runner):
+            check_zero3_gathers(model)
+            steps = model.gradient_accumulation_steps()
+            self.updater.check_accumulation(
+                steps, f'DeepSpeed has gradient_accumulation_steps='
+                f"{steps}: strategy=dict(type='DeepSpeedStrategy', "
+                f'gradient_accumulation_steps={steps})')
 
     def _check_target(self, runner):
         """Have the model plan its update now, after the strategy wrapped it.
@@ -115,8 +138,7 @@ class MomentumUpdateHook(HookOptions, Hook):
         Raises:
             ValueError: The model's own, plus the strategy's config key.
         """
-        check = getattr(_unwrap(runner.model),
-                        'check_momentum_target', None)
+        check = getattr(self._model(runner), 'check_momentum_target', None)
         if check is None:
             return
         try:
@@ -144,23 +166,33 @@ class MomentumUpdateHook(HookOptions, Hook):
 
     def before_train(self, runner):
         self._check_strategy(runner)
-        model = _unwrap(runner.model)
+        self._take_over(runner)
+        model = self._model(runner)
         self.updater.check_run(model, getattr(runner, 'max_iters', None))
         self._check_optimizer(runner)
         runner.logger.info(self.updater.start(
             model, runner.max_iters, lambda: runner.train_dataloader,
             owner=self))
         self._check_target(runner)
+        if self._teacher is not None:
+            self._teacher.take_over()
+            runner.logger.info(
+                f'momentum_hook takes over {self._teacher.describe()}: the '
+                "hook updates it, the model's loss() no longer does")
+
+    def after_train(self, runner):
+        if self._teacher is not None:
+            self._teacher.release()
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):
         momentum = self.updater.write_momentum(
-            _unwrap(runner.model), runner.iter, runner.max_iters)
+            self._model(runner), runner.iter, runner.max_iters)
         if momentum is not None:
             runner.message_hub.update_scalar(f'train/{LOG_KEY}', momentum)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None,
                          outputs=None):
-        self.updater.update_target(_unwrap(runner.model), runner.iter)
+        self.updater.update_target(self._model(runner), runner.iter)
 
 
 #: MMSelfSup 0.x's second name for the same hook.

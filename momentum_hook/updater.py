@@ -148,6 +148,10 @@ class MomentumUpdater:
         self.samples_per_update = self.kappa = self._batch = None
         #: Whether :meth:`start` ran since the last :meth:`check_run`.
         self.started = False
+        #: Iterations added to ``k`` in the schedule: 1 for a model that
+        #: declares ``schedule_offset = 1`` (an mmpretrain teacher, see
+        #: :mod:`momentum_hook.mmpretrain`), read at :meth:`check_run`.
+        self.schedule_offset = 0
 
     def check_run(self, model, max_iters):
         """Check the model's contract and the run length once, before a run,
@@ -159,6 +163,7 @@ class MomentumUpdater:
             ValueError: If ``max_iters`` is missing or not positive.
         """
         check_momentum_contract(model)
+        self.schedule_offset = getattr(model, 'schedule_offset', 0)
         if max_iters is None:
             raise ValueError(
                 'the momentum hook needs the run length, but the runner has '
@@ -199,7 +204,9 @@ class MomentumUpdater:
         return is_update_iter(cur_iter, self.update_interval)
 
     def momentum_at(self, cur_iter, max_iters, base_momentum):
-        """The momentum for the update after iteration ``cur_iter``."""
+        """The momentum for the update after iteration ``cur_iter``: the
+        schedule at ``cur_iter + schedule_offset``."""
+        cur_iter += self.schedule_offset
         horizon = max_iters
         if self.reach_end_momentum:
             horizon = last_update_iter(max_iters, self.update_interval)
@@ -260,7 +267,8 @@ class MomentumUpdater:
                 f'{model.base_momentum!r} -> '
                 f'{scaled_momentum(model.base_momentum, self.kappa)!r})')
         return (f'{cls.__module__}.{cls.__qualname__}({arguments}) schedules '
-                f'the target momentum of {type(model).__name__} from '
+                f'the target momentum of '
+                f'{getattr(model, "log_name", type(model).__name__)} from '
                 f'base_momentum={model.base_momentum!r} over {max_iters} '
                 'iterations, with an update after every iteration k with '
                 f'(k + 1) % {self.update_interval} == 0{scaling}')
@@ -312,7 +320,10 @@ class HookOptions:
 
     Args:
         end_momentum, update_interval, reach_end_momentum, base_batch_size:
-            As for :class:`MomentumUpdater`.
+            As for :class:`MomentumUpdater`; ``end_momentum`` and
+            ``update_interval`` default to None: 1.0 and 1, or for an
+            mmpretrain teacher (:mod:`momentum_hook.mmpretrain`) the
+            teacher's own.
     """
 
     end_momentum = _option('end_momentum')
@@ -320,10 +331,17 @@ class HookOptions:
     reach_end_momentum = _option('reach_end_momentum')
     base_batch_size = _option('base_batch_size')
 
-    def __init__(self, end_momentum=1., update_interval=1,
+    def __init__(self, end_momentum=None, update_interval=None,
                  reach_end_momentum=False, base_batch_size=None):
+        #: The arguments the user set (not None), by name.
+        self.given = {name: value for name, value in (
+            ('end_momentum', end_momentum),
+            ('update_interval', update_interval),
+            ('reach_end_momentum', reach_end_momentum)) if value is not None}
         #: The framework-free schedule: :class:`MomentumUpdater`.
         self.updater = MomentumUpdater(
-            end_momentum=end_momentum, update_interval=update_interval,
+            end_momentum=1. if end_momentum is None else end_momentum,
+            update_interval=(1 if update_interval is None else
+                             update_interval),
             reach_end_momentum=reach_end_momentum,
             base_batch_size=base_batch_size)
