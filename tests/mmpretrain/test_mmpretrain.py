@@ -61,8 +61,9 @@ def _shrink_model(name, model):
                               img_size=IMAGE)
         in_channels = WIDTH
     else:
-        model.backbone.update(depth=18, norm_cfg=dict(type='BN'))
-        in_channels = 512
+        model.backbone.update(depth=18, stem_channels=WIDTH // 2,
+                              base_channels=WIDTH // 2)
+        in_channels = 4 * WIDTH  # the last stage: 8 x base_channels
     model.neck.update(in_channels=in_channels, hid_channels=WIDTH,
                       out_channels=WIDTH)
     if name == 'mocov2':
@@ -178,17 +179,18 @@ def reference_momentum(step, max_iters, mu, mu_end):
     return 1.0 - (mu_end - (mu_end - mu) * cosine)
 
 
-def replay(recorder, params, max_iters, mu, mu_end, interval=1):
+def replay(recorder, params, max_iters, mu, mu_end, interval=1, kappa=1):
     """The teacher after each iteration, in float64: the online network's
     start, then ``m * teacher + (1 - m) * online`` after every optimizer
-    step (every ``interval`` iterations) with the cosine at ``(k + 1) / K``;
-    buffers copied from the online network at each update."""
+    step (every ``interval`` iterations) with the cosine at ``(k + 1) / K``
+    (raised to ``kappa``); buffers copied from the online network at each
+    update."""
     online_start = recorder.start[0]
     teacher = dict(online_start)
     replayed = []
     for k in range(max_iters):
         if (k + 1) % interval == 0:
-            m = reference_momentum(k + 1, max_iters, mu, mu_end)
+            m = reference_momentum(k + 1, max_iters, mu, mu_end)**kappa
             online = recorder.online[k]
             teacher = {key: (m * teacher[key] + (1 - m) * online[key]
                              if key in params else
@@ -294,6 +296,27 @@ def test_accumulation_updates_once_per_optimizer_step(tmp_path):
     assert_close(recorder.teacher[4], recorder.teacher[3], params)
 
 
+def test_base_batch_size_scales_the_teacher_s_momenta(tmp_path):
+    """base_batch_size=8 at 4 samples per update: every momentum of the
+    teacher's cosine is used as m ** 0.5; the log names the teacher and
+    its schedule."""
+    cfg = shrunk_config('byol', tmp_path, 'hook',
+                        hooks=[dict(HOOK[0], base_batch_size=8)])
+    runner, recorder = train(cfg, 'target_net')
+    params = [key for key, _ in
+              runner.model.target_net.module.named_parameters()]
+    mu, mu_end = _momenta('byol', cfg.model)
+    for k, expected in enumerate(replay(recorder, params, 4, mu, mu_end,
+                                        kappa=0.5)):
+        assert_close(recorder.teacher[k], expected)
+    log = next(Path(cfg.work_dir).glob('*/*.log')).read_text()
+    assert ('momentum_hook takes over BYOL.target_net: CosineEMA('
+            'momentum=0.01, end_momentum=0.0, interval=1, update_buffers='
+            'False), a cosine momentum m = 1 - momentum from 0.99 to 1.0, '
+            "buffers 'copy'") in log
+    assert 'kappa = S / base_batch_size = 0.5' in log
+
+
 @pytest.mark.parametrize('hook, match', [
     (dict(end_momentum=0.999),
      r'end_momentum=0.999 in the momentum hook contradicts BYOL.target_net, '
@@ -318,7 +341,15 @@ def _ddp_rank(rank, port, tmp_path, out_dir):
     dist.init_process_group('gloo', rank=rank, world_size=2)
     try:
         cfg = shrunk_config('byol', tmp_path, 'ddp', hooks=HOOK, batch=2)
+        # SyncBN (BYOL's backbone, and its necks' default) needs CUDA under
+        # DDP; BatchNorm is what Runner turns it into in one process.
+        cfg.model.backbone.norm_cfg = dict(type='BN')
+        for neck in (cfg.model.neck, cfg.model.head.predictor):
+            neck.norm_cfg = dict(type='BN1d')
         cfg.launcher = 'pytorch'
+        # Runner's default wrapper asks for device_ids=[LOCAL_RANK], a GPU.
+        cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel',
+                                     device_ids=None, broadcast_buffers=False)
         runner = Runner.from_cfg(cfg)
         recorder = Recorder(MODELS['byol'][1])
         runner.register_hook(recorder)
