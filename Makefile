@@ -56,8 +56,8 @@ test: venv
 test-torch-latest:
 	$(MAKE) test VENV=.venv-torch-latest TORCH=requirements/torch-latest.txt
 
-# mmpretrain 1.x (tests/mmpretrain/) in a venv of its own: it needs mmcv 2.x,
-# which cannot share .venv with mmcv 1.x (see requirements/mmpretrain*.txt).
+# mmpretrain 1.x (tests/mmpretrain_1x/) in a venv of its own: it needs mmcv
+# 2.x, which cannot share .venv with mmcv 1.x (requirements/mmpretrain*.txt).
 MMPRETRAIN_VENV := .venv-mmpretrain
 MMPRETRAIN_PIP := PIP_CONSTRAINT=$(TORCH) $(MMPRETRAIN_VENV)/bin/python -m pip
 
@@ -72,7 +72,7 @@ $(MMPRETRAIN_VENV)/.installed: setup.py $(TORCH) requirements/stack.txt requirem
 	touch $@
 
 test-mmpretrain: $(MMPRETRAIN_VENV)/.installed
-	$(MMPRETRAIN_VENV)/bin/python -m pytest -q tests/mmpretrain $(ARGS)
+	$(MMPRETRAIN_VENV)/bin/python -m pytest -q tests/mmpretrain_1x $(ARGS)
 
 bench: venv
 	$(QUIET_PYTHON) benchmarks/bench_momentum_update.py $(ARGS)

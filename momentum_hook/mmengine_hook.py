@@ -90,6 +90,13 @@ class MomentumUpdateHook(HookOptions, Hook):
     config with ZeRO++ quantized weights (``zero_quantized_weights``,
     ``zero_quantized_nontrainable_weights``) is refused there too.
 
+    An mmpretrain 1.x model without that contract whose teacher is an
+    MMEngine ``ExponentialMovingAverage`` or a ``CosineEMA`` (BYOL, MoCo v3,
+    MoCo v2, DenseCL) is taken over (:mod:`momentum_hook.mmpretrain`): the
+    schedule comes from the teacher, ``end_momentum`` and
+    ``update_interval`` default to the teacher's, and the model's own
+    ``update_parameters`` calls do nothing until ``after_train``.
+
     The hook keeps no state: a resumed run (``resume=True``) takes ``k`` from
     the restored ``runner.iter`` and the target from the model's checkpoint.
     With torch >= 2.6, MMEngine 0.10.7 cannot load its own checkpoints
@@ -118,7 +125,7 @@ class MomentumUpdateHook(HookOptions, Hook):
                   *(model.gradient_accumulation_steps()
                     for model in _engines(runner))]
         self._teacher = teacher_of(_unwrap(runner.model), self.updater,
-                                   self.given, counts)
+                                   self._given, counts)
 
     def _check_optimizer(self, runner):
         for name, counts in _accumulative_counts(runner.optim_wrapper).items():

@@ -13,7 +13,9 @@ The contract with the model (the same as MMSelfSup 0.x):
 - ``base_momentum`` (float in [0, 1]): the momentum at iteration 0;
 - ``momentum`` (float): written by the hook before each update iteration;
 - ``momentum_update()``: ``target = m * target + (1 - m) * online`` with
-  ``m = self.momentum``, called after the iteration's optimizer step.
+  ``m = self.momentum``, called after the iteration's optimizer step;
+- optionally ``schedule_offset`` (int): added to ``k`` in the schedule (1 for
+  an mmpretrain teacher, :class:`~momentum_hook.mmpretrain.AveragedTeacher`).
 """
 import numbers
 
@@ -334,7 +336,7 @@ class HookOptions:
     def __init__(self, end_momentum=None, update_interval=None,
                  reach_end_momentum=False, base_batch_size=None):
         #: The arguments the user set (not None), by name.
-        self.given = {name: value for name, value in (
+        self._given = {name: value for name, value in (
             ('end_momentum', end_momentum),
             ('update_interval', update_interval),
             ('reach_end_momentum', reach_end_momentum)) if value is not None}

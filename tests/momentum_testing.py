@@ -15,7 +15,7 @@ import torch
 from doc_snippets import code_block
 try:
     from mmcv.runner import Hook
-except ImportError:  # mmcv 2.x (tests/mmpretrain's venv) has no runner
+except ImportError:  # mmcv 2.x (.venv-mmpretrain) has no runner
     Hook = object
 from torch import nn
 

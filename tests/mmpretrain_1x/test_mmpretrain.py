@@ -317,6 +317,32 @@ def test_base_batch_size_scales_the_teacher_s_momenta(tmp_path):
     assert 'kappa = S / base_batch_size = 0.5' in log
 
 
+def test_the_teacher_s_interval_is_honoured(tmp_path):
+    """A teacher with interval=2 (mmpretrain: an update on every second
+    call) is updated after every second iteration; an update_interval that
+    is no multiple of it is refused, naming both."""
+    cfg = shrunk_config('byol', tmp_path, 'hook', hooks=HOOK)
+    runner = Runner.from_cfg(cfg)
+    runner.model.target_net.interval = 2
+    recorder = Recorder('target_net')
+    runner.register_hook(recorder)
+    runner.train()
+    params = [key for key, _ in
+              runner.model.target_net.module.named_parameters()]
+    mu, mu_end = _momenta('byol', cfg.model)
+    for k, expected in enumerate(replay(recorder, params, 4, mu, mu_end, 2)):
+        assert_close(recorder.teacher[k], expected,
+                     None if (k + 1) % 2 == 0 else params)
+    cfg = shrunk_config('byol', tmp_path, 'refused',
+                        hooks=[dict(HOOK[0], update_interval=3)])
+    runner = Runner.from_cfg(cfg)
+    runner.model.target_net.interval = 2
+    with pytest.raises(ValueError, match=r'update_interval=3 in the momentum '
+                       'hook contradicts BYOL.target_net, a CosineEMA with '
+                       'interval=2'):
+        runner.train()
+
+
 @pytest.mark.parametrize('hook, match', [
     (dict(end_momentum=0.999),
      r'end_momentum=0.999 in the momentum hook contradicts BYOL.target_net, '
