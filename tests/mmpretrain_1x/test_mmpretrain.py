@@ -200,11 +200,10 @@ def replay(recorder, params, max_iters, mu, mu_end, interval=1, kappa=1):
     return replayed
 
 
-
 def assert_close(actual, expected, keys=None):
     for key in keys or expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5,
-                                   atol=1e-6, msg=lambda m: f'{key}: {m}')
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-6,
+                                   atol=1e-8, msg=lambda m: f'{key}: {m}')
 
 
 def _momenta(name, model_cfg):
