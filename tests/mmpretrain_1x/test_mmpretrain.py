@@ -21,6 +21,7 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
+from doc_snippets import code_block  # noqa: E402
 from momentum_testing import (free_port, launch_ranks,  # noqa: E402
                               set_rank_environment)
 
@@ -38,7 +39,19 @@ MODELS = {
 }
 IMAGE = 32  # pixels, RandomResizedCrop's scale (224 in the configs)
 WIDTH = 16  # the necks' and heads' widths (256 to 4096 in the configs)
-HOOK = [dict(type='momentum_hook.MomentumUpdateHook')]
+
+
+def config_lines(page, heading):
+    """``custom_imports`` and ``custom_hooks`` of the config snippet under
+    ``heading`` in ``page``."""
+    namespace = {}
+    exec(compile(code_block(page, heading), page, 'exec'), namespace)
+    return namespace['custom_imports'], namespace['custom_hooks']
+
+
+#: The README's two lines, which every test with the hook trains with.
+IMPORTS, HOOK = config_lines('README.md',
+                             'mmpretrain 1.x: the same two lines')
 
 
 def _shrink_views(node):
@@ -115,8 +128,7 @@ def shrunk_config(name, tmp_path, work, hooks=(), epochs=2, batch=4,
     cfg.work_dir = str(tmp_path / work)
     cfg.experiment_name = work
     if hooks:
-        cfg.custom_imports = dict(imports=['momentum_hook'],
-                                  allow_failed_imports=False)
+        cfg.custom_imports = IMPORTS
         cfg.custom_hooks = list(hooks)
     return cfg
 
@@ -210,6 +222,12 @@ def _momenta(name, model_cfg):
     if name == 'mocov2':
         return model_cfg.momentum, model_cfg.momentum
     return model_cfg.base_momentum, 0.0
+
+
+def test_the_docs_show_the_lines_the_tests_train_with():
+    assert config_lines('docs/migrating.md', 'mmpretrain 1.x') == (IMPORTS,
+                                                                   HOOK)
+    assert HOOK == [dict(type='momentum_hook.MomentumUpdateHook')]
 
 
 @pytest.mark.parametrize('name', list(MODELS))
