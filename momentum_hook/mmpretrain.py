@@ -301,10 +301,15 @@ def teacher_of(model, updater, given, accumulation):
         accumulation (Iterable[int]): Iterations per optimizer step.
 
     Returns:
-        AveragedTeacher or None: None for a model with the hook's contract
+        AveragedTeacher or None: None (and the updater's ``end_momentum``
+        and ``update_interval`` as given, or 1.0 and 1) for a model with
+        the hook's contract
         (an MMSelfSup 0.x or :class:`~momentum_hook.MomentumTargetMixin`
         model) or without an mmpretrain teacher.
     """
+    # The user's values, whatever an earlier run's teacher set.
+    updater.end_momentum = float(given.get('end_momentum', 1.))
+    updater.update_interval = given.get('update_interval', 1)
     if all(hasattr(model, name) for name in CONTRACT):
         return None
     found = find_teacher(model)
