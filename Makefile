@@ -45,7 +45,7 @@ QUIET_PYTHON := $(QUIET) $(BIN)/python -W "ignore:On January 1:UserWarning"
 demo: venv
 	$(QUIET_PYTHON) -m momentum_hook.demo $(ARGS)
 
-# The EMA scaling rule on the demo at batches B, 4B and 8B (docs/scaling.md).
+# The EMA scaling rule on the demo: BYOL at B and 4B, 3 seeds (docs/scaling.md).
 demo-scaling: venv
 	$(QUIET_PYTHON) -m momentum_hook.demo.scaling $(ARGS)
 

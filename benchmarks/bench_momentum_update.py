@@ -19,9 +19,20 @@ use, and by :func:`momentum_hook.momentum_update_`:
   per call);
 - ours with a bfloat16 target and online network: the mixin's
   ``momentum_update()`` through the target's float32 masters (cast the online
-  tensors to float32, lerp the masters, round them into the target). Its
-  ratio to the float32 flat ``lerp_`` of the same number of elements, timed
-  in the same rounds, is printed apart (the target: at most 1.5x on a CPU).
+  tensors to float32, lerp the masters, round them into the target), and the
+  same update by the kernels alone (``momentum_hook.kernels``, planned
+  once); with ``--baseline-kernels PATH``, also by another version of that
+  module, side by side. Their ratios to the float32 flat ``lerp_`` of the
+  same number of elements, timed in the same rounds, are printed apart (the
+  target: at most 1.5x on a CPU);
+- ours with a float32 target of a bfloat16 online network (the online
+  tensors converted to float32 first).
+
+Every row also gives the aten ops one update dispatches, counted with a
+``TorchDispatchMode`` (a ``torch._foreach`` op is one op: one CUDA
+multi-tensor launch, or a few for large lists), and on CUDA the kernels and
+memory operations it runs on the GPU (``torch.profiler``) and its host time
+until they are queued: launches, host time and GPU time in one run.
 
 Each style is first checked once against a float64 reference, so that no
 timing of a wrong update is ever printed. The styles are then timed in
@@ -58,11 +69,16 @@ Usage::
     python benchmarks/bench_momentum_update.py                 # all models
     python benchmarks/bench_momentum_update.py --device cuda --markdown
     python benchmarks/bench_momentum_update.py --quick         # smoke run
+    git show REV:momentum_hook/kernels.py > /tmp/old_kernels.py
+    python benchmarks/bench_momentum_update.py --baseline-kernels \
+        /tmp/old_kernels.py                                    # compare
 """
 import argparse
+import collections
 import copy
 import dataclasses
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -74,9 +90,11 @@ import torchvision
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from momentum_hook import MomentumTargetMixin, momentum_update_
-from momentum_hook.ema import ModuleUpdatePlan
+from momentum_hook import ModuleUpdatePlan
+from momentum_hook import kernels
 
 try:
     from timm.utils import ModelEmaV3
@@ -101,6 +119,8 @@ STATS = {'median': statistics.median, 'min': min}
 OURS_LABELS = ('ours: momentum_update_',
                'ours: MomentumTargetMixin.momentum_update()')
 BF16_LABEL = 'ours: bf16 target + fp32 master (mixin)'
+CAST_LABEL = 'ours: fp32 target of a bf16 online network (mixin)'
+KERNELS_LABEL = 'kernels only: bf16 target + fp32 master'
 
 
 @dataclasses.dataclass
@@ -203,21 +223,53 @@ def build_networks(name, device):
                                    device=device), alpha=0.1)
     pair = Pair(copy.deepcopy(online), target)
     bf16 = Pair(copy.deepcopy(online), target).to(torch.bfloat16)
-    return {'online': online, 'target': target, 'pair': pair, 'bf16': bf16}
+    cast = Pair(copy.deepcopy(online), target)
+    cast.online.to(torch.bfloat16)  # the target stays float32
+    return {'online': online, 'target': target, 'pair': pair, 'bf16': bf16,
+            'cast': cast}
 
 
-def make_styles(nets, momentum):
+def load_kernels(path):
+    """A kernels module read from ``path``, for a side-by-side comparison.
+
+    For example an earlier version of the package's:
+    ``git show REV:momentum_hook/kernels.py > old_kernels.py``. It is
+    imported inside ``momentum_hook``, so that its relative imports resolve.
+    """
+    spec = importlib.util.spec_from_file_location(
+        'momentum_hook._baseline_kernels', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def kernel_style(label, module, nets, weight):
+    """The bfloat16 + master update by ``module.plan_lerp`` and
+    ``module.run_lerp`` alone (no plan check), planned once, on a copy of
+    the bfloat16 target and float32 masters of it."""
+    target = copy.deepcopy(nets['bf16'].target)
+    targets = list(target.parameters())
+    onlines = list(nets['bf16'].online.parameters())
+    masters = [tensor.float() for tensor in targets]
+    calls = module.plan_lerp(targets, onlines, masters)
+    return Style(label, lambda: module.run_lerp(calls, weight),
+                 lambda: targets, onlines)
+
+
+def make_styles(nets, momentum, baseline=None):
     """Every update style over ``nets``, the copy probe first.
 
     The styles that stand for a bare kernel (foreach, flat ``lerp_``) get
     their tensor lists and flat buffers once, outside the timing; the library
-    styles and ours do all their per-call work inside it.
+    styles and ours do all their per-call work inside it. ``baseline``: a
+    kernels module (:func:`load_kernels`) whose bfloat16 + master update is
+    timed next to the package's.
     """
     online, target, pair = nets['online'], nets['target'], nets['pair']
     # The MMSelfSup loop replaces its target's storage on every call (fresh
     # memory to fault in, and a kept plan rightly goes stale): its own copy.
     loop_target = copy.deepcopy(target)
-    pair.momentum = nets['bf16'].momentum = momentum
+    pair.momentum = nets['bf16'].momentum = nets['cast'].momentum = momentum
     onlines, targets = list(online.parameters()), list(target.parameters())
     pair_onlines = list(pair.online.parameters())
     (flat_o, flat_onlines), (flat_t, flat_targets) = (
@@ -234,6 +286,8 @@ def make_styles(nets, momentum):
         torch._foreach_add_(targets, onlines, alpha=weight)
 
     hand_written = hand_written_update(target, online, momentum)
+    extra = [] if baseline is None else [kernel_style(
+        baseline_label(baseline), baseline, nets, weight)]
 
     return [
         Style(COPY_LABEL, lambda: flat_t.copy_(flat_o), lambda: [], []),
@@ -261,7 +315,72 @@ def make_styles(nets, momentum):
         Style(BF16_LABEL, nets['bf16'].momentum_update,
               nets['bf16'].target.parameters,
               list(nets['bf16'].online.parameters())),
-    ]
+        Style(CAST_LABEL, nets['cast'].momentum_update,
+              nets['cast'].target.parameters,
+              list(nets['cast'].online.parameters())),
+        kernel_style(KERNELS_LABEL, kernels, nets, weight),
+    ] + extra
+
+
+def baseline_label(module):
+    """The row of the kernels read by :func:`load_kernels`."""
+    return f'{KERNELS_LABEL}, kernels of {os.path.basename(module.__file__)}'
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside the ``with`` block, by name.
+
+    A ``torch._foreach`` op is one op here, and one CUDA multi-tensor launch
+    or a few (torch 2.14 built with CUDA 13: one per 2,240 blocks of 65,536
+    elements or per 210 to 770 tensors); any other op is one kernel or none
+    (a view).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def cuda_activity(fn, device):
+    """The kernels and memory operations ``fn()`` runs on the GPU (from
+    ``torch.profiler``) and its host time until they are queued, in us."""
+    torch.cuda.synchronize(device)
+    with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        fn()
+        torch.cuda.synchronize(device)
+    launches = sum(str(event.device_type).endswith('CUDA')
+                   for event in profile.events())
+    samples = []
+    for _ in range(20):
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    torch.cuda.synchronize(device)
+    return launches, statistics.median(samples) * 1e6
+
+
+@torch.no_grad()
+def count_style(style, device):
+    """The ops one update of ``style`` dispatches (see :class:`OpCounter`);
+    on CUDA also its GPU launches and host time (:func:`cuda_activity`).
+
+    Returns:
+        dict: ``ops`` (the count), ``op_names`` (by name), ``launches`` and
+        ``host_us`` (None on a CPU).
+    """
+    with OpCounter() as counter:
+        style.update()
+    launches = host_us = None
+    if device.type == 'cuda':
+        launches, host_us = cuda_activity(style.update, device)
+    return {'ops': sum(counter.ops.values()), 'op_names': dict(counter.ops),
+            'launches': launches, 'host_us': host_us}
 
 
 def hand_written_update(target, online, momentum):
@@ -381,7 +500,7 @@ def time_styles(styles, rounds, warmup, number, device):
     return samples
 
 
-def summarize(name, nets, samples, stat):
+def summarize(name, nets, samples, stat, counts):
     """The rows of one model, with the limit and ours' speed-ups.
 
     Args:
@@ -390,6 +509,8 @@ def summarize(name, nets, samples, stat):
         samples (dict[str, list[float]]): The times of each style.
         stat (str): ``'median'`` or ``'min'``: which statistic of each
             style's times the rows, the limit and the ratios use.
+        counts (dict[str, dict]): The ops of each style
+            (:func:`count_style`).
     """
     params = list(nets['online'].parameters())
     numel = sum(p.numel() for p in params)
@@ -408,13 +529,13 @@ def summarize(name, nets, samples, stat):
         'limit_ms': limit_ms,
         'rows': [{'style': label, 'ms': ms, 'x_limit': ms / limit_ms,
                   'ms_median': statistics.median(samples[label]),
-                  'ms_min': min(samples[label])}
+                  'ms_min': min(samples[label]), **counts[label]}
                  for label, ms in times.items()],
         'ours_speedup_over_loop': {
             label: times[LOOP_LABEL] / times[label] for label in OURS_LABELS},
         'ours_over_flat_lerp': {
-            label: times[label] / times[FLAT_LABEL]
-            for label in (*OURS_LABELS, BF16_LABEL)},
+            label: times[label] / times[FLAT_LABEL] for label in times
+            if label.startswith(('ours', KERNELS_LABEL))},
         'ours_over_hand_written': {
             label: times[label] / times[HAND_LABEL] for label in OURS_LABELS},
     }
@@ -459,12 +580,14 @@ def host_costs(nets, device):
 def bench_model(name, args, device):
     """Build, check and time every style on one model; return its summary."""
     nets = build_networks(name, device)
-    styles = make_styles(nets, MOMENTUM)
+    styles = make_styles(nets, MOMENTUM, args.baseline_kernels and
+                         load_kernels(args.baseline_kernels))
     for style in styles[1:]:
         check_style(style, MOMENTUM)
+    counts = {style.label: count_style(style, device) for style in styles}
     samples = time_styles(styles, args.repeats, args.warmup, args.number,
                           device)
-    result = summarize(name, nets, samples, args.stat)
+    result = summarize(name, nets, samples, args.stat, counts)
     result['host_us'] = host_costs(nets, device)
     del nets, styles
     gc.collect()
@@ -480,6 +603,14 @@ def fmt_host(result):
             f"{host['plan_check']:.0f} us")
     if host['mixin_enqueue'] is not None:
         text += f", mixin call until queued {host['mixin_enqueue']:.0f} us"
+    return text
+
+
+def fmt_ops(row):
+    """``1 op`` or, on CUDA, ``3 ops, 12 launches, 40 us host``."""
+    text = f"{row['ops']} op{'s' * (row['ops'] != 1)}"
+    if row['launches'] is not None:
+        text += f", {row['launches']} launches, {row['host_us']:.0f} us host"
     return text
 
 
@@ -507,9 +638,11 @@ def print_text(result):
     width = max(len(row['style']) for row in result['rows'])
     for row in result['rows']:
         print(f"  {row['style']:<{width}}  {fmt_ms(row['ms']):>7} ms  "
-              f"{fmt_ratio(row['x_limit']):>6} limit")
-    print(f"  {BF16_LABEL}: {result['ours_over_flat_lerp'][BF16_LABEL]:.2f}x "
-          'the float32 flat lerp_ of as many elements (target <= 1.5x)')
+              f"{fmt_ratio(row['x_limit']):>6} limit  {fmt_ops(row)}")
+    for label, ratio in result['ours_over_flat_lerp'].items():
+        if label not in OURS_LABELS:
+            print(f"  {label}: {ratio:.2f}x the float32 flat lerp_ of as "
+                  'many elements (target <= 1.5x)')
     for label in OURS_LABELS:
         print(f"  {label}: "
               f"{result['ours_speedup_over_loop'][label]:.1f}x faster than "
@@ -542,13 +675,15 @@ def host_table(results):
 
 def markdown_table(results, machine):
     """All models in one Markdown table, as docs/performance.md shows it."""
-    lines = [f'{machine}, fp32, momentum {MOMENTUM}, {results[0]["stat"]} '
-             'ms per update (x the bandwidth limit).', '',
+    lines = [f'{machine}, fp32 unless the row says otherwise, momentum '
+             f'{MOMENTUM}, {results[0]["stat"]} ms per update (x the '
+             'bandwidth limit), aten ops per update.', '',
              '| update style | ' + ' | '.join(map(model_title, results)) +
              ' |', '|---' * (len(results) + 1) + '|']
     for index, row in enumerate(results[0]['rows']):
         cells = [f"{fmt_ms(r['rows'][index]['ms'])} ms "
-                 f"({fmt_ratio(r['rows'][index]['x_limit'])})"
+                 f"({fmt_ratio(r['rows'][index]['x_limit'])}), "
+                 f"{fmt_ops(r['rows'][index])}"
                  for r in results]
         lines.append(f"| {row['style']} | " + ' | '.join(cells) + ' |')
     extra = [('limit (3 x 4 bytes x numel / copy bandwidth)',
@@ -563,8 +698,11 @@ def markdown_table(results, machine):
                           f"{r['ours_speedup_over_loop'][k]:.1f}x / "
                           f"{r['ours_over_flat_lerp'][k]:.2f}x / "
                           f"{r['ours_over_hand_written'][k]:.2f}x")))
-    extra.append((f'{BF16_LABEL}: x float32 flat lerp_',
-                  lambda r: f"{r['ours_over_flat_lerp'][BF16_LABEL]:.2f}x"))
+    for label in results[0]['ours_over_flat_lerp']:
+        if label not in OURS_LABELS:
+            extra.append((f'{label}: x float32 flat lerp_',
+                          lambda r, k=label:
+                          f"{r['ours_over_flat_lerp'][k]:.2f}x"))
     for label, cell in extra:
         lines.append(f'| {label} | ' + ' | '.join(map(cell, results)) + ' |')
     return '\n'.join(lines)
@@ -609,6 +747,10 @@ def parse_args(argv=None):
     parser.add_argument('--markdown', action='store_true',
                         help='also print one Markdown table')
     parser.add_argument('--json', metavar='PATH', help='write the results')
+    parser.add_argument('--baseline-kernels', metavar='PATH',
+                        help='also time the bf16 + master update by the '
+                        'kernels module in PATH (e.g. an earlier version: '
+                        'git show REV:momentum_hook/kernels.py > PATH)')
     args = parser.parse_args(argv)
     cuda = args.device == 'cuda'
     if args.quick:

@@ -3,7 +3,8 @@ MoCo v3 and DINO-style teachers.
 
 The core needs only torch: :func:`cosine_momentum` (the schedule),
 :func:`scaled_momentum` (the schedule at another batch size),
-:func:`momentum_update_` (the EMA), :class:`MomentumTargetMixin` (the model
+:func:`momentum_update_` (the EMA), :class:`ModuleUpdatePlan` (the EMA of
+one module pair, planned once), :class:`MomentumTargetMixin` (the model
 side), :class:`MomentumUpdater` (what the hook decides, free of any
 runner), :func:`fully_shard_pair` (one FSDP2 plan for both networks) and
 :func:`export_target` (the full target of a sharded run, as one file). The runner hooks are in their own modules,
@@ -23,6 +24,7 @@ Convention: the momentum ``m`` weighs the *old target*,
 from .ema import BUFFER_POLICIES, momentum_update_
 from .export import export_target, full_state_dict
 from .model import MomentumTargetMixin
+from .plan import ModuleUpdatePlan
 from .registration import installed_adapters
 from .schedule import cosine_momentum, scaled_momentum
 from .sharding import fully_shard_pair
@@ -31,7 +33,7 @@ from .version import __version__
 
 __all__ = [
     '__version__', 'cosine_momentum', 'scaled_momentum', 'momentum_update_',
-    'BUFFER_POLICIES',
+    'BUFFER_POLICIES', 'ModuleUpdatePlan',
     'MomentumTargetMixin', 'MomentumUpdater', 'check_momentum_contract',
     'fully_shard_pair', 'export_target', 'full_state_dict'
 ]

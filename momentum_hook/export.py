@@ -23,11 +23,11 @@ DeepSpeed ZeRO-3          ``deepspeed.zero.GatheredParameters``, one
 
 Nothing distributed is imported before a call needs it.
 """
-import sys
-
 import torch
 from torch import nn
 
+from ._compat import deepspeed as ds
+from .master_state import MASTER_KEY
 from .wrappers import loaded as _loaded, unwrap
 
 __all__ = ['full_state_dict', 'export_target']
@@ -48,14 +48,18 @@ def _rank():
 
 def _zero3_state_dict(model, keep):
     """Rank 0's CPU copy of ``model``'s state dict, ZeRO-3 parameters
-    gathered one by one; only the keys for which ``keep(key)`` holds."""
-    gathered = sys.modules['deepspeed'].zero.GatheredParameters
+    gathered one by one; only the keys for which ``keep(key)`` holds.
+
+    The float32 masters of a bf16/fp16 target are left out: under ZeRO-3
+    each rank's are its partitions, which travel in its own checkpoint
+    file, not whole tensors.
+    """
     state, rank = {}, _rank()
     for key, value in model.state_dict(keep_vars=True).items():
-        if not keep(key):
+        if not keep(key) or MASTER_KEY in key:
             continue
-        if hasattr(value, 'ds_tensor'):
-            with gathered([value]):
+        if ds.is_zero3_param(value):
+            with ds.gathered_parameters([value]):
                 if rank == 0:
                     state[key] = value.detach().cpu().clone()
         elif rank == 0:
@@ -78,7 +82,9 @@ def full_state_dict(model, prefix=''):
     Returns:
         dict[str, Tensor]: On rank 0 (or without a process group), the
         model's keys as an unwrapped model names them, with detached CPU
-        tensors; on the other ranks an empty dict.
+        tensors; on the other ranks an empty dict. The float32 masters of a
+        bf16/fp16 target (``momentum_target_master.*``) are whole tensors
+        under plain, DDP, FSDP1 and FSDP2 models and left out under ZeRO-3.
     """
     # MMEngine's DeepSpeed wrapper, DeepSpeed's engine, DDP and DataParallel
     # prefix the model's keys: gather from the model inside them.
@@ -88,7 +94,7 @@ def full_state_dict(model, prefix=''):
                         f'got {type(model).__name__}')
     def keep(key):
         return key.startswith(prefix)
-    if any(hasattr(param, 'ds_tensor') for param in model.parameters()):
+    if any(map(ds.is_zero3_param, model.parameters())):
         return _zero3_state_dict(model, keep)
     if torch.distributed.is_available():  # plain, FSDP1 and FSDP2 alike
         from torch.distributed.checkpoint.state_dict import (

@@ -8,6 +8,8 @@ from mmcv.parallel import is_module_wrapper
 from mmcv.runner import HOOKS, Hook, OptimizerHook
 
 from . import wrappers
+from ._compat.mmcv import train_loader
+from .ledger import RECORD_KEY, OptimizerSteps, check_one_momentum_hook
 from .registration import register_hook_class
 from .updater import LOG_KEY, HookOptions
 
@@ -45,13 +47,40 @@ class MomentumUpdateHook(HookOptions, Hook):
     ``base_batch_size=None``. With ``base_batch_size`` the batch is read from
     ``runner.data_loader``, which mmcv sets just before the first iteration:
     the hook logs its line and refuses a loader without a fixed batch size
-    then, before the first forward pass.
+    then, before the first forward pass. ``base_batch_size='auto'`` is
+    MMEngine's (mmcv 1.x runners have no ``auto_scale_lr``) and is refused.
+
+    ``on_skipped_step`` defaults to ``'update'``: like MMSelfSup 0.x, the
+    target is updated on every scheduled iteration, also when
+    ``Fp16OptimizerHook``'s loss scaler skipped the optimizer step; with
+    ``'hold'`` it is updated only after iterations whose optimizer stepped.
+    Either way the run's last log line counts the skipped steps. A second
+    momentum hook on the runner is refused before the run, and a resumed
+    run's log warns when the schedule changed (the run length is kept in
+    ``runner.meta['hook_msgs']``, which mmcv saves and resumes).
     """
 
+    _default_on_skipped_step = 'update'
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.base_batch_size == 'auto':
+            raise ValueError(
+                "base_batch_size='auto' follows MMEngine's auto_scale_lr, "
+                'which mmcv 1.x runners do not have: give the hook '
+                'base_batch_size=N, the samples per target update its '
+                'momenta were tuned for (e.g. 4096), or None not to scale')
+
     def before_run(self, runner):
-        self.updater.check_run(unwrap(runner.model),
-                               getattr(runner, 'max_iters', None))
+        check_one_momentum_hook(runner.hooks, MomentumUpdateHook)
+        model = unwrap(runner.model)
+        self.updater.check_run(model, getattr(runner, 'max_iters', None))
         self._check_optimizer(runner)
+        self._resume(runner, model)
+        optimizers = runner.optimizer
+        self._steps = OptimizerSteps.watch(
+            optimizers.values() if isinstance(optimizers, dict) else
+            [optimizers] if optimizers is not None else [])
         # With base_batch_size the hook starts at the first iteration, once
         # mmcv has set runner.data_loader.
         if self.updater.base_batch_size is None:
@@ -60,13 +89,36 @@ class MomentumUpdateHook(HookOptions, Hook):
     def before_train_iter(self, runner):
         if not self.updater.started:
             self._start(runner)
-        momentum = self.updater.write_momentum(
+        self.updater.write_momentum(
             unwrap(runner.model), runner.iter, runner.max_iters)
+        if self._steps is not None:
+            self._steps.begin()
+
+    def after_train_iter(self, runner):
+        momentum = self.updater.update_target(
+            unwrap(runner.model), runner.iter, runner.max_iters,
+            None if self._steps is None else self._steps.end())
         if momentum is not None:
             runner.log_buffer.update({LOG_KEY: momentum})
 
-    def after_train_iter(self, runner):
-        self.updater.update_target(unwrap(runner.model), runner.iter)
+    def after_run(self, runner):
+        runner.logger.info(self.updater.ledger.summary())
+        if self._steps is not None:
+            self._steps.close()
+        self._steps = None
+
+    def _resume(self, runner, model):
+        """Warn about a resumed run's schedule; keep this run's length where
+        mmcv saves hook messages and restores them on ``runner.resume``."""
+        if runner.meta is None:
+            runner.meta = {}
+        messages = runner.meta.setdefault('hook_msgs', {})
+        if runner.iter > 0:
+            for message in self.updater.resume_messages(
+                    messages.get(RECORD_KEY), model, runner.iter,
+                    runner.max_iters):
+                runner.logger.warning(message)
+        messages[RECORD_KEY] = self.updater.ledger.record(runner.max_iters)
 
     def _start(self, runner):
         runner.logger.info(self.updater.start(
@@ -94,8 +146,7 @@ class MomentumUpdateHook(HookOptions, Hook):
 def _train_loader(runner):
     """The runner's DataLoader; IterBasedRunner trains from an IterLoader
     around it."""
-    loader = getattr(runner, 'data_loader', None)
-    return getattr(loader, '_dataloader', loader)
+    return train_loader(getattr(runner, 'data_loader', None))
 
 
 #: MMSelfSup 0.x's second name for the same hook.

@@ -12,8 +12,11 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from .local_shards import check_zero3_gathers, check_zero_config
+from ._compat.mmengine import accumulative_counts
+from .ledger import (RECORD_KEY, EngineSteps, OptimizerSteps,
+                     check_one_momentum_hook)
 from .mmpretrain import teacher_of
+from .zero import check_zero3_gathers, check_zero_config
 from .registration import register_hook_class
 from .updater import LOG_KEY, HookOptions
 from .wrappers import loaded, unwrap, wrapper_chain
@@ -55,12 +58,40 @@ def _engines(runner):
             if engine is not None and isinstance(model, engine)]
 
 
+def _optim_wrappers(optim_wrapper):
+    """``{name: wrapper}`` of an optimizer wrapper (or dict)."""
+    return (dict(optim_wrapper.items()) if hasattr(optim_wrapper, 'items')
+            else {'optim_wrapper': optim_wrapper})
+
+
 def _accumulative_counts(optim_wrapper):
     """``{name: accumulative_counts}`` of an optimizer wrapper (or dict)."""
-    wrappers = (dict(optim_wrapper.items()) if hasattr(optim_wrapper, 'items')
-                else {'optim_wrapper': optim_wrapper})
-    return {name: getattr(wrapper, '_accumulative_counts', 1)
-            for name, wrapper in wrappers.items()}
+    return {name: accumulative_counts(wrapper)
+            for name, wrapper in _optim_wrappers(optim_wrapper).items()}
+
+
+def _step_watch(runner, engine):
+    """What reports the optimizer's real steps: DeepSpeed's engine, else the
+    optimizers of the ``OptimWrapper`` s, their accumulation boundary
+    (``should_update()``) and step number."""
+    if engine is not None:
+        return EngineSteps(engine)
+    wrappers = list(_optim_wrappers(runner.optim_wrapper).values())
+    return OptimizerSteps.watch(
+        [getattr(wrapper, 'optimizer', None) for wrapper in wrappers],
+        boundary=lambda: any(wrapper.should_update() for wrapper in wrappers),
+        index=lambda: max(-(-wrapper.inner_count //
+                            accumulative_counts(wrapper))
+                          for wrapper in wrappers))
+
+
+def _auto_scale_lr(runner):
+    """The runner's ``auto_scale_lr`` config: a public attribute of
+    ``Runner``, private (``_auto_scale_lr``) in ``FlexibleRunner``
+    (MMEngine 0.10.7)."""
+    if hasattr(runner, 'auto_scale_lr'):
+        return runner.auto_scale_lr
+    return getattr(runner, '_auto_scale_lr', None)
 
 
 class MomentumUpdateHook(HookOptions, Hook):
@@ -97,8 +128,15 @@ class MomentumUpdateHook(HookOptions, Hook):
     ``update_interval`` default to the teacher's, and the model's own
     ``update_parameters`` calls do nothing until ``after_train``.
 
-    The hook keeps no state: a resumed run (``resume=True``) takes ``k`` from
-    the restored ``runner.iter`` and the target from the model's checkpoint.
+    The target follows the optimizer's real steps (``on_skipped_step=
+    'hold'``, see :class:`~momentum_hook.ledger.Ledger`), read from each
+    ``OptimWrapper``'s optimizer and accumulation boundary or from
+    DeepSpeed's step counters; a second momentum hook is refused before
+    training. A resumed run (``resume=True``) takes ``k`` from the restored
+    ``runner.iter`` and the target from the model's checkpoint; the hook
+    keeps the run length in ``runner.message_hub`` so that the run's log
+    warns about a resume with another length, inside an accumulation
+    window, or running past ``max_iters``.
     With torch >= 2.6, MMEngine 0.10.7 cannot load its own checkpoints
     (numpy arrays, ``HistoryBuffer``) under ``torch.load``'s
     ``weights_only=True`` default; for checkpoints you trust, run with
@@ -107,7 +145,10 @@ class MomentumUpdateHook(HookOptions, Hook):
     It takes :class:`~momentum_hook.updater.MomentumUpdater`'s arguments:
     ``end_momentum=1.``, ``update_interval=1``, ``reach_end_momentum=False``,
     ``base_batch_size=None``; with ``base_batch_size`` the batch is that of
-    ``runner.train_dataloader``.
+    ``runner.train_dataloader``. ``base_batch_size='auto'`` takes the
+    ``base_batch_size`` of the config's ``auto_scale_lr``, which must be
+    enabled (checked before iteration 1), so that the momentum follows the
+    batch the learning rate is scaled against.
     """
 
     #: The mmpretrain teacher this run updates, if any (see
@@ -128,6 +169,7 @@ class MomentumUpdateHook(HookOptions, Hook):
                                    self._given, counts)
 
     def _check_optimizer(self, runner):
+        """Check the accumulation; return the DeepSpeed engine, if any."""
         for name, counts in _accumulative_counts(runner.optim_wrapper).items():
             self.updater.check_accumulation(
                 counts, f'{name} has accumulative_counts={counts}')
@@ -138,6 +180,8 @@ class MomentumUpdateHook(HookOptions, Hook):
                 steps, f'DeepSpeed has gradient_accumulation_steps='
                 f"{steps}: strategy=dict(type='DeepSpeedStrategy', "
                 f'gradient_accumulation_steps={steps})')
+            return model
+        return None
 
     def _check_target(self, runner):
         """Have the model plan its update now, after the strategy wrapped it.
@@ -160,7 +204,7 @@ class MomentumUpdateHook(HookOptions, Hook):
 
     def _check_strategy(self, runner):
         """Refuse a ``DeepSpeedStrategy`` config with ZeRO++ quantized
-        weights (see :func:`~momentum_hook.local_shards.check_zero_config`).
+        weights (see :func:`~momentum_hook.zero.check_zero_config`).
 
         Raises:
             ValueError: Naming the option and what to set.
@@ -173,33 +217,57 @@ class MomentumUpdateHook(HookOptions, Hook):
 
     def before_train(self, runner):
         self._check_strategy(runner)
+        check_one_momentum_hook(runner.hooks, MomentumUpdateHook)
         self._take_over(runner)
         model = self._model(runner)
         self.updater.check_run(model, getattr(runner, 'max_iters', None))
-        self._check_optimizer(runner)
+        engine = self._check_optimizer(runner)
+        if self.base_batch_size == 'auto':
+            self.updater.use_auto_scale_lr(_auto_scale_lr(runner))
         runner.logger.info(self.updater.start(
             model, runner.max_iters, lambda: runner.train_dataloader,
             owner=self))
         self._check_target(runner)
+        hub = runner.message_hub
+        for message in self.updater.resume_messages(
+                hub.get_info(RECORD_KEY), model, runner.iter,
+                runner.max_iters, engine is not None) if runner.iter else ():
+            runner.logger.warning(message)
+        # The message hub's runtime info is saved and resumed by MMEngine.
+        hub.update_info(RECORD_KEY, self.updater.ledger.record(
+            runner.max_iters))
+        self._steps = _step_watch(runner, engine)
         if self._teacher is not None:
             self._teacher.take_over()
             runner.logger.info(
                 f'momentum_hook takes over {self._teacher.describe()}: the '
                 "hook updates it, the model's loss() no longer does")
 
-    def after_train(self, runner):
-        if self._teacher is not None:
-            self._teacher.release()
-
     def before_train_iter(self, runner, batch_idx, data_batch=None):
-        momentum = self.updater.write_momentum(
+        self.updater.write_momentum(
             self._model(runner), runner.iter, runner.max_iters)
-        if momentum is not None:
-            runner.message_hub.update_scalar(f'train/{LOG_KEY}', momentum)
+        if self._steps is not None:
+            self._steps.begin()
 
     def after_train_iter(self, runner, batch_idx, data_batch=None,
                          outputs=None):
-        self.updater.update_target(self._model(runner), runner.iter)
+        message = self.updater.ledger.past_end_message(
+            runner.iter, runner.max_iters, self.end_momentum)
+        if message:
+            runner.logger.warning(message)
+        momentum = self.updater.update_target(
+            self._model(runner), runner.iter, runner.max_iters,
+            None if self._steps is None else self._steps.end())
+        if momentum is not None:
+            runner.message_hub.update_scalar(f'train/{LOG_KEY}', momentum)
+
+    def after_train(self, runner):
+        runner.logger.info(self.updater.ledger.summary())
+        if self._steps is not None:
+            self._steps.close()
+        self._steps = None
+        if self._teacher is not None:
+            self._teacher.release()
 
 
 #: MMSelfSup 0.x's second name for the same hook.

@@ -42,11 +42,13 @@ only the first change.
 import dataclasses
 
 import torch
-from mmengine._strategy import FSDPStrategy
 from mmengine.registry import STRATEGIES
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+from ._compat.mmengine import fsdp_strategy
 from .registration import register_scoped
+
+FSDPStrategy = fsdp_strategy()
 
 __all__ = ['FSDPResumeStrategy', 'STRATEGY_NAMES', 'check_adam_state']
 

@@ -40,7 +40,8 @@ import math
 
 from torch import nn
 
-from .ema import ModuleUpdatePlan, TargetMasters
+from .masters import TargetMasters
+from .plan import ModuleUpdatePlan
 from .updater import CONTRACT
 from .validation import check_momentum, check_positive_int
 
@@ -287,7 +288,12 @@ class AveragedTeacher:
                 f' with interval={self.interval}: set update_interval to a '
                 f'multiple of {self.interval}, or remove it from the hook')
         updater.end_momentum = self.end_momentum
-        updater.update_interval = interval
+        _set_interval(updater, interval)
+
+
+def _set_interval(updater, interval):
+    """The updater's ``update_interval``, and its ledger's."""
+    updater.update_interval = updater.ledger.update_interval = interval
 
 
 def teacher_of(model, updater, given, accumulation):
@@ -309,7 +315,7 @@ def teacher_of(model, updater, given, accumulation):
     """
     # The user's values, whatever an earlier run's teacher set.
     updater.end_momentum = float(given.get('end_momentum', 1.))
-    updater.update_interval = given.get('update_interval', 1)
+    _set_interval(updater, given.get('update_interval', 1))
     if all(hasattr(model, name) for name in CONTRACT):
         return None
     found = find_teacher(model)

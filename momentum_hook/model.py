@@ -1,18 +1,18 @@
 """Give a model the hook's contract from an (online, target) pair."""
 import contextlib
 import copy
-import sys
 
 from torch import nn
 
-from .ema import ModuleUpdatePlan, TargetMasters, check_buffer_policy
+from ._compat import deepspeed as ds
+
+from .master_state import (MASTER_KEY, place_masters, save_masters,
+                           take_masters)
+from .masters import TargetMasters
+from .plan import ModuleUpdatePlan, check_buffer_policy
 from .validation import check_momentum
 
-__all__ = ['MomentumTargetMixin']
-
-#: The state-dict key prefix, after the model's own, of the float32 masters
-#: of a low-precision target: ``<prefix>momentum_target_master.<name>``.
-MASTER_KEY = 'momentum_target_master.'
+__all__ = ['MomentumTargetMixin', 'MASTER_KEY']
 
 
 class MomentumTargetMixin:
@@ -31,7 +31,7 @@ class MomentumTargetMixin:
 
     ``momentum_update()`` computes ``target = m * target + (1 - m) * online``
     with ``m = self.momentum`` like :func:`~momentum_hook.momentum_update_`,
-    through a :class:`~momentum_hook.ema.ModuleUpdatePlan` it keeps while it
+    through a :class:`~momentum_hook.ModuleUpdatePlan` it keeps while it
     is current, so that a call costs a few kernel launches and a check local
     to the two networks, not a walk of both. Under FSDP or DeepSpeed it
     updates each rank's shards (see :mod:`momentum_hook.local_shards`); make
@@ -41,17 +41,21 @@ class MomentumTargetMixin:
 
     A target stored in float16 or bfloat16 (``model.half()``, a DeepSpeed
     engine with ``bf16`` or ``fp16`` enabled) gets a float32 master of each
-    of its rank-local tensors (:class:`~momentum_hook.ema.TargetMasters`):
+    of its rank-local tensors (:class:`~momentum_hook.masters.TargetMasters`):
     4 bytes per local target element, on the target's device, nothing for a
     float32 target. The update lerps the master and writes it, rounded, into
     the target, so that the target is the float64 EMA to its own rounding
-    instead of stalling. The masters are in the model's ``state_dict`` under
-    ``momentum_target_master.<name>`` (``<name>`` the parameter's name in the
-    target network, or the FSDP1 unit's), so checkpoints save them and a
-    resume restores them; a loaded target without them (an older
-    checkpoint) restarts its masters from its loaded values, and so does a
-    target written by ``load_state_dict`` or an in-place write between
-    updates (a write through ``.data`` is not seen).
+    instead of stalling. The masters are in the model's ``state_dict`` from
+    the start, under ``momentum_target_master.<name>`` (``<name>`` the
+    parameter's key in the target network's ``state_dict``), in the
+    parameter's layout: under FSDP2 a DTensor sharded like it, in a full
+    state dict (FSDP1 and FSDP2) the whole tensor
+    (:mod:`~momentum_hook.master_state`). Checkpoints save them and a resume
+    restores them, on another world size too; a loaded target without them
+    (an older checkpoint) restarts its masters from its loaded values, and
+    so does a target written by ``load_state_dict`` or an in-place write
+    between updates (a write through ``.data`` is not seen). A float32
+    target has no master keys.
     """
 
     def init_momentum_target(self, online, base_momentum=0.99,
@@ -94,7 +98,7 @@ class MomentumTargetMixin:
         self.__dict__['_momentum_masters'] = TargetMasters()
         # A hook, not an override of _save_to_state_dict: mmcv's and
         # MMEngine's checkpoint savers call the hooks but not that method.
-        self._register_state_dict_hook(_save_masters)
+        self.register_state_dict_post_hook(_save_masters)
         return target
 
     def __getstate__(self):
@@ -104,14 +108,33 @@ class MomentumTargetMixin:
         return state
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + MASTER_KEY
-        loaded = {name[len(key):]: state_dict.pop(name)
-                  for name in [name for name in state_dict
-                               if name.startswith(key)]}
-        masters = self.__dict__.get('_momentum_masters')
-        if masters is not None:
-            masters.load(loaded)
+        if '_momentum_masters' in self.__dict__:
+            # Before the target's own keys are loaded: strict loads must not
+            # see the master keys.
+            self.__dict__['_momentum_loaded'] = take_masters(state_dict,
+                                                             prefix)
+            self._place_loaded_masters()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _place_loaded_masters(self):
+        """Bring the masters of the last load into the target's layout, or
+        keep them until its tensors have values (a model on the meta device
+        that ``load_state_dict(..., assign=True)`` is filling)."""
+        loaded = self.__dict__.pop('_momentum_loaded', None)
+        if loaded is not None and not place_masters(
+                self.momentum_target_master,
+                self.__dict__['_momentum_masters'], loaded):
+            self.__dict__['_momentum_loaded'] = loaded
+
+    @property
+    def momentum_target_master(self):
+        """The target network as it sits in the model: what the names of the
+        ``momentum_target_master.<name>`` state-dict keys walk, as torch's
+        ``get_model_state_dict`` and ``set_model_state_dict`` walk every
+        key's attribute path."""
+        if '_momentum_pair' not in self.__dict__:  # no target, no masters
+            raise AttributeError('momentum_target_master')
+        return self._outermost(self.__dict__['_momentum_pair'][1])
 
     def momentum_update(self):
         """``target = m * target + (1 - m) * online``, m = ``self.momentum``."""
@@ -140,6 +163,7 @@ class MomentumTargetMixin:
                 f'{type(self).__name__}.{caller}() was called before '
                 'init_momentum_target(): call it in __init__')
         online, target, buffers = self.__dict__['_momentum_pair']
+        self._place_loaded_masters()
         plan = ModuleUpdatePlan(self._outermost(target),
                                 self._outermost(online), buffers,
                                 self.__dict__['_momentum_masters'])
@@ -163,8 +187,10 @@ class MomentumTargetMixin:
 def _save_masters(module, destination, prefix, local_metadata):
     """State-dict hook: the float32 masters of ``module``'s target."""
     masters = module.__dict__.get('_momentum_masters')
-    for name, master in (masters.state() if masters else {}).items():
-        destination[prefix + MASTER_KEY + name] = master.detach()
+    if masters is not None:
+        module._place_loaded_masters()
+        save_masters(module.momentum_target_master, masters, destination,
+                     prefix)
 
 
 def _copy_of(online):
@@ -177,9 +203,8 @@ def _copy_of(online):
     in flight when the copy reads them.
     """
     partitioned = [param for param in online.parameters()
-                   if hasattr(param, 'ds_tensor')]
+                   if ds.is_zero3_param(param)]
     with contextlib.ExitStack() as gathered:
         for param in partitioned:
-            gathered.enter_context(
-                sys.modules['deepspeed'].zero.GatheredParameters([param]))
+            gathered.enter_context(ds.gathered_parameters([param]))
         return copy.deepcopy(online)

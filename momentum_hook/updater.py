@@ -19,7 +19,8 @@ The contract with the model (the same as MMSelfSup 0.x):
 """
 import numbers
 
-from .local_shards import world_size
+from .ledger import SKIPPED_STEP_POLICIES, Ledger
+from .ranks import world_size
 from .schedule import (cosine_momentum, is_update_iter, last_update_iter,
                        scaled_momentum)
 from .validation import check_momentum, check_positive_int
@@ -120,17 +121,27 @@ class MomentumUpdater:
             optimizer steps. Defaults to 1.
         reach_end_momentum (bool): Make the run's last update use exactly
             ``end_momentum``. Defaults to False (MMSelfSup 0.x's sequence).
-        base_batch_size (int, optional): The samples per target update for
-            which ``model.base_momentum`` and ``end_momentum`` were tuned
-            (4096 for MMSelfSup's ``byol_resnet50_8xb32-accum16``). Defaults
-            to None: the momenta are used as scheduled, whatever the batch.
+        base_batch_size (int | str, optional): The samples per target update
+            for which ``model.base_momentum`` and ``end_momentum`` were tuned
+            (4096 for MMSelfSup's ``byol_resnet50_8xb32-accum16``), or
+            ``'auto'`` (MMEngine only): the ``base_batch_size`` of the
+            config's ``auto_scale_lr``, which the hook hands to
+            :meth:`use_auto_scale_lr` before the run. Defaults to None: the
+            momenta are used as scheduled, whatever the batch.
+        on_skipped_step (str): What follows an optimizer step that did not
+            happen (a loss scaler skipped it on inf gradients) where the
+            runner reports its steps: ``'hold'`` (the target is updated
+            exactly after the optimizer's real steps, see
+            :class:`~momentum_hook.ledger.Ledger`) or ``'update'`` (on every
+            scheduled iteration, MMSelfSup 0.x). Defaults to ``'hold'``.
 
     Raises:
         TypeError, ValueError: For an argument of the wrong type or range.
     """
 
     def __init__(self, end_momentum=1., update_interval=1,
-                 reach_end_momentum=False, base_batch_size=None):
+                 reach_end_momentum=False, base_batch_size=None,
+                 on_skipped_step='hold'):
         self.end_momentum = check_momentum(end_momentum, 'end_momentum')
         self.update_interval = check_positive_int(update_interval,
                                                   'update_interval')
@@ -138,13 +149,28 @@ class MomentumUpdater:
             raise TypeError('reach_end_momentum must be a bool, got '
                             f'{reach_end_momentum!r}')
         self.reach_end_momentum = reach_end_momentum
-        if base_batch_size is not None:
+        if base_batch_size is not None and base_batch_size != 'auto':
             base_batch_size = check_positive_int(
                 base_batch_size, 'base_batch_size',
                 hint='the samples per target update that base_momentum and '
                 'end_momentum were tuned for, e.g. 4096 for 8 GPUs x 32 '
-                'images x 16 accumulation steps; or None not to scale')
+                "images x 16 accumulation steps; 'auto' (MMEngine) to take "
+                "it from auto_scale_lr; or None not to scale")
         self.base_batch_size = base_batch_size
+        #: The ``base_batch_size`` of this run: that of ``auto_scale_lr``
+        #: for ``'auto'`` (set by :meth:`use_auto_scale_lr`).
+        self.run_base_batch_size = (None if base_batch_size == 'auto'
+                                    else base_batch_size)
+        if not isinstance(on_skipped_step, str):
+            raise TypeError('on_skipped_step must be a str, one of '
+                            f'{SKIPPED_STEP_POLICIES}, got {on_skipped_step!r}')
+        if on_skipped_step not in SKIPPED_STEP_POLICIES:
+            raise ValueError(
+                f'on_skipped_step must be one of {SKIPPED_STEP_POLICIES}, '
+                f'got {on_skipped_step!r}')
+        self.on_skipped_step = on_skipped_step
+        #: Which iterations update the target, and the run's counts.
+        self.ledger = Ledger(self.update_interval, on_skipped_step)
         #: The run's samples per update and S / base_batch_size, known from
         #: the start of the run on (None without base_batch_size).
         self.samples_per_update = self.kappa = self._batch = None
@@ -173,6 +199,7 @@ class MomentumUpdater:
         check_positive_int(max_iters, 'runner.max_iters')
         self.samples_per_update = self.kappa = None
         self.started = False
+        self.ledger.start(accumulation=1)
 
     def check_accumulation(self, accumulation_steps, source):
         """Check that target updates fall on real optimizer steps.
@@ -200,6 +227,7 @@ class MomentumUpdater:
                 f'{accumulation_steps} (or a multiple of it) in the momentum '
                 'hook so that the target is updated after optimizer steps '
                 'only')
+        self.ledger.start(accumulation=accumulation_steps)
 
     def is_update_iter(self, cur_iter):
         """Whether the target is updated after 0-based iteration ``cur_iter``."""
@@ -232,8 +260,39 @@ class MomentumUpdater:
         self._batch = (batch_size, processes)
         self.samples_per_update = (batch_size * processes *
                                    self.update_interval)
-        self.kappa = self.samples_per_update / self.base_batch_size
+        self.kappa = self.samples_per_update / self.run_base_batch_size
         return self.kappa
+
+    def use_auto_scale_lr(self, auto_scale_lr):
+        """Take this run's ``base_batch_size`` from MMEngine's
+        ``auto_scale_lr`` config, for ``base_batch_size='auto'``.
+
+        Args:
+            auto_scale_lr (dict, optional): The runner's ``auto_scale_lr``,
+                e.g. ``dict(enable=True, base_batch_size=4096)``.
+
+        Raises:
+            ValueError: If it is missing or disabled, naming which.
+            TypeError, ValueError: If its ``base_batch_size`` is not a
+                positive int.
+        """
+        explicit = ('or give the momentum hook base_batch_size=N, the '
+                    'samples per target update its momenta were tuned for')
+        if not auto_scale_lr:
+            raise ValueError(
+                "base_batch_size='auto' follows the config's auto_scale_lr, "
+                f'but the runner has auto_scale_lr={auto_scale_lr!r}: add '
+                'auto_scale_lr=dict(enable=True, base_batch_size=N) to the '
+                f'config, {explicit}')
+        if not auto_scale_lr.get('enable', False):
+            raise ValueError(
+                "base_batch_size='auto' follows the config's auto_scale_lr, "
+                f'but it is disabled ({auto_scale_lr!r}), so the learning '
+                'rate is not scaled either: set enable=True in it, '
+                f'{explicit}')
+        self.run_base_batch_size = check_positive_int(
+            auto_scale_lr.get('base_batch_size'),
+            'auto_scale_lr.base_batch_size')
 
     def write_momentum(self, model, cur_iter, max_iters):
         """Write the scheduled momentum into ``model`` on update iterations.
@@ -259,6 +318,9 @@ class MomentumUpdater:
         scaling = ''
         if self.kappa is not None:
             arguments += f', base_batch_size={self.base_batch_size!r}'
+            if self.base_batch_size == 'auto':
+                arguments += (' (auto_scale_lr.base_batch_size='
+                              f'{self.run_base_batch_size})')
             batch, processes = self._batch
             scaling = (
                 f'; S = {batch} per process x {processes} processes x '
@@ -268,6 +330,11 @@ class MomentumUpdater:
                 f'momentum m is used as m ** kappa (base_momentum '
                 f'{model.base_momentum!r} -> '
                 f'{scaled_momentum(model.base_momentum, self.kappa)!r})')
+            if self.base_batch_size == 'auto' and self.update_interval > 1:
+                scaling += (
+                    '; auto_scale_lr scales the learning rate by the samples '
+                    f'per iteration, {self.update_interval} times fewer: see '
+                    "docs/scaling.md, MMEngine's auto_scale_lr")
         return (f'{cls.__module__}.{cls.__qualname__}({arguments}) schedules '
                 f'the target momentum of '
                 f'{getattr(model, "log_name", type(model).__name__)} from '
@@ -294,20 +361,49 @@ class MomentumUpdater:
                 fixed batch size.
         """
         if self.base_batch_size is not None:
+            if self.run_base_batch_size is None:
+                raise ValueError(
+                    "base_batch_size='auto' takes the base_batch_size of "
+                    "MMEngine's auto_scale_lr, which this runner does not "
+                    'have: give the hook base_batch_size=N, the samples per '
+                    'target update its momenta were tuned for')
             self.scale_to(loader_batch_size(train_loader()), world_size())
         self.started = True
         return self.describe(model, max_iters, owner)
 
-    def update_target(self, model, cur_iter):
-        """Call ``model.momentum_update()`` on update iterations.
+    def update_target(self, model, cur_iter, max_iters, step=None):
+        """After iteration ``cur_iter``: if the :attr:`ledger` says so, write
+        the scheduled momentum into ``model`` and call its
+        ``momentum_update()``.
+
+        Args:
+            model: The unwrapped model.
+            cur_iter (int): The 0-based iteration that just ended.
+            max_iters (int): The run length ``K``.
+            step (~momentum_hook.ledger.Step, optional): What the iteration
+                did to the optimizer; None if the runner cannot tell.
 
         Returns:
-            bool: Whether the target was updated.
+            float or None: The momentum of the update, or None when the
+            target was not updated.
         """
-        if not self.is_update_iter(cur_iter):
-            return False
+        if not self.ledger.should_update(cur_iter, step):
+            return None
+        momentum = self.momentum_at(cur_iter, max_iters, model.base_momentum)
+        model.momentum = momentum
         model.momentum_update()
-        return True
+        return momentum
+
+    def resume_messages(self, record, model, cur_iter, max_iters,
+                        window_restarts=False):
+        """The warnings of a run resumed at ``cur_iter`` from a checkpoint
+        whose run kept ``record`` (see
+        :meth:`~momentum_hook.ledger.Ledger.resume_messages`)."""
+        return self.ledger.resume_messages(
+            record, cur_iter, max_iters,
+            lambda k, length: self.momentum_at(k, length,
+                                               model.base_momentum),
+            window_restarts)
 
 
 def _option(name):
@@ -326,15 +422,27 @@ class HookOptions:
             ``update_interval`` default to None: 1.0 and 1, or for an
             mmpretrain teacher (:mod:`momentum_hook.mmpretrain`) the
             teacher's own.
+        on_skipped_step (str, optional): As for :class:`MomentumUpdater`;
+            None (the default) takes the runner family's default:
+            ``'update'`` on mmcv 1.x (MMSelfSup 0.x), ``'hold'`` on MMEngine.
     """
 
     end_momentum = _option('end_momentum')
     update_interval = _option('update_interval')
     reach_end_momentum = _option('reach_end_momentum')
     base_batch_size = _option('base_batch_size')
+    on_skipped_step = _option('on_skipped_step')
+
+    #: The runner family's default ``on_skipped_step``.
+    _default_on_skipped_step = 'hold'
+    #: The current run's step watch (:mod:`momentum_hook.ledger`), or None.
+    _steps = None
 
     def __init__(self, end_momentum=None, update_interval=None,
-                 reach_end_momentum=False, base_batch_size=None):
+                 reach_end_momentum=False, base_batch_size=None,
+                 on_skipped_step=None):
+        if on_skipped_step is None:
+            on_skipped_step = self._default_on_skipped_step
         #: The arguments the user set (not None), by name.
         self._given = {name: value for name, value in (
             ('end_momentum', end_momentum),
@@ -346,4 +454,4 @@ class HookOptions:
             update_interval=(1 if update_interval is None else
                              update_interval),
             reach_end_momentum=reach_end_momentum,
-            base_batch_size=base_batch_size)
+            base_batch_size=base_batch_size, on_skipped_step=on_skipped_step)

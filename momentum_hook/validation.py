@@ -3,11 +3,13 @@
 Every check raises early with the argument's name and its bad value, and
 never uses ``assert`` (which ``python -O`` removes).
 """
+import inspect
 import math
 import numbers
 import os
-import sys
 import warnings
+
+from ._compat.torch import NO_GRAD_DECORATOR
 
 __all__ = ['check_momentum', 'check_positive_int', 'check_non_negative_int',
            'check_kappa']
@@ -18,13 +20,13 @@ _warned_small_momentum = False
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_DECORATOR = os.path.join('torch', 'utils', '_contextlib.py')
+_DECORATOR = os.path.join(*NO_GRAD_DECORATOR)
 
 
 def _caller_stacklevel():
     """The ``stacklevel`` of the first frame outside this package (and
     torch's ``no_grad`` decorator), for a warning issued by our caller."""
-    frame, level = sys._getframe(2), 2
+    frame, level = inspect.currentframe().f_back.f_back, 2
     while frame is not None and (
             frame.f_code.co_filename.startswith(_PACKAGE) or
             frame.f_code.co_filename.endswith(_DECORATOR)):

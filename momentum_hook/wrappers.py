@@ -8,6 +8,8 @@ import sys
 
 from torch import nn
 
+from ._compat.mmengine import deepspeed_engine_wrapper
+
 __all__ = ['loaded', 'wrapper_chain', 'unwrap']
 
 
@@ -34,8 +36,7 @@ def wrapper_chain(model, is_wrapper=None):
     Returns:
         list[nn.Module]: ``model`` first, the innermost model last.
     """
-    engine_wrapper = loaded('mmengine._strategy.deepspeed',
-                            'MMDeepSpeedEngineWrapper')
+    engine_wrapper = deepspeed_engine_wrapper()
     holders = tuple(cls for cls in (loaded('deepspeed', 'DeepSpeedEngine'),
                                     nn.DataParallel,
                                     nn.parallel.DistributedDataParallel)

@@ -16,7 +16,8 @@ from momentum_testing import (assert_all_equal, assert_matches_reference,
 from torch import nn
 
 from momentum_hook import momentum_update_
-from momentum_hook.ema import ModuleUpdatePlan, TargetMasters
+from momentum_hook import ModuleUpdatePlan
+from momentum_hook.masters import TargetMasters
 
 #: Integers on purpose at the ends: 0 and 1 are valid momenta too.
 MOMENTA = [0, 0.5, 0.99, 0.996, 1]

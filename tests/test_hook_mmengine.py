@@ -331,6 +331,8 @@ BAD_ARGUMENTS = [
     (dict(update_interval=2.0), TypeError),
     (dict(update_interval=True), TypeError),
     (dict(reach_end_momentum=1), TypeError),
+    (dict(on_skipped_step='skip'), ValueError),
+    (dict(on_skipped_step=True), TypeError),
 ]
 
 
@@ -359,7 +361,9 @@ def test_public_surface_is_what_the_runner_calls(adapter):
     hook = module.MomentumUpdateHook(end_momentum=0.999, update_interval=2,
                                      base_batch_size=64)
     options = dict(end_momentum=0.999, update_interval=2,
-                   reach_end_momentum=False, base_batch_size=64)
+                   reach_end_momentum=False, base_batch_size=64,
+                   on_skipped_step=dict(mmengine_hook='hold',
+                                        mmcv_hook='update')[adapter])
     public = {name for name in dir(hook)
               if not name.startswith('_') and name not in dir(base)}
     assert public == {'updater', *options}

@@ -20,6 +20,7 @@ from momentum_testing import (Interrupt, InterruptBefore, float64_copy,
 from torch import nn
 
 from momentum_hook import MomentumTargetMixin
+from momentum_hook.export import full_state_dict
 
 BF16 = torch.bfloat16
 MASTER = 'momentum_target_master.'
@@ -74,6 +75,133 @@ def test_the_state_dict_holds_float32_masters_of_a_bf16_target_only():
     assert not any(key.startswith(MASTER) for key in fp32.state_dict())
     strict = Bf16Model(seed=1)
     strict.load_state_dict(state)  # strict: the masters are no strangers
+
+
+def masters_of(state):
+    return {key[len(MASTER):]: value for key, value in state.items()
+            if key.startswith(MASTER)}
+
+
+def test_a_fresh_model_lists_its_masters_before_any_update():
+    """So that a checkpointer that loads into the state dict in place (DCP)
+    finds every master's key; each holds the target's values in float32,
+    where the first update starts."""
+    model = Bf16Model()
+    masters = masters_of(model.state_dict())
+    assert list(masters) == [name for name, _ in
+                             model.target.named_parameters()]
+    for (name, param), master in zip(model.target.named_parameters(),
+                                     masters.values()):
+        assert master.dtype == torch.float32
+        assert torch.equal(master, param.float())
+    # What is loaded into those keys is what the first update starts from.
+    saved = Bf16Model(seed=3)
+    with torch.no_grad():
+        for param in saved.online.parameters():
+            param.add_(0.5)
+    saved.momentum_update()
+    state = model.state_dict()
+    for key, value in saved.state_dict().items():
+        state[key].copy_(value)  # in place, as DCP loads
+    model.load_state_dict(state)
+    assert masters_of(model.state_dict()).keys() == masters.keys()
+    for mine, theirs in zip(masters_of(model.state_dict()).values(),
+                            masters_of(saved.state_dict()).values()):
+        assert torch.equal(mine, theirs)
+    saved.momentum_update()
+    model.momentum_update()
+    for mine, theirs in zip(model.state_dict().values(),
+                            saved.state_dict().values()):
+        assert torch.equal(mine, theirs)
+
+
+def test_masters_exist_only_while_the_target_is_low_precision():
+    """After ``.float()``, or once a float32 model loaded a bfloat16
+    checkpoint, no master is saved, and the next update is the float32
+    EMA of the target as it is."""
+    bf16 = Bf16Model()
+    with torch.no_grad():
+        for param in bf16.online.parameters():
+            param.add_(0.5)
+    bf16.momentum_update()
+    checkpoint = bf16.state_dict()
+    assert masters_of(checkpoint)
+    for model in (bf16.float(), Bf16Model(seed=1).float()):
+        if model is not bf16:
+            model.load_state_dict(checkpoint)  # strict
+        assert not masters_of(model.state_dict())
+        reference = float64_copy(params(model.target))
+        model.momentum_update()
+        assert not masters_of(model.state_dict())
+        reference = [0.99 * ref + 0.01 * online.double() for ref, online in
+                     zip(reference, params(model.online))]
+        for param, ref in zip(params(model.target), reference):
+            assert param.dtype == torch.float32
+            torch.testing.assert_close(param.double(), ref, rtol=1e-6,
+                                       atol=1e-7)
+
+
+def test_a_model_built_on_the_meta_device_loads_its_masters_by_assign():
+    """``load_state_dict(..., assign=True)`` into a model built under
+    ``torch.device('meta')`` keeps the masters until the target has values,
+    and the next update continues them bit for bit."""
+    saved = Bf16Model()
+    with torch.no_grad():
+        for param in saved.online.parameters():
+            param.add_(0.5)
+    saved.momentum_update()
+    checkpoint = {key: value.clone() for key, value in
+                  saved.state_dict().items()}
+    with torch.device('meta'):
+        model = Bf16Model(seed=1)
+    assert not masters_of(model.state_dict())  # nothing to list yet
+    model.load_state_dict(checkpoint, assign=True)
+    for mine, theirs in zip(masters_of(model.state_dict()).values(),
+                            masters_of(checkpoint).values()):
+        assert torch.equal(mine, theirs)
+    saved.momentum_update()
+    model.momentum_update()
+    for mine, theirs in zip(model.state_dict().items(),
+                            saved.state_dict().items()):
+        assert mine[0] == theirs[0] and torch.equal(mine[1], theirs[1])
+
+
+def checkpointed_linears(model):
+    """``model`` with each Linear in a ``checkpoint_wrapper``, whose
+    ``_checkpoint_wrapped_module.`` its state-dict keys leave out."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing)
+    apply_activation_checkpointing(
+        model, check_fn=lambda module: isinstance(module, nn.Linear))
+    return model
+
+
+@pytest.mark.parametrize('wrap', [lambda model: model, checkpointed_linears],
+                         ids=['plain', 'checkpoint_wrapper'])
+def test_torch_s_state_dict_functions_carry_the_masters(wrap):
+    """``get_model_state_dict`` and ``set_model_state_dict`` (full or not)
+    round-trip a bfloat16 model with its masters, bit for bit, under the
+    target's own state-dict names."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, set_model_state_dict)
+    saved = wrap(Bf16Model())
+    with torch.no_grad():
+        for param in saved.online.parameters():
+            param.add_(0.5)
+    for _ in range(3):
+        saved.momentum_update()
+    names = list(saved.target.state_dict())
+    assert names == ['0.weight', '0.bias', '2.weight', '2.bias']
+    for full in (False, True):
+        options = StateDictOptions(full_state_dict=full)
+        state = get_model_state_dict(saved, options=options)
+        assert state.keys() == saved.state_dict().keys()
+        assert list(masters_of(state)) == names
+        model = wrap(Bf16Model(seed=1))
+        set_model_state_dict(model, state, options=options)
+        for mine, theirs in zip(model.state_dict().items(),
+                                saved.state_dict().items()):
+            assert mine[0] == theirs[0] and torch.equal(mine[1], theirs[1])
 
 
 def test_an_older_checkpoint_restarts_the_masters_from_the_loaded_target():
@@ -192,14 +320,17 @@ def flexible_run(out_dir, rank, resume, stage):
         resume_from=osp.join(directory, 'iter_4.pth') if resume else None)
     runner.train()
     model = unwrapped(runner)
+    # The whole model as rank 0 gathers it (a collective; {} on rank 1).
+    exported = {f'exported.{key}': value for key, value in
+                full_state_dict(runner.model).items()}
     if stage == 3:  # each rank's partitions, as each rank holds them
         return {name: param.ds_tensor.detach().clone() for name, param in
                 model.named_parameters()} | {
             key: value.detach().clone()
             for key, value in model.state_dict().items()
-            if key.startswith(MASTER)}
+            if key.startswith(MASTER)} | exported
     return {key: value.detach().clone()
-            for key, value in model.state_dict().items()}
+            for key, value in model.state_dict().items()} | exported
 
 
 def flexible_main(rank, port, out_dir, resume, stage):
@@ -223,11 +354,27 @@ def test_flexible_runner_deepspeed_bf16_resume_is_bit_for_bit(tmp_path,
                              (free_port(), out_dir, resume, stage), out_dir,
                              'spawn')
         finals.append([rank['run'] for rank in ranks])
-    for straight, resumed in zip(*finals):
+    for rank, (straight, resumed) in enumerate(zip(*finals)):
         assert isinstance(straight, dict) and isinstance(resumed, dict), \
             (straight, resumed)
         assert straight.keys() == resumed.keys()
         assert any(key.startswith(MASTER) for key in straight)
+        # full_state_dict: whole masters under ZeRO-2, none under ZeRO-3
+        # (each rank's are partitions, which travel in its own file).
+        exported = [key for key in straight if key.startswith('exported.')]
+        assert bool(exported) == (rank == 0)
+        exported_masters = [key for key in exported
+                            if key.startswith('exported.' + MASTER)]
+        if stage == 3:
+            assert not exported_masters
+            # A persistent parameter's gathered copy, which the export
+            # reads, restarts its master on resume (docs/precision.md): it
+            # may differ from the uninterrupted run's by one rounding.
+            for key in exported:
+                del straight[key], resumed[key]
+        elif rank == 0:
+            assert exported_masters == [f'exported.{key}' for key in straight
+                                        if key.startswith(MASTER)]
         assert straight['target_net.0.weight'].dtype == BF16
         assert not torch.equal(straight['target_net.0.weight'],
                                straight['online_net.0.weight'])

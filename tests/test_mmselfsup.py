@@ -83,7 +83,7 @@ images = torch.randn(8, 3, 16, 16)
 data = [dict(img=[x, x.flip(-1) + 0.1 * torch.randn_like(x)])
         for x in images.split(2)]
 
-def train(hook, work_dir):
+def train(hook, work_dir, beside=None):
     os.makedirs(work_dir)
     torch.manual_seed(0)
     model = build_algorithm(cfg.model)
@@ -97,6 +97,8 @@ def train(hook, work_dir):
         lr_config=None,
         optimizer_config=DistOptimizerHook(**cfg.optimizer_config))
     runner.register_hook(hook)
+    if beside is not None:
+        runner.register_hook(beside)
     recorder = Recorder()
     runner.register_hook(recorder, priority='LOWEST')
     runner.run([DataLoader(data, batch_size=None)], [('train', 1)])
@@ -113,6 +115,12 @@ try:  # MMSelfSup's hook would train on with the target off the steps
     refused = None
 except ValueError as error:
     refused = str(error)
+try:  # the README's line added beside the config's own BYOLHook
+    train(build_from_cfg(hook_cfg, HOOKS), 'both',
+          beside=SelfSupHook(**args))
+    both = None
+except ValueError as error:
+    both = str(error)
 state_ours, state_theirs = (m.target_net.state_dict()
                             for m in (model_ours, model_theirs))
 torch.manual_seed(0)  # seed 0 again: the initial weights
@@ -120,7 +128,7 @@ initial = build_algorithm(cfg.model)
 initial.init_weights()
 print(json.dumps(dict(
     shipped=shipped, plain_before=plain_before, built=name(type(ours)),
-    refused=refused,
+    refused=refused, both=both,
     momenta_ours=momenta_ours, momenta_theirs=momenta_theirs,
     targets_equal=all(torch.equal(state_ours[k], state_theirs[k])
                       for k in state_ours),
@@ -183,6 +191,17 @@ def test_dropin_refuses_an_interval_off_distoptimizerhook_steps(
     assert report['refused'].startswith(
         'update_interval=1 does not follow the optimizer, which steps every '
         '2 iterations (DistOptimizerHook accumulates over 2)')
+
+
+def test_our_hook_beside_mmselfsups_own_is_refused(mmselfsup_order):
+    report, _ = mmselfsup_order
+    message = report['both']
+    assert message.startswith('the runner has 2 momentum hooks, ')
+    assert f'{SELFSUP_HOOK}(end_momentum=1.0, update_interval=2)' in message
+    keep = message[message.index('Keep one: '):]
+    assert keep.startswith("Keep one: keep runner.hooks[")
+    assert f"{OURS['mmcv']}(end_momentum=1.0, update_interval=2) and " \
+        "delete the other package's hook" in keep
 
 
 def test_the_run_log_names_the_hook_and_its_arguments(mmselfsup_order):

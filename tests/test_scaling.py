@@ -294,41 +294,269 @@ def test_the_plain_loop_example_uses_the_scaled_momenta():
 
 # -- the experiment's grid -------------------------------------------------
 
-def test_the_grid_scales_the_lr_in_both_arms_and_the_momentum_in_one():
-    from momentum_hook.demo.scaling import arms, markdown_table
-    grid = arms([1, 4], batch=128, lr=5e-3)
-    assert [name for name, _, _ in grid] == [
-        '1B per update', '4B per update', '4B scaled']
-    (_, _, one), (_, _, plain), (_, _, scaled) = grid
-    assert one == ['data.samples_per_gpu=128', 'optimizer.lr=0.005']
-    assert plain == ['data.samples_per_gpu=512', 'optimizer.lr=0.01']
-    assert scaled == plain + ['custom_hooks.0.base_batch_size=128']
-    runs = [{'1-shot': 0.5, '5-shot': 0.6, 'knn': 0.7, 'seconds': 10.},
-            {'1-shot': 0.7, '5-shot': 0.8, 'knn': 0.9, 'seconds': 12.}]
-    table = markdown_table(dict(arms=[dict(name='4B scaled', multiplier=4,
-                                           lr=0.01, runs=runs)]))
-    assert table.splitlines()[-1] == (
-        '| 4B scaled | m ** 4 | 0.01 | 2 | 0.600 ± 0.141 | 0.700 ± 0.141 | '
-        '0.800 ± 0.141 | 11 ± 1 |')
+def test_adam_sde_rule_and_the_arms():
+    """Malladi et al.'s rule written out for kappa = 4: lr x 2, 1 - beta
+    x 4, eps / 2, weight decay x 2 (lr x wd per sample kept)."""
+    from momentum_hook.demo.scaling import adam_sde, arms
+    base = dict(lr=5e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+    rule = adam_sde(4, **base)
+    assert rule['lr'] == pytest.approx(1e-2)
+    assert rule['betas'] == pytest.approx((0.6, 0.996))
+    assert rule['eps'] == pytest.approx(5e-9)
+    assert rule['weight_decay'] == pytest.approx(2e-2)
+    # decay per sample: lr * wd / batch is kept at 4x the batch
+    assert rule['lr'] * rule['weight_decay'] / 4 == pytest.approx(
+        base['lr'] * base['weight_decay'])
+    assert adam_sde(1, **base) == dict(base)
+    with pytest.raises(ValueError, match='kappa=20 is too large'):
+        adam_sde(20, **base)
+    one, scaled, plain = arms(64, 4, base)
+    assert (one['batch'], one['momentum_kappa'], one['optimizer']) == (
+        64, 1, base)
+    assert (scaled['batch'], scaled['momentum_kappa']) == (256, 4)
+    assert (plain['batch'], plain['momentum_kappa']) == (256, 1)
+    assert scaled['optimizer'] == plain['optimizer'] == rule
+
+
+def _trajectories(values):
+    return {seed: [dict(samples=s, **{m: v for m in (
+        'heldout loss', '1-shot', '5-shot', 'knn')}) for s, v in enumerate(
+            points)] for seed, points in enumerate(values)}
+
+
+@pytest.mark.parametrize('scaled, plain, word', [
+    ([[0, 1.0, 1.0]] * 3, [[0, 2., 2.]] * 3, 'rule supported'),
+    ([[0, 1.0, 1.0]] * 3, [[0, 1.0, 1.01]] * 3, 'no difference at this scale'),
+    ([[0, 2., 1.0]] * 3, [[0, 2., 2.]] * 3, 'optimizer rule not met'),
+    ([[0, 2., 2.]] * 3, [[0, 1.0, 1.0]] * 3, 'rule contradicted'),
+])
+def test_the_pass_criterion(scaled, plain, word):
+    """B: 0.9, 1.0, 1.1 at each point after the warm-up (band 1 +- 0.2);
+    point 0 is the warm-up and is not judged."""
+    from momentum_hook.demo.scaling import verdict
+    results = {'B': _trajectories([[5, .9, .9], [5, 1., 1.], [5, 1.1, 1.1]]),
+               '4B scaled': _trajectories(scaled),
+               '4B per update': _trajectories(plain)}
+    for metric, (got, _) in verdict(results, warmup=0).items():
+        assert got == word, metric
+
+
+def test_the_seed_paired_gaps():
+    from momentum_hook.demo.scaling import paired_gaps
+    results = {'B': _trajectories([[5, .9, .9], [5, 1., 1.], [5, 1.1, 1.1]]),
+               '4B scaled': _trajectories([[0, 1., 1.]] * 3),
+               '4B per update': _trajectories([[0, 2., 1.]] * 3)}
+    gaps = paired_gaps(results, warmup=0)
+    assert gaps['knn']['4B scaled'] == pytest.approx((0., 0.2 / 3))
+    # per update: +1.1, +1, +0.9 at point 1; +0.1, 0, -0.1 at point 2
+    assert gaps['knn']['4B per update'] == pytest.approx((0.5, 3.2 / 6))
+    assert gaps['closer']['knn'] == (3, 6)  # point 2 is a tie
 
 
 def test_mmengine_flexible_runner_uses_the_scaled_momenta(tmp_path):
     """MMEngine's FlexibleRunner (one process, its default strategy): batch
     2 on one process, base_batch_size 8, kappa 1/4."""
-    from mmengine.runner._flexible_runner import FlexibleRunner
     torch.manual_seed(0)
     model = engine_case.TinyMomentumModel(base_momentum=0.5)
-    runner = FlexibleRunner(
-        model=model, work_dir=str(tmp_path), experiment_name='flexible',
+    runner = _flexible_runner(tmp_path, model, dict(type=engine_case.HOOK,
+                                                    base_batch_size=8))
+    runner.train()
+    expected = [reference_momentum(k, 4, 0.5)**0.25 for k in range(4)]
+    assert model.seen == pytest.approx(expected, rel=0, abs=1e-15)
+    assert engine_case.logged_momenta(runner) == model.seen
+
+
+# -- base_batch_size='auto': MMEngine's auto_scale_lr ------------------------
+
+def _flexible_runner(work_dir, model, hook, **kwargs):
+    from mmengine.runner._flexible_runner import FlexibleRunner
+    return FlexibleRunner(
+        model=model, work_dir=str(work_dir),
+        experiment_name=f'flexible_{next(engine_case._run_ids)}',
         train_dataloader=dict(
             dataset=engine_case.TinySamples(8), batch_size=2,
             sampler=dict(type='DefaultSampler', shuffle=False),
             collate_fn=dict(type='default_collate')),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
         train_cfg=dict(by_epoch=False, max_iters=4),
-        default_hooks=dict(checkpoint=None),
-        custom_hooks=[dict(type=engine_case.HOOK, base_batch_size=8)])
+        default_hooks=dict(checkpoint=None), custom_hooks=[hook], **kwargs)
+
+
+def _auto_runner(kind, work_dir, model, **kwargs):
+    hook = dict(type=engine_case.HOOK, base_batch_size='auto')
+    if kind == 'FlexibleRunner':
+        return _flexible_runner(work_dir, model, hook, **kwargs)
+    return engine_case.build_runner(work_dir, model, [hook], iters=4,
+                                    **kwargs)
+
+
+@pytest.mark.parametrize('kind', ['Runner', 'FlexibleRunner'])
+def test_mmengine_auto_takes_base_batch_size_from_auto_scale_lr(tmp_path,
+                                                                kind):
+    """auto_scale_lr base 8, batch 2 on one process: MMEngine scales the
+    learning rate by 2 / 8 and the hook uses m ** (2 / 8)."""
+    torch.manual_seed(0)
+    model = engine_case.TinyMomentumModel(base_momentum=0.5)
+    runner = _auto_runner(kind, tmp_path, model, auto_scale_lr=dict(
+        enable=True, base_batch_size=8))
     runner.train()
     expected = [reference_momentum(k, 4, 0.5)**0.25 for k in range(4)]
     assert model.seen == pytest.approx(expected, rel=0, abs=1e-15)
     assert engine_case.logged_momenta(runner) == model.seen
+    lrs = [group['lr'] for group in runner.optim_wrapper.param_groups]
+    assert lrs == [pytest.approx(0.1 * 2 / 8)]  # the LR followed it too
+    log, = tmp_path.glob('*/*.log')
+    assert ("base_batch_size='auto' (auto_scale_lr.base_batch_size=8)) "
+            'schedules') in log.read_text()
+
+
+@pytest.mark.parametrize('kind', ['Runner', 'FlexibleRunner'])
+@pytest.mark.parametrize('auto_scale_lr, words', [
+    (None, 'the runner has auto_scale_lr=None: add auto_scale_lr=dict('
+     'enable=True, base_batch_size=N) to the config'),
+    (dict(enable=False, base_batch_size=8), "it is disabled ({'enable': "
+     "False, 'base_batch_size': 8}), so the learning rate is not scaled "
+     'either: set enable=True'),
+    (dict(base_batch_size=8), 'it is disabled'),
+], ids=['missing', 'disabled', 'no_enable'])
+def test_mmengine_auto_without_auto_scale_lr_is_refused_before_iteration_one(
+        tmp_path, kind, auto_scale_lr, words):
+    model = engine_case.TinyMomentumModel(base_momentum=0.5)
+    runner = _auto_runner(kind, tmp_path, model, auto_scale_lr=auto_scale_lr)
+    with pytest.raises(ValueError) as raised:
+        runner.train()
+    assert words in str(raised.value)
+    assert 'base_batch_size=N, the samples per target update' in str(
+        raised.value)
+    assert model.seen == []
+
+
+def test_mmcv_hook_refuses_auto_when_built():
+    with pytest.raises(ValueError, match="base_batch_size='auto' follows "
+                       "MMEngine's auto_scale_lr, which mmcv 1.x runners do "
+                       'not have: give the hook base_batch_size=N'):
+        build_from_cfg(dict(type='momentum_hook.MomentumUpdateHook',
+                            base_batch_size='auto'), MMCV_HOOKS)
+
+
+# -- the EMA-only replay ---------------------------------------------------
+
+def _small_replay(kappas):
+    from momentum_hook.demo.data import load_digits_split
+    from momentum_hook.demo.ema_replay import replay
+    images = load_digits_split('train')[0][:256]
+    settings = dict(
+        batch=16, samples=16 * 240, warmup=16 * 24, images=images,
+        model=dict(widths=(4, 8, 8), hidden_dim=16, proj_dim=8,
+                   base_momentum=0.98),
+        optimizer=dict(lr=5e-3, betas=(0.9, 0.999), eps=1e-8,
+                       weight_decay=1e-2),
+        augment=dict(degrees=15., scale=(0.85, 1.15), shear=10., shift=1.,
+                     brightness=0.4, noise=0.1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: threads only wait on each other
+    try:
+        return replay(settings, kappas=kappas, seed=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_replay_shadows_at_kappa_one_are_the_target():
+    """A shadow that sees every update is the target itself (float64
+    replay of the same schedule): the replay pairs them correctly."""
+    result = _small_replay(kappas=(1, ))
+    assert result['updates'] == 240 and result['total_move'] > 0
+    for name in ('kappa=1, m ** kappa', 'kappa=1, m'):
+        assert len(result['curves'][name]) == 240
+        assert max(d for _, d in result['curves'][name]) < 1e-5
+
+
+def test_replay_m_to_the_kappa_keeps_the_target_and_m_does_not():
+    """The rule's property on a real BYOL run: a target that sees the
+    online network every 4 or 8 updates stays within a few percent of the
+    real target's total move with m ** kappa, and lags several times
+    further with m."""
+    result = _small_replay(kappas=(4, 8))
+    for kappa in (4, 8):
+        power = result['curves'][f'kappa={kappa}, m ** kappa']
+        plain = result['curves'][f'kappa={kappa}, m']
+        assert len(power) == len(plain) == 240 // kappa
+        worst_power = max(d for _, d in power)
+        worst_plain = max(d for _, d in plain)
+        assert 0 < worst_power < 0.1
+        assert worst_plain > 0.3
+        assert worst_plain > 5 * worst_power
+
+
+def test_the_accumulation_advice_makes_mmengines_lr_ratio_kappa(tmp_path):
+    """docs/scaling.md's config for accumulation, on a real Runner (batch 2,
+    one process): MMEngine's learning-rate ratio and the hook's kappa are
+    both the samples per update over 4096."""
+    from doc_snippets import code_block
+    from momentum_hook.mmengine_hook import MomentumUpdateHook
+    namespace = {}
+    exec(code_block('docs/scaling.md', "MMEngine's `auto_scale_lr`",
+                    containing='accumulative_counts = 32'), namespace)
+    counts = namespace['accumulative_counts']
+    hook = dict(namespace['custom_hooks'][0], type=engine_case.HOOK)
+    runner = engine_case.build_runner(
+        tmp_path, engine_case.TinyMomentumModel(base_momentum=0.5), [hook],
+        iters=2 * counts, accumulative_counts=counts,
+        auto_scale_lr=namespace['auto_scale_lr'])
+    runner.train()
+    kappa, = [h.updater.kappa for h in runner.hooks
+              if isinstance(h, MomentumUpdateHook)]
+    ratio = runner.optim_wrapper.param_groups[0]['lr'] / 0.1
+    assert kappa == 2 * counts / 4096
+    assert ratio == pytest.approx(kappa, rel=1e-12)
+
+
+def test_mmengine_auto_with_accumulation_says_what_the_lr_counts(tmp_path):
+    runner = engine_case.build_runner(
+        tmp_path, engine_case.TinyMomentumModel(base_momentum=0.5),
+        [dict(type=engine_case.HOOK, update_interval=2,
+              base_batch_size='auto')], iters=4, accumulative_counts=2,
+        auto_scale_lr=dict(enable=True, base_batch_size=8))
+    runner.train()
+    log, = tmp_path.glob('*/*.log')
+    assert ('auto_scale_lr scales the learning rate by the samples per '
+            'iteration, 2 times fewer') in log.read_text()
+
+
+@pytest.mark.parametrize('kappa, half, three_quarters', [
+    (2, 0.0016, 0.0039), (4, 0.0048, 0.0117), (8, 0.0111, 0.0276)])
+def test_product_form_gap_is_the_table_of_the_docs(kappa, half,
+                                                   three_quarters):
+    """kappa updates at the cosine's values against one at the kappa-th
+    power of the first: docs/scaling.md's table (rounded), zero for a
+    constant momentum, and the first-order formula of the docs."""
+    from momentum_hook.demo.ema_replay import product_form_gap
+    gaps = dict(product_form_gap(0.99, 1., 980, kappa))
+    at = {q: gaps[min(gaps, key=lambda f: abs(f - q))] for q in (.5, .75)}
+    assert at[.5] == pytest.approx(half, abs=5e-5)
+    assert at[.75] == pytest.approx(three_quarters, abs=5e-5)
+    assert all(abs(g) < 1e-12  # m ** k and k products of m: a few ulps
+               for _, g in product_form_gap(0.99, 0.99, 980, kappa))
+    j = 980 // kappa // 2
+    m = [reference_momentum(j * kappa + i, 980, 0.99) for i in range(kappa)]
+    delta = m[1] - m[0]
+    product = 1.
+    for value in m:
+        product *= value
+    first_order = kappa * (kappa - 1) / 2 * delta * m[0]**(kappa - 1)
+    assert product - m[0]**kappa == pytest.approx(first_order, rel=1e-3)
+
+
+def test_updater_with_auto_and_no_auto_scale_lr_refuses_to_start():
+    """Without a runner nothing supplies auto_scale_lr: the updater says so
+    instead of failing on None."""
+    from momentum_hook.updater import MomentumUpdater
+    updater = MomentumUpdater(base_batch_size='auto')
+    model = engine_case.TinyMomentumModel()
+    updater.check_run(model, 4)
+    with pytest.raises(ValueError, match="base_batch_size='auto' takes the "
+                       "base_batch_size of MMEngine's auto_scale_lr"):
+        updater.start(model, 4, lambda: DataLoader(range(4), batch_size=2))
+    updater.use_auto_scale_lr(dict(enable=True, base_batch_size=8))
+    updater.start(model, 4, lambda: DataLoader(range(4), batch_size=2))
+    assert updater.kappa == 0.25

@@ -26,7 +26,7 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.distributed.tensor import DTensor, Shard
 
 from momentum_hook import momentum_update_
-from momentum_hook.local_shards import check_zero_config
+from momentum_hook.zero import check_zero_config
 from momentum_hook.sharding import fully_shard_pair
 
 POLICIES = ('keep', 'copy', 'average')

@@ -21,7 +21,8 @@ from torch import nn
 
 from momentum_hook import MomentumTargetMixin, MomentumUpdater, \
     momentum_update_, scaled_momentum
-from momentum_hook import ema, validation
+from momentum_hook import plan as plan_module
+from momentum_hook import validation
 
 
 def networks():
@@ -227,11 +228,11 @@ def test_another_online_network_and_another_buffer_policy_replan():
 def test_the_cache_keeps_no_dead_network_alive():
     online, target = networks()
     momentum_update_(target, online, 0.5)
-    assert target in ema._STATELESS_PLANS
+    assert target in plan_module._STATELESS_PLANS
     weights = weakref.ref(online[0].weight), weakref.ref(target[0].weight)
     del online
     gc.collect()
-    assert target not in ema._STATELESS_PLANS  # the online network died
+    assert target not in plan_module._STATELESS_PLANS  # the online network died
     assert weights[0]() is None
     momentum_update_(target, networks()[0], 0.5)
     del target

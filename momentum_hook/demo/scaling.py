@@ -1,153 +1,388 @@
-"""``python -m momentum_hook.demo.scaling``: the EMA scaling rule on the demo.
+"""``python -m momentum_hook.demo.scaling``: BYOL at batch B and at κB.
 
-Trains the demo's BYOL (``configs/byol_digits.py``, batch ``B`` =
-``data.samples_per_gpu``) at ``B`` and at larger batches ``n * B``, each
-with and without the hook's ``base_batch_size=B`` (momentum ``m ** n``
-instead of ``m``), for several seeds, and prints a markdown table of the
-held-out 1-shot, 5-shot and kNN accuracy (mean and standard deviation over
-the seeds) and the wall time of each arm.
+Does the EMA scaling rule keep the demo's BYOL on the trajectory of batch
+``B`` when the batch grows to ``κB``, if the optimizer keeps it there too?
+Three arms train the demo's model (``configs/byol_digits.py``'s network,
+``base_momentum`` 0.99 rising to 1 along a cosine) on the same images, in
+the same order, with the same two views of each and the same initial
+weights for a given seed:
 
-Both arms scale the learning rate by AdamW's square-root rule, ``lr * n **
-0.5`` (Malladi et al., "On the SDEs and Scaling Rules for Adaptive Gradient
-Algorithms", 2022); AdamW's betas and eps keep their values. All arms train
-for the same number of epochs, so a batch ``n`` times larger makes ``n``
-times fewer updates. At ``n = 1`` the rule changes nothing (``m ** 1 ==
-m``), so that arm is trained once.
+- ``B``: batch ``B``, AdamW at the base hyper-parameters, momentum ``m``;
+- ``κB scaled``: batch ``κB``, AdamW under the SDE scaling rule
+  (:func:`adam_sde`), momentum ``m ** κ`` (the hook's ``base_batch_size``);
+- ``κB per update``: the same, with momentum ``m``.
 
-Every run is ``python -m momentum_hook.demo`` in its own process (one CPU
-thread, as the config says), with its work dir under ``--out``; the grid's
-results are written to ``--out/scaling.json`` after each run, and
-``--table FILE`` prints the table of such a file again.
+Every arm sees the same number of samples; the learning rate warms up
+linearly over the same number of samples, then stays constant. At fixed
+numbers of samples seen, each arm is scored on the 540 held-out digits: the
+BYOL loss on fixed views of them (online prediction against the target's
+projection, both networks in eval mode), and the 1-shot, 5-shot and kNN
+accuracy of the online encoder's features.
+
+The pass criterion (:func:`verdict`), fixed before the runs: B's band at a
+point is the mean over seeds ± 2 standard deviations. An arm *stays on B* for
+a metric when its mean over seeds lies in B's band at every evaluation point
+after the warm-up. The rule is supported when the scaled arm stays on B and
+the per-update arm does not; when neither stays on B the optimizer's rule
+did not reproduce B's training, and the experiment says nothing about the
+EMA rule ("optimizer rule not met").
 """
 import argparse
 import json
 import math
 import os
-import os.path as osp
 import statistics
-import subprocess
 import sys
 import time
 
-__all__ = ['main', 'arms', 'summarise', 'markdown_table']
+import torch
 
-METRICS = ('1-shot', '5-shot', 'knn')
+__all__ = ['adam_sde', 'arms', 'sample_views', 'train_arm', 'verdict',
+           'paired_gaps', 'markdown_tables', 'demo_settings', 'main']
+
+METRICS = ('heldout loss', '1-shot', '5-shot', 'knn')
 
 
-def arms(multipliers, batch, lr):
-    """The grid's arms: ``(name, multiplier, cfg options)``.
+def adam_sde(kappa, lr, betas, eps, weight_decay):
+    """AdamW's hyper-parameters for ``kappa`` times the batch.
+
+    The square-root scaling rule of Malladi et al., "On the SDEs and Scaling
+    Rules for Adaptive Gradient Algorithms" (NeurIPS 2022):
+    ``lr * sqrt(kappa)``, ``1 - beta1`` and ``1 - beta2`` times ``kappa``,
+    ``eps / sqrt(kappa)``, and the decoupled weight decay times
+    ``sqrt(kappa)``, so that the decay per sample, ``lr * weight_decay /
+    batch``, is kept.
+
+    Returns:
+        dict: ``lr``, ``betas``, ``eps`` and ``weight_decay`` for
+        ``torch.optim.AdamW``.
+
+    Raises:
+        ValueError: If ``kappa * (1 - beta)`` reaches 1.
+    """
+    scaled = tuple(1 - kappa * (1 - beta) for beta in betas)
+    if min(scaled) <= 0:
+        raise ValueError(f'kappa={kappa} is too large for betas={betas}: '
+                         f'1 - kappa * (1 - beta) = {scaled}')
+    root = math.sqrt(kappa)
+    return dict(lr=lr * root, betas=scaled, eps=eps / root,
+                weight_decay=weight_decay * root)
+
+
+def arms(batch, kappa, optimizer):
+    """The three arms: ``dict(name, batch, kappa, momentum_kappa, optimizer)``.
+
+    ``momentum_kappa`` is the power each scheduled momentum is raised to.
+    """
+    large = adam_sde(kappa, **optimizer)
+    return [
+        dict(name='B', batch=batch, kappa=1, momentum_kappa=1,
+             optimizer=dict(optimizer)),
+        dict(name=f'{kappa}B scaled', batch=kappa * batch, kappa=kappa,
+             momentum_kappa=kappa, optimizer=large),
+        dict(name=f'{kappa}B per update', batch=kappa * batch, kappa=kappa,
+             momentum_kappa=1, optimizer=large)]
+
+
+def sample_views(images, samples, chunk, seed, augment):
+    """The run's training views: ``samples`` images drawn epoch by epoch in
+    a seeded order, two views each, drawn ``chunk`` images at a time, so
+    that every batch size that is a multiple of ``chunk`` sees the same
+    views. ``seed`` fixes the order and the views (through ``1000 +
+    seed``, so that they do not share a stream with the weights of the
+    same seed).
+
+    Returns:
+        tuple[Tensor, Tensor]: ``(samples, C, H, W)`` each.
+    """
+    from .data import two_views
+    generator = torch.Generator().manual_seed(1000 + seed)
+    order = torch.cat([torch.randperm(len(images), generator=generator)
+                       for _ in range(-(-samples // len(images)))])[:samples]
+    views = [two_views(images[order[start:start + chunk]],
+                       generator=generator, **augment)
+             for start in range(0, samples, chunk)]
+    return tuple(torch.cat(v) for v in zip(*views))
+
+
+def _evaluate(model, heldout_views, images, labels):
+    from .evaluate import evaluate_features, extract_features
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        loss = float(model.loss(*heldout_views))
+    model.train(was_training)
+    scores = evaluate_features(extract_features(model.encoder, images),
+                               labels.numpy())
+    return dict(scores, **{'heldout loss': loss})
+
+
+def train_arm(arm, seed, views, heldout, settings, on_update=None):
+    """Train one arm from the seed's initial weights; score it at
+    ``settings['eval_every']`` samples and at the end.
 
     Args:
-        multipliers (Sequence[int]): Batch multipliers ``n``.
-        batch (int): The config's batch ``B``.
-        lr (float): The config's learning rate at ``B``.
+        arm (dict): One of :func:`arms`.
+        seed (int): Seeds the initial weights.
+        views (tuple[Tensor, Tensor]): :func:`sample_views`'s views.
+        heldout (tuple, optional): ``(views, images, labels)`` of the
+            held-out split; None: no scores.
+        settings (dict): ``model`` (DigitsBYOL's arguments), ``samples``,
+            ``warmup`` (samples) and ``eval_every`` (samples; 0: only at
+            the start and the end).
+        on_update (Callable[[int, int, DigitsBYOL], None], optional): Called
+            after each target update with the 0-based update, the number of
+            updates and the model.
+
+    Returns:
+        list[dict]: One record per evaluation point: ``samples`` and the
+        metrics.
     """
-    out = []
-    for n in multipliers:
-        options = [f'data.samples_per_gpu={n * batch}',
-                   f'optimizer.lr={lr * math.sqrt(n)!r}']
-        out.append((f'{n}B per update', n, options))
-        if n != 1:
-            out.append((f'{n}B scaled', n, options + [
-                f'custom_hooks.0.base_batch_size={batch}']))
+    from momentum_hook import cosine_momentum, scaled_momentum
+
+    from .model import DigitsBYOL
+    torch.manual_seed(seed)
+    model = DigitsBYOL(**settings['model'])
+    params = [p for p in model.parameters() if p.requires_grad]
+    hp = arm['optimizer']
+    optimizer = torch.optim.AdamW(params, **hp)
+    size = arm['batch']
+    steps = settings['samples'] // size
+    trajectory = []
+    if heldout is not None:
+        trajectory.append(dict(samples=0, **_evaluate(model, *heldout)))
+    for step in range(steps):
+        seen = (step + 1) * size
+        for group in optimizer.param_groups:
+            group['lr'] = hp['lr'] * min(1., seen / settings['warmup'])
+        loss = model.loss(views[0][seen - size:seen],
+                          views[1][seen - size:seen])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        model.momentum = scaled_momentum(
+            cosine_momentum(step, steps, model.base_momentum, 1.),
+            arm['momentum_kappa'])
+        model.momentum_update()
+        if on_update is not None:
+            on_update(step, steps, model)
+        every = settings['eval_every']
+        if heldout is not None and (
+                (every and seen % every == 0) or step == steps - 1):
+            trajectory.append(dict(samples=seen,
+                                   **_evaluate(model, *heldout)))
+    return trajectory
+
+
+def _mean_sd(values):
+    return (statistics.mean(values),
+            statistics.stdev(values) if len(values) > 1 else 0.)
+
+
+def verdict(results, warmup, width=2.):
+    """Apply the pass criterion to each metric.
+
+    Args:
+        results (dict): ``{arm name: {seed: trajectory}}``, the first arm
+            being B, the second the scaled, the third the per-update arm.
+        warmup (int): Points at or before this many samples are skipped.
+        width (float): B's band is mean ± ``width`` standard deviations.
+
+    Returns:
+        dict: ``{metric: (verdict, {arm: points off B's band})}``.
+    """
+    names = list(results)
+    points = [p['samples'] for p in next(iter(results[names[0]].values()))
+              if p['samples'] > warmup]
+    out = {}
+    for metric in METRICS:
+        off = {}
+        for name in names[1:]:
+            off[name] = []
+            for index, samples in enumerate(points):
+                base = _mean_sd([_at(t, samples)[metric]
+                                 for t in results[names[0]].values()])
+                mean = _mean_sd([_at(t, samples)[metric]
+                                 for t in results[name].values()])[0]
+                if abs(mean - base[0]) > width * base[1]:
+                    off[name].append(samples)
+        scaled_on, plain_on = (not off[names[1]]), (not off[names[2]])
+        out[metric] = ({
+            (True, False): 'rule supported',
+            (True, True): 'no difference at this scale',
+            (False, False): 'optimizer rule not met',
+            (False, True): 'rule contradicted'}[scaled_on, plain_on], off)
     return out
 
 
-def _run(options, seed, work_dir, log):
-    command = [sys.executable, '-m', 'momentum_hook.demo', '--device', 'cpu',
-               '--seed', str(seed), '--work-dir', work_dir,
-               '--cfg-options', *options]
-    start = time.monotonic()
-    with open(log, 'w') as out:
-        subprocess.run(command, stdout=out, stderr=subprocess.STDOUT,
-                       check=True)
-    seconds = time.monotonic() - start
-    with open(osp.join(work_dir, 'results.json')) as f:
-        results = json.load(f)
-    return dict(results['byol'], seconds=seconds,
-                random_init=results['random_init'])
+def paired_gaps(results, warmup):
+    """Seed by seed, each large-batch arm minus B at the same samples, over
+    the points after the warm-up (a description, not the criterion).
+
+    Returns:
+        dict: ``{metric: {arm: (mean gap, mean absolute gap)}, 'closer':
+        {metric: (points where the scaled arm is nearer B, points)}}``.
+    """
+    names = list(results)
+    out, closer = {}, {}
+    for metric in METRICS:
+        gaps = {name: [] for name in names[1:]}
+        for seed, base in results[names[0]].items():
+            for point in base:
+                if point['samples'] <= warmup:
+                    continue
+                for name in names[1:]:
+                    gaps[name].append(_at(results[name][seed],
+                                          point['samples'])[metric]
+                                      - point[metric])
+        out[metric] = {name: (statistics.mean(g),
+                              statistics.mean(map(abs, g)))
+                       for name, g in gaps.items()}
+        scaled, plain = gaps[names[1]], gaps[names[2]]
+        closer[metric] = (sum(abs(a) < abs(b) for a, b in zip(scaled, plain)),
+                          len(scaled))
+    out['closer'] = closer
+    return out
 
 
-def summarise(runs):
-    """Mean and sample standard deviation of each metric over seeds."""
-    summary = {}
-    for metric in METRICS + ('seconds', ):
-        values = [run[metric] for run in runs]
-        summary[metric] = (statistics.mean(values),
-                           statistics.stdev(values) if len(values) > 1 else 0.)
-    return summary
+def _at(trajectory, samples):
+    return next(p for p in trajectory if p['samples'] == samples)
 
 
-def markdown_table(grid):
-    """The table of :func:`main`'s JSON: one row per arm."""
-    rows = ['| arm | momentum | lr | seeds | 1-shot | 5-shot | kNN | '
-            'wall time per run (s) |', '|' + ' --- |' * 8]
-    for arm in grid['arms']:
-        s = summarise(arm['runs'])
-        cells = [f'{s[m][0]:.3f} ± {s[m][1]:.3f}' for m in METRICS]
-        rule = ('m ** %d' % arm['multiplier'] if 'scaled' in arm['name']
-                else 'm')
-        rows.append(f"| {arm['name']} | {rule} | {arm['lr']:.4g} | "
-                    f"{len(arm['runs'])} | {' | '.join(cells)} | "
-                    f"{s['seconds'][0]:.0f} ± {s['seconds'][1]:.0f} |")
-    untrained = [run['random_init'] for run in grid['arms'][0]['runs']
-                 if 'random_init' in run]
-    if untrained:  # the same seeds' encoders before training
-        s = summarise([dict(run, seconds=0.) for run in untrained])
-        cells = [f'{s[m][0]:.3f} ± {s[m][1]:.3f}' for m in METRICS]
-        rows.append(f"| untrained encoder | | | {len(untrained)} | "
-                    f"{' | '.join(cells)} | |")
-    return '\n'.join(rows)
+def markdown_tables(grid):
+    """One table per metric: mean ± sd over seeds of each arm at each
+    evaluation point, then the verdicts."""
+    results = grid['results']
+    names = list(results)
+    points = [p['samples'] for p in next(iter(results[names[0]].values()))]
+    lines = []
+    for metric in METRICS:
+        lines += [f'**{metric}**', '',
+                  '| samples seen | ' + ' | '.join(names) + ' |',
+                  '|' + ' --- |' * (len(names) + 1)]
+        for samples in points:
+            cells = []
+            for name in names:
+                mean, sd = _mean_sd([_at(t, samples)[metric]
+                                     for t in results[name].values()])
+                cells.append(f'{mean:.3f} ± {sd:.3f}')
+            lines.append(f'| {samples} | ' + ' | '.join(cells) + ' |')
+        lines.append('')
+    lines += ['| metric | verdict | points off B\'s band (scaled) | '
+              'points off B\'s band (per update) |', '|' + ' --- |' * 4]
+    for metric, (word, off) in verdict(results, grid['warmup']).items():
+        lines.append(f'| {metric} | {word} | '
+                     + ' | '.join(', '.join(map(str, off[n])) or 'none'
+                                  for n in names[1:]) + ' |')
+    gaps = paired_gaps(results, grid['warmup'])
+    lines += ['', '| metric | ' + ' | '.join(
+        f'{n} - B: mean, mean abs' for n in names[1:])
+        + ' | scaled nearer B than per update |', '|' + ' --- |' * 4]
+    for metric in METRICS:
+        lines.append(f'| {metric} | ' + ' | '.join(
+            '{:+.4f}, {:.4f}'.format(*gaps[metric][n]) for n in names[1:])
+            + ' | {} of {} |'.format(*gaps['closer'][metric]))
+    return '\n'.join(lines)
+
+
+#: B, the samples every arm sees, the samples of the warm-up and between
+#: two evaluations.
+DEFAULTS = dict(batch=64, samples=98_304, warmup=8_192, eval_every=16_384)
+
+
+def demo_settings(**overrides):
+    """The experiment's settings: :data:`DEFAULTS` with ``overrides``, and
+    the model, AdamW's base hyper-parameters and the augmentation of
+    ``configs/byol_digits.py``.
+
+    Returns:
+        dict: ``batch``, ``samples``, ``warmup``, ``eval_every`` and
+        ``model``, ``optimizer``, ``augment`` (keyword arguments of
+        ``DigitsBYOL``, ``torch.optim.AdamW`` and ``two_views``).
+    """
+    from .train import default_config_path, load_config
+    cfg = load_config(default_config_path())
+    return dict(
+        DEFAULTS, **overrides,
+        model={k: v for k, v in cfg.model.items() if k != 'type'},
+        optimizer=dict(lr=cfg.optimizer.lr, betas=(0.9, 0.999), eps=1e-8,
+                       weight_decay=cfg.optimizer.weight_decay),
+        augment={k: v for k, v in cfg.data.train.items()
+                 if k not in ('type', 'repeat', 'heldout_fraction',
+                              'split_seed')})
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog='python -m momentum_hook.demo.scaling', description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--out', default='work_dirs/scaling',
-                        help='where the runs and scaling.json go')
-    parser.add_argument('--multipliers', type=int, nargs='+',
-                        default=[1, 4, 8], help='batch multipliers n')
+    parser.add_argument('--out', default='work_dirs/scaling')
+    parser.add_argument('--batch', type=int, default=DEFAULTS['batch'],
+                        help='B')
+    parser.add_argument('--kappa', type=int, default=4)
+    parser.add_argument('--samples', type=int, default=DEFAULTS['samples'],
+                        help='samples seen by every arm')
+    parser.add_argument('--warmup', type=int, default=DEFAULTS['warmup'],
+                        help='samples of the linear learning-rate warm-up')
+    parser.add_argument('--eval-every', type=int,
+                        default=DEFAULTS['eval_every'],
+                        help='samples between evaluations')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-    parser.add_argument('--epochs', type=int, default=5,
-                        help='runner.max_epochs of every run (default: the '
-                        "config's 5)")
     parser.add_argument('--table', metavar='JSON',
-                        help='only print the table of a scaling.json')
+                        help='only print the tables of a scaling.json')
     return parser.parse_args(argv)
 
 
 def main(argv=None):
-    """Run the grid (or print a saved one) and print its table."""
+    """Run the three arms for every seed (or print a saved run's tables)."""
     args = parse_args(argv)
     if args.table:
         with open(args.table) as f:
-            print(markdown_table(json.load(f)))
+            print(markdown_tables(json.load(f)))
         return 0
-    from .train import default_config_path, load_config
-    cfg = load_config(default_config_path())
-    batch, lr = cfg.data.samples_per_gpu, cfg.optimizer.lr
+    for name in ('samples', 'eval_every'):
+        if getattr(args, name) % (args.kappa * args.batch):
+            raise ValueError(
+                f'--{name.replace("_", "-")} must be a multiple of kappa x '
+                f'batch = {args.kappa * args.batch}, so that every arm is '
+                f'scored at the same samples, got {getattr(args, name)}')
+    from .data import load_digits_split, two_views
+    torch.set_num_threads(1)
+    settings = demo_settings(batch=args.batch, samples=args.samples,
+                             warmup=args.warmup, eval_every=args.eval_every)
+    augment = settings['augment']
+    grid = dict(batch=args.batch, kappa=args.kappa, samples=args.samples,
+                warmup=args.warmup, eval_every=args.eval_every,
+                seeds=args.seeds, model=settings['model'],
+                arms=arms(args.batch, args.kappa, settings['optimizer']),
+                results={}, seconds={})
+    train_images, _ = load_digits_split('train')
+    images, labels = load_digits_split('heldout')
+    heldout_views = two_views(
+        images, generator=torch.Generator().manual_seed(12345), **augment)
     os.makedirs(args.out, exist_ok=True)
-    grid = dict(batch=batch, epochs=args.epochs, seeds=args.seeds, arms=[])
-    path = osp.join(args.out, 'scaling.json')
-    for name, n, options in arms(args.multipliers, batch, lr):
-        grid['arms'].append(dict(
-            name=name, multiplier=n, lr=lr * math.sqrt(n),
-            options=options + [f'runner.max_epochs={args.epochs}'], runs=[]))
-    for seed in args.seeds:  # seeds outermost: every arm sees the same load
+    path = os.path.join(args.out, 'scaling.json')
+    print(__doc__[__doc__.index('The pass criterion'):], flush=True)
+    start = time.monotonic()
+    for seed in args.seeds:
+        views = sample_views(train_images, args.samples, args.batch, seed,
+                             augment)
         for arm in grid['arms']:
-            work_dir = osp.join(args.out,
-                                f"{arm['name'].replace(' ', '_')}_{seed}")
-            os.makedirs(work_dir, exist_ok=True)
-            arm['runs'].append(dict(_run(arm['options'], seed, work_dir,
-                                         osp.join(work_dir, 'out.txt')),
-                                    seed=seed))
-            print(f"{arm['name']}, seed {seed}: {arm['runs'][-1]}",
-                  flush=True)
+            tick = time.monotonic()
+            trajectory = train_arm(arm, seed, views,
+                                   (heldout_views, images, labels), settings)
+            grid['results'].setdefault(arm['name'], {})[seed] = trajectory
+            grid['seconds'].setdefault(arm['name'], []).append(
+                time.monotonic() - tick)
+            print(f"{arm['name']}, seed {seed}: {trajectory[-1]} "
+                  f'({time.monotonic() - tick:.0f} s)', flush=True)
             with open(path, 'w') as f:
-                json.dump(grid, f, indent=2)
-    print(markdown_table(grid))
-    print(f'Results: {path}')
+                json.dump(grid, f, indent=1)
+    grid['total_seconds'] = time.monotonic() - start
+    with open(path, 'w') as f:
+        json.dump(grid, f, indent=1)
+    print(markdown_tables(grid))
+    print(f"{grid['total_seconds']:.0f} s in all. Results: {path}")
     return 0
 
 

@@ -1,0 +1,85 @@
+"""One verdict on every rank: the cross-rank check at planning time.
+
+A refusal raised on some ranks only would leave the others waiting in their
+next collective; :func:`agree_across_ranks` shares each rank's verdict once,
+where every rank is at the same point, so that all raise together. Nothing
+here imports ``torch.distributed``.
+"""
+import sys
+
+__all__ = ['world_size', 'group_position', 'agree_across_ranks']
+
+
+def world_size():
+    """The default process group's size, or 1 without one (no import)."""
+    distributed = sys.modules.get('torch.distributed')
+    if (distributed is None or not distributed.is_available() or
+            not distributed.is_initialized()):
+        return 1
+    return distributed.get_world_size()
+
+
+def _ranks(ranks):
+    return f'rank{"s" if len(ranks) > 1 else ""} {", ".join(map(str, ranks))}'
+
+
+def agree_across_ranks(plan):
+    """Run ``plan()`` on every rank and reach one verdict on all of them.
+
+    A refusal raised on some ranks only (a shard laid out differently on one
+    rank) would leave the others to go on into their next collective and
+    block there until the process group's timeout. So each rank plans, then
+    every rank of the default process group shares whether and why it
+    refused (one ``all_gather_object`` of a short string, at plan time
+    only), and every rank raises the same error, naming the ranks that
+    refused. Without a process group (or with one rank) nothing is
+    communicated.
+
+    Args:
+        plan (Callable[[], Any]): Plans and checks; may raise.
+
+    Returns:
+        Any: What ``plan()`` returned, when no rank refused.
+
+    Raises:
+        ValueError, TypeError: The first refusing rank's error (its type;
+            other exception types become RuntimeError on the other ranks),
+            on every rank.
+    """
+    world = world_size()
+    try:
+        result = plan()
+    except Exception as error:
+        if world == 1:
+            raise
+        verdict, local = (type(error).__name__, str(error)), error
+    else:
+        if world == 1:
+            return result
+        verdict, local = None, None
+    verdicts = [None] * world
+    sys.modules['torch.distributed'].all_gather_object(verdicts, verdict)
+    refused = [rank for rank, each in enumerate(verdicts) if each]
+    if not refused:
+        return result
+    kind, message = verdicts[refused[0]]
+    if len(refused) < world or len(set(verdicts)) > 1:
+        notes = []
+        if len(refused) > 1:
+            notes.append(f'{_ranks(refused[1:])} refused too')
+        if len(refused) < world:
+            accepted = [rank for rank in range(world) if rank not in refused]
+            notes.append(f'{_ranks(accepted)} found nothing wrong: the '
+                         'layout differs between ranks')
+        message = (f'rank {refused[0]} of {world} refused the momentum '
+                   f'target ({"; ".join(notes)}): {message}')
+    error_type = {'ValueError': ValueError, 'TypeError': TypeError}.get(
+        kind, RuntimeError)
+    raise error_type(message) from local
+
+
+def group_position(group):
+    """``(rank, world size)`` in a process group (no communication)."""
+    distributed = sys.modules['torch.distributed']
+    return distributed.get_rank(group), distributed.get_world_size(group)
+
