@@ -71,8 +71,11 @@ def momentum_update_(target, online, momentum, buffers='keep'):
     Args:
         target (nn.Module | Sequence[Tensor]): The target network, or its
             tensors; updated in place.
-        online (nn.Module | Sequence[Tensor]): The online network, or its
-            tensors, in the same order, shapes and sharding.
+        online (nn.Module | Sequence[Tensor]): The online network, with the
+            same parameter names (wrapper attributes such as ``module.`` or
+            ``_orig_mod.`` left out; see
+            :func:`~momentum_hook.pairing.pair_by_name`), shapes and
+            sharding; or its tensors, in the same order.
         momentum (float): The weight of the old target, in [0, 1]: 1 keeps the
             target, 0 copies the online network.
         buffers (str): For modules, what to do with the target's buffers, one
@@ -81,7 +84,7 @@ def momentum_update_(target, online, momentum, buffers='keep'):
     Raises:
         TypeError: If ``target``/``online`` are not both modules or both
             tensor sequences, or ``momentum`` is not a real number.
-        ValueError: If the two differ in count, shape or sharding, share
+        ValueError: If the two differ in names, count, shape or sharding, share
             memory, hold meta tensors, the target's parameters require grad
             (the target is not frozen, or the two arguments are swapped),
             ``momentum`` is outside [0, 1] or ``buffers`` is unknown; or if a

@@ -40,11 +40,12 @@ import torch
 
 from ._compat import deepspeed as ds
 from ._compat import torch as torch_internals
+from .pairing import join, named_modules
 from .ranks import group_position
 from .wrappers import loaded as _loaded
 
-__all__ = ['LocalShard', 'local_shards', 'tensor_shard', 'check_alike',
-           'HOW_TO_SHARD', 'SHARED_UNIT']
+__all__ = ['LocalShard', 'local_shards', 'buffer_shards', 'tensor_shard',
+           'check_alike', 'HOW_TO_SHARD', 'SHARED_UNIT', 'FSDP_UNIT']
 
 
 #: How to shard a target so that a shard-local update is correct.
@@ -91,7 +92,11 @@ class LocalShard(NamedTuple):
             tensor ``tensor`` views), or None. A plan is stale when it
             changes.
         base (Tensor): ``getattr(owner, link)`` when planned, else
-            ``tensor``; its ``data_ptr()`` must stay the same.
+            ``tensor``; its storage must stay the same.
+        keys (tuple[str]): What the shard is paired by
+            (:func:`~momentum_hook.pairing.pair_by_name`): its name without
+            wrapper attributes, then the names of the parameters tied to it;
+            empty for tensors that have no name, paired by position.
     """
     name: str
     tensor: torch.Tensor
@@ -99,13 +104,23 @@ class LocalShard(NamedTuple):
     owner: Any = None
     link: Optional[str] = None
     base: Optional[torch.Tensor] = None
+    keys: tuple = ()
+
+
+#: How the name of an FSDP1 unit's shard begins.
+FSDP_UNIT = 'FSDP unit'
 
 
 def _meta_error(name):
     return ValueError(
         f'{name!r} is a meta tensor, with no values to update: materialise '
-        'the model (e.g. to_empty(device=...) and initialise it, or let '
-        'the sharding engine do it) before the first momentum update')
+        'the model before the first momentum update (e.g. to_empty(device='
+        '...), then initialise the online network, or let the sharding '
+        'engine do it). With MomentumTargetMixin, call the model\'s '
+        'check_momentum_target() after initialising and before the first '
+        'optimizer step (the momentum hooks do): a target that is not a copy '
+        'of the online network then becomes one, unless it was loaded from '
+        'a checkpoint')
 
 
 def _zero3_shard(name, param):
@@ -158,10 +173,14 @@ def tensor_shard(name, tensor):
                       base=tensor)
 
 
+def _unit_name(path):
+    return f'{FSDP_UNIT} {path or "<root>"!r}'
+
+
 def _fsdp1_shard(path, unit):
     """The :class:`LocalShard` of an FSDP1 unit's ``FlatParameter``."""
     flat = torch_internals.fsdp1_flat_param(unit)
-    name = f'FSDP unit {path or "<root>"!r}'
+    name = _unit_name(path)
     if flat.is_meta:
         raise _meta_error(name)
     # Sharded, the FlatParameter's data is this rank's shard (_local_shard,
@@ -213,29 +232,51 @@ def local_shards(module):
         ValueError: See :func:`tensor_shard`.
     """
     fsdp = _loaded('torch.distributed.fsdp', 'FullyShardedDataParallel')
-    shards, covered, params, seen, bare = [], set(), [], set(), []
+    shards, covered, params, bare = [], set(), {}, []
     # One walk; the parameters in named_parameters() order, without repeats.
-    for path, submodule in module.named_modules():
+    for path, name, submodule in named_modules(module):
         if fsdp is not None and isinstance(submodule, fsdp) and \
                 torch_internals.fsdp1_flat_param(submodule) is not None:
             flat = torch_internals.fsdp1_flat_param(submodule)
             covered.update(map(id, torch_internals.flat_param_members(flat)
                                or ()))
             covered.add(id(flat))
-            shards.append(_fsdp1_shard(path, submodule))
-        own = list(submodule.named_parameters(
-            prefix=path, recurse=False, remove_duplicate=False))
+            shards.append(_fsdp1_shard(path, submodule)._replace(
+                keys=(_unit_name(name),)))
+        own = list(submodule.named_parameters(recurse=False,
+                                              remove_duplicate=False))
         if not own:
             bare.append((path, submodule))
-        for name, param in own:
-            if id(param) not in seen:
-                seen.add(id(param))
-                params.append((name, param))
+        _note(params, path, name, own)
     if fsdp is not None:
         _check_views_covered(bare, covered)
-    shards.extend(tensor_shard(name, param) for name, param in params
-                  if id(param) not in covered)
+    shards.extend(_named_shards(params, covered))
     return shards
+
+
+def _note(found, path, name, members):
+    """Note each of a module's own ``(attribute, tensor)`` ``members`` in
+    ``found`` (by tensor: ``[its first name, tensor, all its names without
+    wrapper attributes]``)."""
+    for attribute, tensor in members:
+        entry = found.setdefault(id(tensor), [join(path, attribute), tensor,
+                                              []])
+        entry[2].append(join(name, attribute))
+
+
+def _named_shards(found, covered=()):
+    return [tensor_shard(name, tensor)._replace(keys=tuple(keys))
+            for key, (name, tensor, keys) in found.items()
+            if key not in covered]
+
+
+def buffer_shards(module):
+    """The :class:`LocalShard` of every buffer of ``module``, in order."""
+    buffers = {}
+    for path, name, submodule in named_modules(module):
+        _note(buffers, path, name, submodule.named_buffers(
+            recurse=False, remove_duplicate=False))
+    return _named_shards(buffers)
 
 
 def _describe(layout):
@@ -248,7 +289,8 @@ def check_alike(targets, onlines, what='parameters'):
 
     Args:
         targets (list[LocalShard]): The target's shards.
-        onlines (list[LocalShard]): The online network's, in the same order.
+        onlines (list[LocalShard]): The online network's, paired with the
+            targets by position.
         what (str): What the shards are, for the messages.
 
     Raises:

@@ -40,7 +40,11 @@ class MomentumUpdateHook(HookOptions, Hook):
     this hook (so the EMA sees the weights after the optimizer step) and that
     ``update_interval`` is a multiple of the optimizer hook's accumulation
     (``cumulative_iters`` of ``GradientCumulativeOptimizerHook``,
-    ``update_interval`` of MMSelfSup's ``DistOptimizerHook``).
+    ``update_interval`` of MMSelfSup's ``DistOptimizerHook``), and has a
+    model that can check its target
+    (``MomentumTargetMixin.check_momentum_target``) plan its update, so that
+    an unusable target stops the run before iteration 1 and a target that
+    does not start as a copy of the online network becomes one.
 
     It takes :class:`~momentum_hook.updater.MomentumUpdater`'s arguments:
     ``end_momentum=1.``, ``update_interval=1``, ``reach_end_momentum=False``,
@@ -81,6 +85,7 @@ class MomentumUpdateHook(HookOptions, Hook):
         self._steps = OptimizerSteps.watch(
             optimizers.values() if isinstance(optimizers, dict) else
             [optimizers] if optimizers is not None else [])
+        self.updater.check_target(model)
         # With base_batch_size the hook starts at the first iteration, once
         # mmcv has set runner.data_loader.
         if self.updater.base_batch_size is None:

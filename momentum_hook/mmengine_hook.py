@@ -189,11 +189,8 @@ class MomentumUpdateHook(HookOptions, Hook):
         Raises:
             ValueError: The model's own, plus the strategy's config key.
         """
-        check = getattr(self._model(runner), 'check_momentum_target', None)
-        if check is None:
-            return
         try:
-            check()
+            self.updater.check_target(self._model(runner))
         except ValueError as error:
             strategy = type(getattr(runner, 'strategy', None)).__name__
             fix = _WRAP_FIX.get(strategy)

@@ -209,10 +209,14 @@ class AveragedTeacher:
                 'network alike')
         return online
 
-    def _current_plan(self):
-        if self._plan is None or not self._plan.is_current():
-            self._plan = ModuleUpdatePlan(self.averaged.module, self._online(),
-                                          self.buffers, self._masters)
+    def _current_plan(self, collective=False):
+        """The kept plan while it is current, else a new one: checked with
+        every rank before the run (``collective``), on this rank alone
+        after the start, where the ranks need not be at the same point."""
+        if collective or self._plan is None or not self._plan.is_current():
+            self._plan = ModuleUpdatePlan(
+                self.averaged.module, self._online(), self.buffers,
+                self._masters, collective=collective)
         return self._plan
 
     def check_momentum_target(self):
@@ -224,7 +228,7 @@ class AveragedTeacher:
             ValueError: As :class:`~momentum_hook.ema.ModuleUpdatePlan`
                 would, before anything is written.
         """
-        plan = self._current_plan()
+        plan = self._current_plan(collective=True)
         if int(self.averaged.steps) == 0:
             plan.update_(0.0)
             self.averaged.steps += 1

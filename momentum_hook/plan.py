@@ -8,14 +8,15 @@ is_current` holds. The stateless :func:`~momentum_hook.momentum_update_`
 keeps its plans here too (:func:`stateless_plan`).
 """
 import weakref
-from operator import attrgetter, getitem
+from operator import attrgetter, getitem, is_
 
 import torch
 
 from ._compat.torch import module_slots, version_counter
 from .kernels import lerp_gathered, plan_lerp, run_lerp
-from .local_shards import check_alike, local_shards, tensor_shard
+from .local_shards import FSDP_UNIT, buffer_shards, check_alike, local_shards
 from .masters import TargetMasters, is_low_precision, refuse_low_precision
+from .pairing import pair_by_name
 from .ranks import agree_across_ranks
 from .validation import check_momentum
 from .zero import (drop_secondary_partitions, gathered_copies,
@@ -86,15 +87,27 @@ def check_buffer_policy(buffers):
 
 def _structure(modules, buffers):
     """Each module's parameter, submodule (and buffer) slots, as parallel
-    lists ``(containers, keys, ids of the values)``."""
-    containers, keys, ids = [], [], []
+    lists ``(containers, keys, values)``."""
+    containers, keys, values = [], [], []
     for module in modules:
         for slot in module_slots(module, buffers):
             for key, value in slot.items():
                 containers.append(slot)
                 keys.append(key)
-                ids.append(id(value))
-    return containers, keys, ids
+                values.append(value)
+    return containers, keys, values
+
+
+_STORAGE = torch.Tensor.untyped_storage
+_DEREFERENCE = weakref.ReferenceType.__call__
+
+
+def _pair(targets, onlines, what):
+    """The online shards in the order of the targets, paired by name, and
+    checked to hold the same elements."""
+    onlines = pair_by_name(targets, onlines, what, FSDP_UNIT)
+    check_alike(targets, onlines, what)
+    return onlines
 
 
 class ModuleUpdatePlan:
@@ -106,17 +119,24 @@ class ModuleUpdatePlan:
     then only makes a few ``torch._foreach`` calls per group
     (:mod:`~momentum_hook.kernels`), however many tensors it holds.
 
+    Each target tensor is paired with the online tensor of the same name
+    (:func:`~momentum_hook.pairing.pair_by_name`: names without the
+    attributes of wrappers such as DDP, FSDP1, ``checkpoint_wrapper`` and
+    ``torch.compile``), and a name in one network only is refused.
+
     :meth:`is_current` says whether the plan still describes the modules,
     with a check local to them: every parameter, submodule (and, for the
     ``'copy'``/``'average'`` policies, buffer) slot of both networks still
-    holds the object it held when planned (and none was added), every
-    sharded parameter still
-    links to the same local tensor, and every planned tensor still has the
-    storage address it was planned with, and no target parameter requires
-    grad. That catches assignments (``module.x = ...``,
-    ``load_state_dict(assign=True)``), ``.data`` swaps, device or dtype moves
-    (``.to()``, ``.cuda()``, ``.half()``) and an unfrozen target. It costs a
-    few C-level passes over lists, no walk of the modules.
+    holds the very object it held when planned (compared with ``is``, the
+    plan keeping a reference to it, so that an object at a reused address
+    is never taken for the old one) and none was added, every sharded
+    parameter still links to the same local tensor, every planned tensor
+    still has the storage it was planned with (a weak reference to it), and
+    no target parameter requires grad. That catches assignments
+    (``module.x = ...``, ``load_state_dict(assign=True)``), ``.data`` swaps,
+    device or dtype moves (``.to()``, ``.cuda()``, ``.half()``) and an
+    unfrozen target. It costs a few C-level passes over lists, no walk of
+    the modules.
 
     In a process group, building a plan is a collective of the default group
     (one small ``all_gather_object``): every rank must plan at the same
@@ -142,9 +162,18 @@ class ModuleUpdatePlan:
             target tensors. False refuses such a target (the stateless
             :func:`~momentum_hook.momentum_update_` keeps no state between
             calls). Defaults to True.
+        compare (bool): Also find whether any local target parameter
+            differs from its online parameter, on any rank when
+            ``collective`` (in the same exchange): :attr:`differs`.
+            Defaults to False.
+
+    Attributes:
+        differs (str | None): With ``compare``, the name of the first target
+            parameter found different from its online parameter (on some
+            rank), else None.
 
     Raises:
-        ValueError: If the modules differ in parameter count, shape or
+        ValueError: If the modules differ in parameter names, shape or
             sharding layout, share memory, hold meta tensors or ZeRO++
             quantized partitions, the target's parameters require grad, or
             (for ``'copy'`` and ``'average'``) differ in their buffers; on
@@ -152,7 +181,7 @@ class ModuleUpdatePlan:
     """
 
     def __init__(self, target, online, buffers='keep', masters=None, *,
-                 collective=True, keep_masters=True):
+                 collective=True, keep_masters=True, compare=False):
         if keep_masters and masters is None:
             masters = TargetMasters()
         elif not keep_masters:
@@ -160,8 +189,15 @@ class ModuleUpdatePlan:
 
         def plan():
             return self._plan(target, online, buffers, masters)
-        shards, buffer_tensors = (agree_across_ranks(plan) if collective
-                                  else plan())
+        ballot = self._first_difference if compare else None
+        if collective:
+            agreed = agree_across_ranks(plan, ballot)
+            (shards, buffer_tensors), votes = (agreed if compare
+                                               else (agreed, []))
+        else:
+            shards, buffer_tensors = plan()
+            votes = [ballot()] if compare else []
+        self.differs = next(filter(None, votes), None)
         self._track(target, online, shards, buffer_tensors)
 
     def _plan(self, target, online, buffers, masters):
@@ -177,8 +213,8 @@ class ModuleUpdatePlan:
         """
         check_buffer_policy(buffers)
         self.buffers = buffers
-        targets, onlines = local_shards(target), local_shards(online)
-        check_alike(targets, onlines)
+        targets = local_shards(target)
+        onlines = _pair(targets, local_shards(online), 'parameters')
         self._trainables = list(map(trainable, targets))
         check_frozen(self._trainables, [shard.name for shard in targets])
         if not targets:
@@ -188,13 +224,13 @@ class ModuleUpdatePlan:
                 '(e.g. a wrapped model\'s online and target submodules)')
         lerped = [(t.name, t.tensor, o.tensor)
                   for t, o in zip(targets, onlines)]
+        self._lerped = lerped[:]  # the parameters, for _first_difference
         self.buffer_copies, buffer_tensors = [], []
         if buffers != 'keep':  # checked before anything is written
-            buffer_shards = [[tensor_shard(name, tensor)
-                              for name, tensor in module.named_buffers()]
-                             for module in (target, online)]
-            check_alike(*buffer_shards, what='buffers')
-            for t, o in zip(*buffer_shards):
+            target_buffers = buffer_shards(target)
+            online_buffers = _pair(target_buffers, buffer_shards(online),
+                                   'buffers')
+            for t, o in zip(target_buffers, online_buffers):
                 buffer_tensors += [t.tensor, o.tensor]
                 if buffers == 'average' and t.tensor.is_floating_point() \
                         and o.tensor.is_floating_point():
@@ -220,21 +256,30 @@ class ModuleUpdatePlan:
         self._master_versions = self._versions()
         return targets + onlines, buffer_tensors
 
+    def _first_difference(self):
+        """The name of the first local target parameter that differs from
+        its online parameter, or None."""
+        return next((name for name, target, online in self._lerped
+                     if not torch.equal(target, online.to(target))), None)
+
     def _versions(self):
         """The version counters of the targets with masters: an in-place
         write elsewhere (``load_state_dict``, ``copy_``) moves them."""
         return list(map(version_counter, self._master_targets))
 
     def _track(self, target, online, shards, buffer_tensors):
-        """Record what :meth:`is_current` compares."""
+        """Record what :meth:`is_current` compares: the objects themselves
+        (held, so that no other object can take their address) and weak
+        references to the tensors' storages."""
         linked = [shard for shard in shards if shard.link is not None]
         self._owners = [shard.owner for shard in linked]
         self._links = [shard.link for shard in linked]
-        self._linked_ids = [id(shard.base) for shard in linked]
+        self._linked = [shard.base for shard in linked]
         self._bases = [shard.base for shard in shards] + buffer_tensors
-        self._pointers = [base.data_ptr() for base in self._bases]
+        self._storages = [weakref.ref(base.untyped_storage())
+                          for base in self._bases]
         modules = dict.fromkeys([*target.modules(), *online.modules()])
-        self._containers, self._keys, self._ids = _structure(
+        self._containers, self._keys, self._values = _structure(
             modules, self.buffers != 'keep')
         self._slots = list({id(slot): slot for slot in self._containers}
                            .values())
@@ -243,15 +288,16 @@ class ModuleUpdatePlan:
     def is_current(self):
         """Whether the plan still matches the modules (see the class doc)."""
         try:
-            slots = list(map(id, map(getitem, self._containers, self._keys)))
+            slots = all(map(is_, map(getitem, self._containers, self._keys),
+                            self._values))
         except KeyError:  # a parameter, buffer or submodule was deleted
             return False
-        return (slots == self._ids and
-                list(map(len, self._slots)) == self._sizes and list(
-            map(id, map(getattr, self._owners, self._links))) ==
-                self._linked_ids and
-                list(map(torch.Tensor.data_ptr, self._bases)) ==
-                self._pointers and
+        return (slots and
+                list(map(len, self._slots)) == self._sizes and
+                all(map(is_, map(getattr, self._owners, self._links),
+                        self._linked)) and
+                all(map(is_, map(_STORAGE, self._bases),
+                        map(_DEREFERENCE, self._storages))) and
                 not any(map(_REQUIRES_GRAD, self._trainables)))
 
     @torch.no_grad()

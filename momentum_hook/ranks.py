@@ -23,7 +23,7 @@ def _ranks(ranks):
     return f'rank{"s" if len(ranks) > 1 else ""} {", ".join(map(str, ranks))}'
 
 
-def agree_across_ranks(plan):
+def agree_across_ranks(plan, ballot=None):
     """Run ``plan()`` on every rank and reach one verdict on all of them.
 
     A refusal raised on some ranks only (a shard laid out differently on one
@@ -37,9 +37,14 @@ def agree_across_ranks(plan):
 
     Args:
         plan (Callable[[], Any]): Plans and checks; may raise.
+        ballot (Callable[[], Any], optional): Called after ``plan()`` on
+            each rank that did not refuse; what it returns (small, picklable)
+            travels with the verdict, so that every rank learns every
+            rank's answer in the same exchange. Defaults to None.
 
     Returns:
-        Any: What ``plan()`` returned, when no rank refused.
+        Any: What ``plan()`` returned, when no rank refused; with a
+        ``ballot``, ``(that, [each rank's ballot, by rank])``.
 
     Raises:
         ValueError, TypeError: The first refusing rank's error (its type;
@@ -47,21 +52,27 @@ def agree_across_ranks(plan):
             on every rank.
     """
     world = world_size()
+    vote = None
     try:
         result = plan()
+        if ballot is not None:
+            vote = ballot()
     except Exception as error:
         if world == 1:
             raise
         verdict, local = (type(error).__name__, str(error)), error
     else:
         if world == 1:
-            return result
+            return result if ballot is None else (result, [vote])
         verdict, local = None, None
-    verdicts = [None] * world
-    sys.modules['torch.distributed'].all_gather_object(verdicts, verdict)
+    gathered = [None] * world
+    sys.modules['torch.distributed'].all_gather_object(gathered,
+                                                       (verdict, vote))
+    verdicts = [each for each, _ in gathered]
     refused = [rank for rank, each in enumerate(verdicts) if each]
     if not refused:
-        return result
+        return result if ballot is None else (
+            result, [each for _, each in gathered])
     kind, message = verdicts[refused[0]]
     if len(refused) < world or len(set(verdicts)) > 1:
         notes = []

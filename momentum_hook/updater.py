@@ -201,6 +201,19 @@ class MomentumUpdater:
         self.started = False
         self.ledger.start(accumulation=1)
 
+    @staticmethod
+    def check_target(model):
+        """Have the model plan its update now, where it can
+        (``MomentumTargetMixin.check_momentum_target``): before iteration 1,
+        after any wrapping and any resume, on every rank at once.
+
+        Raises:
+            ValueError: The model's refusal of its target.
+        """
+        check = getattr(model, 'check_momentum_target', None)
+        if check is not None:
+            check()
+
     def check_accumulation(self, accumulation_steps, source):
         """Check that target updates fall on real optimizer steps.
 

@@ -4,7 +4,13 @@ Each rank starts from other weights and trains on other data; DDP must
 broadcast rank 0's weights into both networks in place and average the
 gradients, so both ranks end with the same online and target networks, the
 target equal to a float64 EMA replayed from the recorded online weights.
+
+A plan made again on one rank alone (rank 0 swaps a parameter's storage
+between updates, as code around a rank-0 save may) checks that rank alone:
+it must not enter a collective that would meet DDP's next all-reduce.
 """
+from datetime import timedelta
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -17,15 +23,32 @@ WORLD_SIZE = SHARDED_WORLD_SIZE
 MOMENTA = [0.9, 0.99, 0.5]
 
 
-def train_rank(rank, port, out_dir):
-    """One rank: DDP-wrap a mixin model, train, record what it saw."""
+def swap_storage_on_rank_0(rank, model):
+    """``.data = .data.clone()`` of an online and a target parameter, on
+    rank 0 only: their plan goes stale there alone."""
+    if rank == 0:
+        for param in (model.online_net[0].weight, model.target_net[3].bias):
+            param.data = param.data.clone()
+
+
+def train_rank(rank, port, out_dir, between_steps=None):
+    """One rank: DDP-wrap a mixin model, train, record what it saw.
+
+    ``between_steps(rank, model)`` runs after each optimizer step, before the
+    update; with it, the model plans first as the hooks do
+    (``check_momentum_target()``, every rank at once).
+    """
     torch.set_num_threads(1)
+    # A rank left waiting in a collective gives up after 30 s.
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}',
-                            rank=rank, world_size=WORLD_SIZE)
+                            rank=rank, world_size=WORLD_SIZE,
+                            timeout=timedelta(seconds=30))
     try:
         torch.manual_seed(rank)  # other weights per rank until DDP syncs
         model = TinyBYOL()
         ddp = DistributedDataParallel(model)
+        if between_steps is not None:
+            model.check_momentum_target()
         record = dict(initial_target=snapshot(model.target_net.parameters()),
                       online=[])
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
@@ -34,6 +57,8 @@ def train_rank(rank, port, out_dir):
             optimizer.zero_grad()
             ddp(torch.randn(4, 4)).backward()
             optimizer.step()
+            if between_steps is not None:
+                between_steps(rank, model)
             model.momentum = momentum
             ddp.module.momentum_update()
             record['online'].append(snapshot(model.online_net.parameters()))
@@ -51,7 +76,17 @@ def ranks(tmp_path_factory):
                         'spawn')
 
 
-def test_ranks_agree_and_the_target_matches_the_reference(ranks):
+@pytest.fixture(scope='module')
+def ranks_with_a_local_replan(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp('ddp_local_replan')
+    return launch_ranks(train_rank,
+                        (free_port(), out_dir, swap_storage_on_rank_0),
+                        out_dir, 'spawn')
+
+
+@pytest.mark.parametrize('fixture', ['ranks', 'ranks_with_a_local_replan'])
+def test_ranks_agree_and_the_target_matches_the_reference(fixture, request):
+    ranks = request.getfixturevalue(fixture)
     first, second = ranks
     # DDP's broadcast reached both networks, so rank 1 started from rank 0.
     assert_all_equal(second['initial_target'], first['initial_target'])

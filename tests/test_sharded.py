@@ -92,6 +92,28 @@ def fsdp2_meta(rank):
     model.momentum_update()
 
 
+def fsdp2_meta_materialised(rank):
+    """The FSDP2 large-model recipe: built on the meta device, sharded,
+    materialised with to_empty() and initialised (both networks drawn
+    anew), then planned before training as the hooks do: the target must
+    start as the online network's copy on every rank."""
+    with torch.device('meta'):
+        model, online, target = build_sharded('keep')
+    mesh = init_device_mesh('cpu', (SHARDED_WORLD_SIZE,))
+    fully_shard_pair(online, target, submodules=nn.Linear, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device='cpu')
+    torch.manual_seed(rank)
+    for module in model.modules():
+        if hasattr(module, 'reset_parameters'):
+            module.reset_parameters()
+    initial_online = gather_fsdp2(online)
+    model.check_momentum_target()
+    record = record_sharded_training(rank, model, online, target,
+                                     sgd_step(model), gather_fsdp2)
+    return dict(record, initial_online=initial_online)
+
+
 def fsdp2_one_rank_differs(rank):
     """Rank 1 shards its target's 2-D weights by columns, rank 0 like the
     online network, by rows: only rank 1's shards do not correspond.
@@ -173,6 +195,7 @@ TRAININGS = {
        for policy in POLICIES},
     'fsdp2 momentum_update_': ('average', functools.partial(
         fsdp2_training, 'average', True)),
+    'fsdp2 meta, materialised': ('keep', fsdp2_meta_materialised),
     **{f'fsdp1 networks orig={orig} {policy}': (policy, functools.partial(
         fsdp1_training, policy, orig))
        for orig in (False, True) for policy in POLICIES},
@@ -218,6 +241,17 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize('name', TRAININGS)
 def test_the_sharded_target_matches_the_reference(results, name):
     records = assert_trainings_match(results, TRAININGS, name)
+
+
+def test_a_materialised_meta_target_starts_as_the_online_network(results):
+    """Drawn anew, the target differed from the online network; the first
+    plan, decided on both ranks at once, made it a copy."""
+    for record in results['fsdp2 meta, materialised']:
+        assert isinstance(record, dict), record  # not an error
+        (online, _), (target, _) = record['initial_online'], record['initial']
+        assert len(online) == len(target) == 6
+        for online_param, target_param in zip(online, target):
+            assert torch.equal(online_param, target_param)
 
 
 SHARED_UNIT = ('is flattened into an FSDP1 unit that is not inside',

@@ -15,8 +15,8 @@ from . import missing_attribute
 __all__ = ['internal', 'version_counter', 'dtensor_local',
            'fsdp1_flat_param', 'flat_param_layout', 'flat_param_members',
            'flat_param_padding', 'flat_param_shard', 'is_fsdp1_flattened',
-           'is_flat_param',
-           'module_slots', 'view_base', 'NO_GRAD_DECORATOR']
+           'is_flat_param', 'module_slots', 'wrapped_attribute',
+           'WRAPPER_ATTRIBUTES', 'view_base', 'NO_GRAD_DECORATOR']
 
 #: The file of torch's ``no_grad`` decorator, whose frames a warning skips.
 NO_GRAD_DECORATOR = ('torch', 'utils', '_contextlib.py')
@@ -105,6 +105,29 @@ def module_slots(module, buffers):
     if buffers:
         slots.append(internal(module, '_buffers'))
     return slots
+
+
+#: The attributes under which wrappers hold the one module they wrap: DDP,
+#: DataParallel, DeepSpeed's engine and MMEngine's and mmcv's wrappers
+#: (``module``), FSDP1 (``_fsdp_wrapped_module``), ``checkpoint_wrapper``
+#: (``_checkpoint_wrapped_module``) and ``torch.compile``
+#: (``_orig_mod``). They prefix the names of everything inside.
+WRAPPER_ATTRIBUTES = frozenset({'module', '_fsdp_wrapped_module',
+                                '_checkpoint_wrapped_module', '_orig_mod'})
+
+
+def wrapped_attribute(module):
+    """The attribute under which ``module`` wraps another, or None.
+
+    A wrapper holds one submodule, under one of
+    :data:`WRAPPER_ATTRIBUTES`, and no parameter or buffer of its own, so
+    that leaving its attribute out of a name never makes two names one.
+    """
+    parameters, modules, buffers = module_slots(module, True)
+    if parameters or buffers or len(modules) != 1:
+        return None
+    name = next(iter(modules))
+    return name if name in WRAPPER_ATTRIBUTES else None
 
 
 def view_base(value):
