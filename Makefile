@@ -15,10 +15,11 @@ PIP := PIP_CONSTRAINT=$(TORCH) $(BIN)/python -m pip
 EXTENSIONS := TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions
 
 .PHONY: venv demo demo-scaling test test-fast test-torch-latest test-wheel \
-	lint format bench clean
+	test-mmpretrain lint format bench clean
 
 $(VENV)/.installed: pyproject.toml \
-	$(filter-out requirements/lint.txt,$(wildcard requirements/*.txt))
+	$(filter-out requirements/lint.txt requirements/mmpretrain%,\
+	    $(wildcard requirements/*.txt))
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools<81" wheel
 	$(PIP) install -q -r $(TORCH) -r requirements/stack.txt
@@ -112,9 +113,28 @@ format: $(LINT_VENV)/.installed
 	$(LINT_VENV)/bin/ruff format .
 	$(LINT_VENV)/bin/ruff check --select I --fix .
 
+# mmpretrain 1.x (tests/mmpretrain_1x/) in a venv of its own: it needs mmcv
+# 2.x, which cannot share .venv with mmcv 1.x (requirements/mmpretrain*.txt).
+MMPRETRAIN_VENV := .venv-mmpretrain
+MMPRETRAIN_PIP := PIP_CONSTRAINT=$(TORCH) $(MMPRETRAIN_VENV)/bin/python -m pip
+
+$(MMPRETRAIN_VENV)/.installed: pyproject.toml $(TORCH) requirements/stack.txt \
+	requirements/mmpretrain.txt requirements/mmpretrain-deps.txt
+	$(PYTHON) -m venv $(MMPRETRAIN_VENV)
+	$(MMPRETRAIN_PIP) install -q --upgrade pip "setuptools<81" wheel
+	$(MMPRETRAIN_PIP) install -q -r $(TORCH) -r requirements/stack.txt
+	$(MMPRETRAIN_PIP) install -q --no-build-isolation -r requirements/mmpretrain-deps.txt
+	$(MMPRETRAIN_PIP) install -q --no-deps -r requirements/mmpretrain.txt
+	PYTHONWARNINGS="ignore:Editable installation" \
+	    $(MMPRETRAIN_PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test-mmpretrain: $(MMPRETRAIN_VENV)/.installed
+	$(MMPRETRAIN_VENV)/bin/python -m pytest -q tests/mmpretrain_1x $(ARGS)
+
 bench: venv
 	$(QUIET_PYTHON) benchmarks/bench_momentum_update.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-torch-latest $(WHEEL_VENV) $(LINT_VENV) build dist \
-	    work_dirs .pytest_cache
+	rm -rf $(VENV) .venv-torch-latest $(WHEEL_VENV) $(LINT_VENV) \
+	    $(MMPRETRAIN_VENV) build dist work_dirs .pytest_cache

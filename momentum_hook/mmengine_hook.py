@@ -15,6 +15,7 @@ from mmengine.registry import HOOKS
 from ._compat.mmengine import accumulative_counts
 from .ledger import (RECORD_KEY, EngineSteps, OptimizerSteps,
                      check_one_momentum_hook)
+from .mmpretrain import teacher_of
 from .zero import check_zero3_gathers, check_zero_config
 from .registration import register_hook_class
 from .updater import LOG_KEY, HookOptions
@@ -48,6 +49,13 @@ def _wrapper_chain(model):
 def _unwrap(model):
     """The user's model inside every wrapper of :func:`_wrapper_chain`."""
     return unwrap(model, is_model_wrapper)
+
+
+def _engines(runner):
+    """The DeepSpeed engines among the runner's model wrappers."""
+    engine = loaded('deepspeed', 'DeepSpeedEngine')
+    return [model for model in _wrapper_chain(runner.model)
+            if engine is not None and isinstance(model, engine)]
 
 
 def _optim_wrappers(optim_wrapper):
@@ -113,6 +121,13 @@ class MomentumUpdateHook(HookOptions, Hook):
     config with ZeRO++ quantized weights (``zero_quantized_weights``,
     ``zero_quantized_nontrainable_weights``) is refused there too.
 
+    An mmpretrain 1.x model without that contract whose teacher is an
+    MMEngine ``ExponentialMovingAverage`` or a ``CosineEMA`` (BYOL, MoCo v3,
+    MoCo v2, DenseCL) is taken over (:mod:`momentum_hook.mmpretrain`): the
+    schedule comes from the teacher, ``end_momentum`` and
+    ``update_interval`` default to the teacher's, and the model's own
+    ``update_parameters`` calls do nothing until ``after_train``.
+
     The target follows the optimizer's real steps (``on_skipped_step=
     'hold'``, see :class:`~momentum_hook.ledger.Ledger`), read from each
     ``OptimWrapper``'s optimizer and accumulation boundary or from
@@ -136,21 +151,36 @@ class MomentumUpdateHook(HookOptions, Hook):
     batch the learning rate is scaled against.
     """
 
+    #: The mmpretrain teacher this run updates, if any (see
+    #: :mod:`momentum_hook.mmpretrain`).
+    _teacher = None
+
+    def _model(self, runner):
+        """What the updater updates: the mmpretrain teacher the hook took
+        over, or the unwrapped model."""
+        return self._teacher or _unwrap(runner.model)
+
+    def _take_over(self, runner):
+        """Find an mmpretrain teacher and set the schedule from it."""
+        counts = [*_accumulative_counts(runner.optim_wrapper).values(),
+                  *(model.gradient_accumulation_steps()
+                    for model in _engines(runner))]
+        self._teacher = teacher_of(_unwrap(runner.model), self.updater,
+                                   self._given, counts)
+
     def _check_optimizer(self, runner):
         """Check the accumulation; return the DeepSpeed engine, if any."""
         for name, counts in _accumulative_counts(runner.optim_wrapper).items():
             self.updater.check_accumulation(
                 counts, f'{name} has accumulative_counts={counts}')
-        engine = loaded('deepspeed', 'DeepSpeedEngine')
-        for model in _wrapper_chain(runner.model):
-            if engine is not None and isinstance(model, engine):
-                check_zero3_gathers(model)
-                steps = model.gradient_accumulation_steps()
-                self.updater.check_accumulation(
-                    steps, f'DeepSpeed has gradient_accumulation_steps='
-                    f"{steps}: strategy=dict(type='DeepSpeedStrategy', "
-                    f'gradient_accumulation_steps={steps})')
-                return model
+        for model in _engines(runner):
+            check_zero3_gathers(model)
+            steps = model.gradient_accumulation_steps()
+            self.updater.check_accumulation(
+                steps, f'DeepSpeed has gradient_accumulation_steps='
+                f"{steps}: strategy=dict(type='DeepSpeedStrategy', "
+                f'gradient_accumulation_steps={steps})')
+            return model
         return None
 
     def _check_target(self, runner):
@@ -160,7 +190,7 @@ class MomentumUpdateHook(HookOptions, Hook):
             ValueError: The model's own, plus the strategy's config key.
         """
         try:
-            self.updater.check_target(_unwrap(runner.model))
+            self.updater.check_target(self._model(runner))
         except ValueError as error:
             strategy = type(getattr(runner, 'strategy', None)).__name__
             fix = _WRAP_FIX.get(strategy)
@@ -185,7 +215,8 @@ class MomentumUpdateHook(HookOptions, Hook):
     def before_train(self, runner):
         self._check_strategy(runner)
         check_one_momentum_hook(runner.hooks, MomentumUpdateHook)
-        model = _unwrap(runner.model)
+        self._take_over(runner)
+        model = self._model(runner)
         self.updater.check_run(model, getattr(runner, 'max_iters', None))
         engine = self._check_optimizer(runner)
         if self.base_batch_size == 'auto':
@@ -203,10 +234,15 @@ class MomentumUpdateHook(HookOptions, Hook):
         hub.update_info(RECORD_KEY, self.updater.ledger.record(
             runner.max_iters))
         self._steps = _step_watch(runner, engine)
+        if self._teacher is not None:
+            self._teacher.take_over()
+            runner.logger.info(
+                f'momentum_hook takes over {self._teacher.describe()}: the '
+                "hook updates it, the model's loss() no longer does")
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):
         self.updater.write_momentum(
-            _unwrap(runner.model), runner.iter, runner.max_iters)
+            self._model(runner), runner.iter, runner.max_iters)
         if self._steps is not None:
             self._steps.begin()
 
@@ -217,7 +253,7 @@ class MomentumUpdateHook(HookOptions, Hook):
         if message:
             runner.logger.warning(message)
         momentum = self.updater.update_target(
-            _unwrap(runner.model), runner.iter, runner.max_iters,
+            self._model(runner), runner.iter, runner.max_iters,
             None if self._steps is None else self._steps.end())
         if momentum is not None:
             runner.message_hub.update_scalar(f'train/{LOG_KEY}', momentum)
@@ -227,6 +263,8 @@ class MomentumUpdateHook(HookOptions, Hook):
         if self._steps is not None:
             self._steps.close()
         self._steps = None
+        if self._teacher is not None:
+            self._teacher.release()
 
 
 #: MMSelfSup 0.x's second name for the same hook.

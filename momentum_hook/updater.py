@@ -13,7 +13,9 @@ The contract with the model (the same as MMSelfSup 0.x):
 - ``base_momentum`` (float in [0, 1]): the momentum at iteration 0;
 - ``momentum`` (float): written by the hook before each update iteration;
 - ``momentum_update()``: ``target = m * target + (1 - m) * online`` with
-  ``m = self.momentum``, called after the iteration's optimizer step.
+  ``m = self.momentum``, called after the iteration's optimizer step;
+- optionally ``schedule_offset`` (int): added to ``k`` in the schedule (1 for
+  an mmpretrain teacher, :class:`~momentum_hook.mmpretrain.AveragedTeacher`).
 """
 import numbers
 from collections.abc import Callable
@@ -180,6 +182,10 @@ class MomentumUpdater:
         self._batch: tuple[int, int] | None = None
         #: Whether :meth:`start` ran since the last :meth:`check_run`.
         self.started = False
+        #: Iterations added to ``k`` in the schedule: 1 for a model that
+        #: declares ``schedule_offset = 1`` (an mmpretrain teacher, see
+        #: :mod:`momentum_hook.mmpretrain`), read at :meth:`check_run`.
+        self.schedule_offset = 0
 
     def check_run(self, model: Any, max_iters: int | None) -> None:
         """Check the model's contract and the run length once, before a run,
@@ -191,6 +197,7 @@ class MomentumUpdater:
             ValueError: If ``max_iters`` is missing or not positive.
         """
         check_momentum_contract(model)
+        self.schedule_offset = getattr(model, 'schedule_offset', 0)
         if max_iters is None:
             raise ValueError(
                 'the momentum hook needs the run length, but the runner has '
@@ -249,7 +256,9 @@ class MomentumUpdater:
 
     def momentum_at(self, cur_iter: int, max_iters: int,
                     base_momentum: float) -> float:
-        """The momentum for the update after iteration ``cur_iter``."""
+        """The momentum for the update after iteration ``cur_iter``: the
+        schedule at ``cur_iter + schedule_offset``."""
+        cur_iter += self.schedule_offset
         horizon = max_iters
         if self.reach_end_momentum:
             horizon = last_update_iter(max_iters, self.update_interval)
@@ -352,7 +361,8 @@ class MomentumUpdater:
                     f'per iteration, {self.update_interval} times fewer: see '
                     "docs/scaling.md, MMEngine's auto_scale_lr")
         return (f'{cls.__module__}.{cls.__qualname__}({arguments}) schedules '
-                f'the target momentum of {type(model).__name__} from '
+                f'the target momentum of '
+                f'{getattr(model, "log_name", type(model).__name__)} from '
                 f'base_momentum={model.base_momentum!r} over {max_iters} '
                 'iterations, with an update after every iteration k with '
                 f'(k + 1) % {self.update_interval} == 0{scaling}')
@@ -435,7 +445,10 @@ class HookOptions:
 
     Args:
         end_momentum, update_interval, reach_end_momentum, base_batch_size:
-            As for :class:`MomentumUpdater`.
+            As for :class:`MomentumUpdater`; ``end_momentum`` and
+            ``update_interval`` default to None: 1.0 and 1, or for an
+            mmpretrain teacher (:mod:`momentum_hook.mmpretrain`) the
+            teacher's own.
         on_skipped_step (str, optional): As for :class:`MomentumUpdater`;
             None (the default) takes the runner family's default:
             ``'update'`` on mmcv 1.x (MMSelfSup 0.x), ``'hold'`` on MMEngine.
@@ -452,13 +465,20 @@ class HookOptions:
     #: The current run's step watch (:mod:`momentum_hook.ledger`), or None.
     _steps = None
 
-    def __init__(self, end_momentum=1., update_interval=1,
+    def __init__(self, end_momentum=None, update_interval=None,
                  reach_end_momentum=False, base_batch_size=None,
                  on_skipped_step=None):
         if on_skipped_step is None:
             on_skipped_step = self._default_on_skipped_step
+        #: The arguments the user set (not None), by name.
+        self._given = {name: value for name, value in (
+            ('end_momentum', end_momentum),
+            ('update_interval', update_interval),
+            ('reach_end_momentum', reach_end_momentum)) if value is not None}
         #: The framework-free schedule: :class:`MomentumUpdater`.
         self.updater = MomentumUpdater(
-            end_momentum=end_momentum, update_interval=update_interval,
+            end_momentum=1. if end_momentum is None else end_momentum,
+            update_interval=(1 if update_interval is None else
+                             update_interval),
             reach_end_momentum=reach_end_momentum,
             base_batch_size=base_batch_size, on_skipped_step=on_skipped_step)

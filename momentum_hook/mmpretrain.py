@@ -1,0 +1,330 @@
+"""mmpretrain 1.x teachers, updated by the momentum hook.
+
+mmpretrain's BYOL and MoCo v3 keep their teacher (``target_net``,
+``momentum_encoder``) in a ``CosineEMA``, MoCo v2 and DenseCL (``encoder_k``)
+in MMEngine's ``ExponentialMovingAverage``, an averaged copy of
+``nn.Sequential(model.backbone, model.neck)`` that ``loss()`` updates on
+every call through ``update_parameters``. :func:`find_teacher` recognises
+such a model, and :class:`AveragedTeacher` gives it the hook's contract
+(``base_momentum``, ``momentum``, ``momentum_update()``) from the teacher's
+own arguments. While the hook trains the model, ``update_parameters`` of
+that one averaged model is an instance attribute that only counts its calls
+(:class:`SkippedUpdate`); nothing else, no class, is changed, and the
+method is back when training ends.
+
+Conventions. MMEngine's ``momentum`` :math:`\\mu` is the weight of the
+online network; here :math:`m = 1 - \\mu` weighs the old teacher.
+``CosineEMA(momentum, end_momentum)`` applies, at its call number
+:math:`s` of a run of :math:`K` iterations,
+
+.. math::
+
+    \\mu_s = \\mu_{end} - (\\mu_{end} - \\mu) \\cdot
+        \\frac{\\cos(\\pi s / K) + 1}{2},
+
+which is :func:`~momentum_hook.cosine_momentum` at ``cur_iter=s`` with
+``base_momentum = 1 - momentum`` and ``end_momentum = 1 - end_momentum``;
+``ExponentialMovingAverage(momentum)`` is the constant :math:`m = 1 - \\mu`.
+mmpretrain's call :math:`s` happens at the start of iteration :math:`s`,
+with the online weights after :math:`s` optimizer steps, the first call
+(:math:`s = 0`) copies the online network into the teacher, and an
+``interval`` :math:`i` skips the calls with :math:`s \\bmod i \\ne 0`. The
+hook makes the same update after iteration :math:`k = s - 1`, once the
+optimizer stepped (:attr:`AveragedTeacher.schedule_offset`: the schedule
+reads :math:`k + 1`), and the copy before iteration 0.
+
+This module imports neither mmengine nor mmpretrain: it recognises their
+classes by qualified name.
+"""
+import math
+
+from torch import nn
+
+from .masters import TargetMasters
+from .plan import ModuleUpdatePlan
+from .updater import CONTRACT
+from .validation import check_momentum, check_positive_int
+
+__all__ = ['teacher_of', 'find_teacher', 'AveragedTeacher', 'SkippedUpdate',
+           'TEACHER_CLASSES', 'ONLINE']
+
+_EMA = 'mmengine.model.averaged_model.ExponentialMovingAverage'
+_COSINE = 'mmpretrain.models.utils.ema.CosineEMA'
+_BASE = 'mmengine.model.averaged_model.BaseAveragedModel'
+
+#: The averaged models whose update the hook takes over: the schedule each
+#: one follows.
+TEACHER_CLASSES = {_COSINE: 'cosine', _EMA: 'constant'}
+
+#: The submodules of the model that mmpretrain averages, in its order:
+#: ``nn.Sequential(model.backbone, model.neck)``.
+ONLINE = ('backbone', 'neck')
+
+
+def _qualified(cls):
+    return f'{cls.__module__}.{cls.__qualname__}'
+
+
+def find_teacher(model):
+    """The ``(name, averaged model)`` of an mmpretrain teacher of ``model``.
+
+    Args:
+        model (nn.Module): The unwrapped model.
+
+    Returns:
+        tuple[str, nn.Module] or None: The child of ``model`` that is an
+        MMEngine ``ExponentialMovingAverage`` or mmpretrain ``CosineEMA``,
+        or None if it has no averaged child.
+
+    Raises:
+        TypeError: If ``model`` has an averaged child of another class (its
+            own ``avg_func``, which the hook cannot follow), or several.
+    """
+    found, foreign = [], []
+    for name, child in model.named_children():
+        mro = [_qualified(cls) for cls in type(child).__mro__]
+        if mro[0] in TEACHER_CLASSES:
+            found.append((name, child))
+        elif _BASE in mro:
+            foreign.append(f'{name} ({mro[0]})')
+    cls = type(model).__name__
+    if foreign:
+        raise TypeError(
+            f'{cls} keeps an averaged model the momentum hook cannot take '
+            f'over: {", ".join(foreign)}. It takes over '
+            'ExponentialMovingAverage and CosineEMA teachers, whose update '
+            'it computes itself; for another averaging rule, remove the '
+            'momentum hook and let the model update its teacher')
+    if len(found) > 1:
+        raise TypeError(
+            f'{cls} has {len(found)} averaged teachers '
+            f'({", ".join(name for name, _ in found)}): the momentum hook '
+            'takes over one')
+    return found[0] if found else None
+
+
+class SkippedUpdate:
+    """What ``update_parameters`` of a taken-over teacher is while the hook
+    trains: a call does nothing but count (:attr:`calls`), since the hook
+    updates the teacher once per optimizer step."""
+
+    def __init__(self):
+        #: How often the model called ``update_parameters``.
+        self.calls = 0
+
+    def __call__(self, model):
+        self.calls += 1
+
+
+class AveragedTeacher:
+    """The hook's contract for a model with an mmpretrain teacher.
+
+    ``target = m * target + (1 - m) * online`` on ``averaged.module`` (what
+    the teacher's forward reads) and ``nn.Sequential(model.backbone,
+    model.neck)``, through a :class:`~momentum_hook.ema.ModuleUpdatePlan`
+    (rank-local shards, ``torch._foreach_lerp_``, float32 masters for a
+    float16/bfloat16 teacher). The buffers follow the averaged model's
+    ``update_buffers``: False (mmpretrain's models) copies the online
+    network's buffers at every update (buffer policy ``'copy'``), True
+    averages the floating-point ones (``'average'``).
+
+    Args:
+        model (nn.Module): The unwrapped model.
+        name (str): The attribute of ``model`` that holds the teacher.
+        averaged (nn.Module): That teacher, an ``ExponentialMovingAverage``
+            or ``CosineEMA``.
+
+    Raises:
+        TypeError, ValueError: If the teacher's momenta or interval are
+            unusable, or ``model`` has no ``backbone`` and ``neck`` whose
+            parameters are named like the teacher's.
+    """
+
+    #: The schedule of the update after iteration ``k`` reads ``k + 1``:
+    #: mmpretrain's update at the start of the next iteration.
+    schedule_offset = 1
+
+    def __init__(self, model, name, averaged):
+        self.model, self.name, self.averaged = model, name, averaged
+        self.label = f'{type(model).__name__}.{name}'
+        self.schedule = TEACHER_CLASSES[_qualified(type(averaged))]
+        # MMEngine's momenta are small (0.01): no warning for them here.
+        mu = check_momentum(averaged.momentum, f'{self.label}.momentum',
+                            warn_small=False)
+        mu_end = mu if self.schedule == 'constant' else check_momentum(
+            averaged.end_momentum, f'{self.label}.end_momentum',
+            warn_small=False)
+        #: The momentum at iteration 0 and the end, this package's
+        #: convention (the weight of the old teacher).
+        self.base_momentum = 1.0 - mu
+        self.end_momentum = 1.0 - mu_end
+        self.momentum = self.base_momentum
+        self.interval = check_positive_int(averaged.interval,
+                                           f'{self.label}.interval')
+        self.buffers = 'average' if averaged.update_buffers else 'copy'
+        self.log_name = self.label
+        self._masters = TargetMasters()
+        self._plan = None
+        self._online()  # refuse a model without the online network now
+
+    def describe(self):
+        """The teacher, as a line of the run's log."""
+        averaged = self.averaged
+        arguments = f'momentum={averaged.momentum!r}'
+        if self.schedule == 'cosine':
+            arguments += f', end_momentum={averaged.end_momentum!r}'
+        return (f'{self.label}: {type(averaged).__name__}({arguments}, '
+                f'interval={averaged.interval}, update_buffers='
+                f'{averaged.update_buffers}), a {self.schedule} momentum m = '
+                f'1 - momentum from {self.base_momentum!r} to '
+                f'{self.end_momentum!r}, buffers {self.buffers!r}')
+
+    def _online(self):
+        """``nn.Sequential(model.backbone, model.neck)`` as they are now
+        (a wrapper may have replaced them), checked by name against the
+        teacher's ``module``."""
+        missing = [name for name in ONLINE if not isinstance(
+            getattr(self.model, name, None), nn.Module)]
+        if missing:
+            raise TypeError(
+                f'{self.label} averages nn.Sequential(backbone, neck), but '
+                f'{type(self.model).__name__} has no module '
+                f'{", ".join(missing)}: the momentum hook takes over the '
+                'teachers of mmpretrain models built that way (BYOL, MoCo, '
+                'MoCoV3, DenseCL)')
+        online = nn.Sequential(*(getattr(self.model, name)
+                                 for name in ONLINE))
+        names = [[name for name, _ in module.named_parameters()]
+                 for module in (self.averaged.module, online)]
+        if names[0] != names[1]:
+            index = next((index for index, (target, source) in enumerate(
+                zip(*names)) if target != source), min(map(len, names)))
+            teacher, source = (side[index] if index < len(side) else None
+                               for side in names)
+            raise ValueError(
+                f'{self.label}.module and nn.Sequential(backbone, neck) of '
+                f'{type(self.model).__name__} differ at parameter {index} '
+                f'({teacher!r} in the teacher, {source!r} online), so they '
+                'cannot be paired by name: wrap the teacher and the online '
+                'network alike')
+        return online
+
+    def _current_plan(self, collective=False):
+        """The kept plan while it is current, else a new one: checked with
+        every rank before the run (``collective``), on this rank alone
+        after the start, where the ranks need not be at the same point."""
+        if collective or self._plan is None or not self._plan.is_current():
+            self._plan = ModuleUpdatePlan(
+                self.averaged.module, self._online(), self.buffers,
+                self._masters, collective=collective)
+        return self._plan
+
+    def check_momentum_target(self):
+        """Plan the update now; the first time in a run (the teacher's
+        ``steps`` is 0), copy the online network into the teacher, as
+        mmpretrain's first ``update_parameters`` call does.
+
+        Raises:
+            ValueError: As :class:`~momentum_hook.ema.ModuleUpdatePlan`
+                would, before anything is written.
+        """
+        plan = self._current_plan(collective=True)
+        if int(self.averaged.steps) == 0:
+            plan.update_(0.0)
+            self.averaged.steps += 1
+
+    def momentum_update(self):
+        """``target = m * target + (1 - m) * online``, m = ``self.momentum``;
+        the teacher's ``steps`` counts it."""
+        self._current_plan().update_(self.momentum)
+        self.averaged.steps += 1
+
+    def take_over(self):
+        """Make the model's own ``update_parameters`` calls count, not
+        update (:class:`SkippedUpdate`), on this averaged model only."""
+        self.averaged.__dict__['update_parameters'] = SkippedUpdate()
+
+    def release(self):
+        """Give the averaged model its ``update_parameters`` back."""
+        self.averaged.__dict__.pop('update_parameters', None)
+
+    def configure(self, updater, given, accumulation):
+        """Set the hook's schedule from the teacher's arguments.
+
+        Args:
+            updater (MomentumUpdater): The hook's updater; its
+                ``end_momentum`` and ``update_interval`` are set here.
+            given (dict): The hook arguments the user set, by name.
+            accumulation (Iterable[int]): The iterations per optimizer step
+                of each optimizer (and DeepSpeed's).
+
+        Raises:
+            ValueError: For a hook argument that contradicts the teacher's,
+                naming both values.
+        """
+        end = given.get('end_momentum')
+        if end is not None and not math.isclose(end, self.end_momentum,
+                                                rel_tol=1e-12, abs_tol=1e-15):
+            source = (f'end_momentum={self.averaged.end_momentum!r}'
+                      if self.schedule == 'cosine' else
+                      f'a constant momentum={self.averaged.momentum!r}')
+            raise ValueError(
+                f'end_momentum={end!r} in the momentum hook contradicts '
+                f'{self.label}, a {type(self.averaged).__name__} with '
+                f'{source}, i.e. end_momentum={self.end_momentum!r} in the '
+                "hook's convention (m = 1 - momentum weighs the old "
+                'teacher): remove end_momentum from the hook, which takes '
+                "the teacher's own, or change the model's")
+        if given.get('reach_end_momentum') and self.schedule == 'cosine':
+            raise ValueError(
+                f'reach_end_momentum=True in the momentum hook contradicts '
+                f"{self.label}, a CosineEMA whose cosine runs over the "
+                "run's max_iters: remove reach_end_momentum from the hook")
+        interval = given.get('update_interval')
+        if interval is None:
+            interval = self.interval
+            for steps in accumulation:
+                interval = interval * steps // math.gcd(interval, steps)
+        elif interval % self.interval:
+            raise ValueError(
+                f'update_interval={interval} in the momentum hook '
+                f'contradicts {self.label}, a {type(self.averaged).__name__}'
+                f' with interval={self.interval}: set update_interval to a '
+                f'multiple of {self.interval}, or remove it from the hook')
+        updater.end_momentum = self.end_momentum
+        _set_interval(updater, interval)
+
+
+def _set_interval(updater, interval):
+    """The updater's ``update_interval``, and its ledger's."""
+    updater.update_interval = updater.ledger.update_interval = interval
+
+
+def teacher_of(model, updater, given, accumulation):
+    """The :class:`AveragedTeacher` the hook updates instead of ``model``.
+
+    Args:
+        model (nn.Module): The unwrapped model.
+        updater (MomentumUpdater): The hook's; configured from the teacher
+            (:meth:`AveragedTeacher.configure`).
+        given (dict): The hook arguments the user set, by name.
+        accumulation (Iterable[int]): Iterations per optimizer step.
+
+    Returns:
+        AveragedTeacher or None: None (and the updater's ``end_momentum``
+        and ``update_interval`` as given, or 1.0 and 1) for a model with
+        the hook's contract
+        (an MMSelfSup 0.x or :class:`~momentum_hook.MomentumTargetMixin`
+        model) or without an mmpretrain teacher.
+    """
+    # The user's values, whatever an earlier run's teacher set.
+    updater.end_momentum = float(given.get('end_momentum', 1.))
+    _set_interval(updater, given.get('update_interval', 1))
+    if all(hasattr(model, name) for name in CONTRACT):
+        return None
+    found = find_teacher(model)
+    if found is None:
+        return None
+    teacher = AveragedTeacher(model, *found)
+    teacher.configure(updater, given, accumulation)
+    return teacher
