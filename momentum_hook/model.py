@@ -123,7 +123,9 @@ class MomentumTargetMixin:
         self.base_momentum = check_momentum(base_momentum, 'base_momentum')
         self.momentum = self.base_momentum
         target = _copy_of(online).requires_grad_(False)
-        target.register_load_state_dict_post_hook(_note_load)
+        # A pre-hook: it runs in the target's _load_from_state_dict, which
+        # every loader calls (mmcv's and MMEngine's skip load_state_dict).
+        target.register_load_state_dict_pre_hook(_note_load)
         # Plain attributes, not submodules: the caller registers both.
         self.__dict__['_momentum_pair'] = (online, target, buffers)
         self.__dict__['_momentum_masters'] = TargetMasters()
@@ -226,13 +228,12 @@ class MomentumTargetMixin:
         loaded = _take_load(state)
         self._place_loaded_masters()
         start = not state.get('_momentum_planned', False)
-        compare = start and not loaded and (
-            caller == 'check_momentum_target' or
-            state.get('_momentum_from_meta', False))
+        compare = start and (caller == 'check_momentum_target' or
+                             state.get('_momentum_from_meta', False))
         plan = ModuleUpdatePlan(target, online, buffers,
                                 state['_momentum_masters'],
                                 collective=collective or start or loaded,
-                                compare=compare)
+                                compare=compare, loaded=loaded)
         state['_momentum_plan'] = plan
         state['_momentum_planned'] = True
         if plan.differs is not None:
@@ -339,8 +340,8 @@ class MomentumTargetMixin:
         return network
 
 
-def _note_load(target, incompatible_keys):
-    """Load-state-dict post-hook of a target: it was loaded."""
+def _note_load(target, *args):
+    """Load-state-dict pre-hook of a target: it is being loaded."""
     _LOADED_TARGETS.add(target)
 
 

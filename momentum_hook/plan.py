@@ -167,11 +167,15 @@ class ModuleUpdatePlan:
             differs from its online parameter, on any rank when
             ``collective`` (in the same exchange): :attr:`differs`.
             Defaults to False.
+        loaded (bool): With ``compare``: this rank's target was loaded (a
+            checkpoint), so no rank may take it for one that starts from
+            scratch. Defaults to False.
 
     Attributes:
         differs (str | None): With ``compare``, the name of the first target
             parameter found different from its online parameter (on some
-            rank), else None.
+            rank), else None; None also when any rank's target was
+            ``loaded``.
 
     Raises:
         ValueError: If the modules differ in parameter names, shape or
@@ -182,7 +186,8 @@ class ModuleUpdatePlan:
     """
 
     def __init__(self, target, online, buffers='keep', masters=None, *,
-                 collective=True, keep_masters=True, compare=False):
+                 collective=True, keep_masters=True, compare=False,
+                 loaded=False):
         if keep_masters and masters is None:
             masters = TargetMasters()
         elif not keep_masters:
@@ -190,15 +195,20 @@ class ModuleUpdatePlan:
 
         def plan():
             return self._plan(target, online, buffers, masters)
-        ballot = self._first_difference if compare else None
+        def ballot():
+            return (loaded, None if loaded else self._first_difference())
         if collective:
-            agreed = agree_across_ranks(plan, ballot)
+            agreed = agree_across_ranks(plan, ballot if compare else None)
             (shards, buffer_tensors), votes = (agreed if compare
                                                else (agreed, []))
         else:
             shards, buffer_tensors = plan()
             votes = [ballot()] if compare else []
-        self.differs = next(filter(None, votes), None)
+        # A target loaded on any rank is kept on every rank (a load on rank
+        # 0 alone that DDP then broadcasts, say).
+        self.differs = (None if any(vote[0] for vote in votes) else
+                        next(filter(None, (vote[1] for vote in votes)),
+                             None))
         self._track(target, online, shards, buffer_tensors)
 
     def _plan(self, target, online, buffers, masters):

@@ -33,7 +33,20 @@ def swap_storage_on_rank_0(rank, model):
             param.data = param.data.clone()
 
 
-def train_rank(rank, port, out_dir, between_steps=None):
+def load_a_target_on_rank_0(rank, model):
+    """A target loaded on rank 0 only, unlike the online network, before
+    DDP broadcasts rank 0's weights: no rank may then sync it."""
+    if rank == 0:
+        model.target_net.load_state_dict(
+            {key: value + 1. for key, value in
+             model.target_net.state_dict().items()})
+
+
+def no_step(rank, model):
+    """Nothing between the steps: the model still plans before training."""
+
+
+def train_rank(rank, port, out_dir, between_steps=None, before_wrap=None):
     """One rank: DDP-wrap a mixin model, train, record what it saw.
 
     ``between_steps(rank, model)`` runs after each optimizer step, before the
@@ -48,10 +61,13 @@ def train_rank(rank, port, out_dir, between_steps=None):
     try:
         torch.manual_seed(rank)  # other weights per rank until DDP syncs
         model = TinyBYOL()
+        if before_wrap is not None:
+            before_wrap(rank, model)
         ddp = DistributedDataParallel(model)
         if between_steps is not None:
             model.check_momentum_target()
         record = dict(initial_target=snapshot(model.target_net.parameters()),
+                      initial_online=snapshot(model.online_net.parameters()),
                       online=[])
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
         torch.manual_seed(100 + rank)  # other data per rank
@@ -84,6 +100,26 @@ def ranks_with_a_local_replan(tmp_path_factory):
     return launch_ranks(train_rank,
                         (free_port(), out_dir, swap_storage_on_rank_0),
                         out_dir, 'spawn')
+
+
+@pytest.fixture(scope='module')
+def ranks_with_a_target_loaded_on_rank_0(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp('ddp_loaded_on_rank_0')
+    return launch_ranks(train_rank,
+                        (free_port(), out_dir, no_step,
+                         load_a_target_on_rank_0),
+                        out_dir, 'spawn')
+
+
+def test_a_target_loaded_on_rank_0_alone_is_kept_on_every_rank(
+        ranks_with_a_target_loaded_on_rank_0):
+    first, second = ranks_with_a_target_loaded_on_rank_0
+    assert_all_equal(second['initial_target'], first['initial_target'])
+    assert_all_equal(second['target'], first['target'])
+    # The loaded target (online + 1 before DDP's broadcast), not a copy.
+    for target, online in zip(first['initial_target'],
+                              first['initial_online']):
+        torch.testing.assert_close(target, online + 1.)
 
 
 @pytest.mark.parametrize('fixture', ['ranks', 'ranks_with_a_local_replan'])

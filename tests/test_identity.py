@@ -333,7 +333,9 @@ def assert_the_check_leaves_the_target_alone(model, caplog):
     assert_all_equal(model.target_net.state_dict().values(), before.values())
 
 
-@pytest.mark.parametrize('load', ['model', 'target'])
+@pytest.mark.parametrize('load', [
+    'model', 'target',
+    pytest.param('target by mmcv', marks=pytest.mark.mmcv)])
 def test_a_loaded_target_is_never_overwritten(load, caplog):
     saved = Pair(seed=1)
     drift(saved.online_net, seed=1)
@@ -342,8 +344,11 @@ def test_a_loaded_target_is_never_overwritten(load, caplog):
     model = meta_pair()
     if load == 'model':
         model.load_state_dict(saved.state_dict())
-    else:
+    elif load == 'target':
         model.target_net.load_state_dict(saved.target_net.state_dict())
+    else:  # mmcv's loader calls _load_from_state_dict, not load_state_dict
+        from mmcv.runner import load_state_dict
+        load_state_dict(model.target_net, saved.target_net.state_dict())
     assert_the_check_leaves_the_target_alone(model, caplog)
 
 
