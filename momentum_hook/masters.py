@@ -87,10 +87,14 @@ class TargetMasters:
         from its values, and so does a copy at an address that another
         parameter's copy had before (the allocator reuses addresses, and
         persistent parameters often share a shape). These tensors are small
-        (below the persistence threshold), so the check is cheap.
+        (below the persistence threshold), so the check is cheap. A
+        float32 or float64 copy has none (None in the list).
         """
         masters, kept = [], {}
         for copy in copies:
+            if not is_low_precision(copy):
+                masters.append(None)
+                continue
             master = self._copies.get(copy.data_ptr())
             if master is not None and not _rounds_to(master, copy):
                 master = None

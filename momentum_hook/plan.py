@@ -236,7 +236,8 @@ class ModuleUpdatePlan:
         lerped = [(t.name, t.tensor, o.tensor)
                   for t, o in zip(targets, onlines)]
         self._lerped = lerped[:]  # the parameters, for _first_difference
-        self.buffer_copies, buffer_tensors = [], []
+        #: ``(targets, sources)`` of the buffers copied at each update.
+        self.buffer_copies, buffer_tensors = ([], []), []
         if buffers != 'keep':  # checked before anything is written
             target_buffers = buffer_shards(target)
             online_buffers = _pair(target_buffers, buffer_shards(online),
@@ -247,7 +248,8 @@ class ModuleUpdatePlan:
                         and o.tensor.is_floating_point():
                     lerped.append((t.name, t.tensor, o.tensor))
                 else:
-                    self.buffer_copies.append((t.tensor, o.tensor))
+                    self.buffer_copies[0].append(t.tensor)
+                    self.buffer_copies[1].append(o.tensor)
         names, target_tensors, online_tensors = map(list, zip(*lerped))
         if masters is None:
             refuse_low_precision(names, target_tensors)
@@ -337,8 +339,8 @@ class ModuleUpdatePlan:
             lerp_gathered(self.gathered, 1.0 - momentum, self.masters)
         if self.secondary:  # after lerp_gathered, which may release copies
             drop_secondary_partitions(self.secondary)
-        for target_buffer, online_buffer in self.buffer_copies:
-            target_buffer.copy_(online_buffer)
+        if self.buffer_copies[0]:  # one foreach copy, however many buffers
+            torch._foreach_copy_(*self.buffer_copies)
         if self._master_targets:
             self._master_versions = self._versions()
 

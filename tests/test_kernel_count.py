@@ -226,3 +226,24 @@ def test_a_converted_group_of_empty_tensors_is_no_call(master):
     calls = kernels.plan_lerp(targets, onlines, masters)
     kernels.run_lerp(calls, 0.5)
     assert [op for op, _, _ in calls] == (['copy'] if master else [])
+
+
+def test_copied_buffers_are_one_op_however_many():
+    """``buffers='copy'`` (mmpretrain's default) copies every buffer in one
+    ``_foreach_copy_``, and the target's buffers equal the online ones."""
+    counts = []
+    for layers in (3, 30):
+        online = nn.Sequential(*[nn.BatchNorm1d(4) for _ in range(layers)])
+        for module in online:
+            module.running_mean.normal_()
+            module.num_batches_tracked.fill_(layers)
+        target = copy.deepcopy(online).requires_grad_(False)
+        for module in target:
+            module.running_mean.zero_()
+        plan = ModuleUpdatePlan(target, online, buffers='copy')
+        logs = ops_of_updates(lambda plan=plan: plan.update_(MOMENTUM),
+                              target, online)
+        counts.append(sum('copy' in name for name in logs[0]))
+        for got, want in zip(target.buffers(), online.buffers()):
+            assert torch.equal(got, want)
+    assert counts[0] == counts[1] == 1, counts
