@@ -34,6 +34,7 @@ Nothing here imports a distributed package: a tensor can only be a DTensor or
 an FSDP1 unit if ``torch.distributed.tensor`` or ``torch.distributed.fsdp``
 is already imported.
 """  # noqa: E501 (the engine table)
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -89,10 +90,10 @@ class LocalShard(NamedTuple):
         layout (tuple): What must be equal on both sides for ``tensor`` to
             hold the same elements in the target and the online network.
         owner (Any): The object that links to ``tensor``, or None.
-        link (str): The attribute of ``owner`` that holds ``tensor`` (or the
-            tensor ``tensor`` views), or None. A plan is stale when it
+        link (Callable): Reads what ``owner`` holds now: ``tensor`` (or
+            the tensor ``tensor`` views), or None. A plan is stale when it
             changes.
-        base (Tensor): ``getattr(owner, link)`` when planned, else
+        base (Tensor): ``link(owner)`` when planned, else
             ``tensor``; its storage must stay the same.
         keys (tuple[str]): What the shard is paired by
             (:func:`~momentum_hook.pairing.pair_by_name`): its name without
@@ -103,7 +104,7 @@ class LocalShard(NamedTuple):
     tensor: torch.Tensor
     layout: tuple
     owner: Any = None
-    link: str | None = None
+    link: Callable[[Any], torch.Tensor] | None = None
     base: torch.Tensor | None = None
     keys: tuple = ()
 
@@ -144,7 +145,8 @@ def _zero3_shard(name, param):
     layout = ('ZeRO-3 partition', ds.full_shape(param), ds.full_numel(param),
               partition.numel(), group_position(ds.process_group(param)),
               persistence)
-    return LocalShard(name, partition, layout, param, 'ds_tensor', partition)
+    return LocalShard(name, partition, layout, param, ds.partition,
+                      partition)
 
 
 def tensor_shard(name, tensor, meta=False):
@@ -169,7 +171,8 @@ def tensor_shard(name, tensor, meta=False):
             raise _meta_error(name)
         layout = ('DTensor', tuple(tensor.shape), tuple(tensor.placements),
                   tensor.device_mesh, tuple(local.shape))
-        return LocalShard(name, local, layout, tensor, '_local_tensor', local)
+        return LocalShard(name, local, layout, tensor,
+                          torch_internals.dtensor_local, local)
     if ds.is_zero3_param(tensor):
         return _zero3_shard(name, tensor)
     if torch_internals.is_fsdp1_flattened(tensor):

@@ -12,7 +12,7 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from ._compat.mmengine import accumulative_counts
+from ._compat.mmengine import accumulative_counts, auto_scale_lr
 from .ledger import (RECORD_KEY, EngineSteps, OptimizerSteps,
                      check_one_momentum_hook)
 from .mmpretrain import teacher_of
@@ -83,15 +83,6 @@ def _step_watch(runner, engine):
         index=lambda: max(-(-wrapper.inner_count //
                             accumulative_counts(wrapper))
                           for wrapper in wrappers))
-
-
-def _auto_scale_lr(runner):
-    """The runner's ``auto_scale_lr`` config: a public attribute of
-    ``Runner``, private (``_auto_scale_lr``) in ``FlexibleRunner``
-    (MMEngine 0.10.7)."""
-    if hasattr(runner, 'auto_scale_lr'):
-        return runner.auto_scale_lr
-    return getattr(runner, '_auto_scale_lr', None)
 
 
 class MomentumUpdateHook(HookOptions, Hook):
@@ -220,7 +211,7 @@ class MomentumUpdateHook(HookOptions, Hook):
         self.updater.check_run(model, getattr(runner, 'max_iters', None))
         engine = self._check_optimizer(runner)
         if self.base_batch_size == 'auto':
-            self.updater.use_auto_scale_lr(_auto_scale_lr(runner))
+            self.updater.use_auto_scale_lr(auto_scale_lr(runner))
         runner.logger.info(self.updater.start(
             model, runner.max_iters, lambda: runner.train_dataloader,
             owner=self))

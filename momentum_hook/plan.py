@@ -111,6 +111,11 @@ def _pair(targets, onlines, what):
     return onlines
 
 
+def _read(link, owner):
+    """``link(owner)``: what an owner of a local tensor holds now."""
+    return link(owner)
+
+
 class ModuleUpdatePlan:
     """:func:`momentum_update_` for one (target, online) module pair, planned.
 
@@ -307,7 +312,7 @@ class ModuleUpdatePlan:
             return False
         return (slots and
                 list(map(len, self._slots)) == self._sizes and
-                all(map(is_, map(getattr, self._owners, self._links),
+                all(map(is_, map(_read, self._links, self._owners),
                         self._linked)) and
                 all(map(is_, map(_STORAGE, self._bases),
                         map(_DEREFERENCE, self._storages))) and

@@ -6,8 +6,17 @@ accumulation only as ``_accumulative_counts``; they are read here.
 """
 import sys
 
-__all__ = ['accumulative_counts', 'deepspeed_engine_wrapper',
+__all__ = ['accumulative_counts', 'auto_scale_lr', 'deepspeed_engine_wrapper',
            'fsdp_strategy']
+
+
+def auto_scale_lr(runner):
+    """The runner's ``auto_scale_lr`` config: a public attribute of
+    ``Runner``, private (``_auto_scale_lr``) in ``FlexibleRunner``
+    (MMEngine 0.10.7)."""
+    if hasattr(runner, 'auto_scale_lr'):
+        return runner.auto_scale_lr
+    return getattr(runner, '_auto_scale_lr', None)
 
 
 def accumulative_counts(optim_wrapper):
