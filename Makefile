@@ -91,14 +91,11 @@ test-wheel:
 	$(WHEEL_PYTHON) -c "import momentum_hook_dropin as d; \
 	    assert 'mmengine_hook' in str(d.REPLACED), d.REPLACED"
 
-# ruff (lint, and the format check of the files in FORMATTED) and mypy
-# (against the torch of .venv), their versions from requirements/lint.txt in
-# a small venv of their own; seconds once .venv exists. `make format` runs
-# the formatter and the import sorter over the whole tree (then FORMATTED
-# becomes `.`, and "I" joins ruff's rules in pyproject.toml).
+# ruff (lint and the format check) and mypy (against the torch of .venv),
+# their versions from requirements/lint.txt in a small venv of their own;
+# seconds once .venv exists. `make format` formats the tree and sorts the
+# imports.
 LINT_VENV ?= .venv-lint
-FORMATTED ?= tests/test_packaging.py tests/test_errors_page.py \
-	tests/test_zero3_partitions.py
 $(LINT_VENV)/.installed: requirements/lint.txt
 	$(PYTHON) -m venv $(LINT_VENV)
 	$(LINT_VENV)/bin/python -m pip install -q -r requirements/lint.txt
@@ -106,7 +103,7 @@ $(LINT_VENV)/.installed: requirements/lint.txt
 
 lint: venv $(LINT_VENV)/.installed
 	$(LINT_VENV)/bin/ruff check .
-	$(LINT_VENV)/bin/ruff format --check $(FORMATTED)
+	$(LINT_VENV)/bin/ruff format --check .
 	$(LINT_VENV)/bin/mypy --python-executable $(BIN)/python
 
 format: $(LINT_VENV)/.installed

@@ -19,6 +19,7 @@ imports its hooks (``mmselfsup.core.hooks``), as MMSelfSup's
 replace them; a later ``import mmselfsup`` finds them already registered and
 does not fail on a duplicate name.
 """
+
 import importlib
 from importlib import metadata
 
@@ -50,7 +51,8 @@ def _register_mmselfsup_hooks_first():
             f'momentum_hook replaces them, and that import failed ({error}). '
             'Fix the MMSelfSup install, or use '
             "custom_imports=dict(imports=['momentum_hook']) with "
-            "type='momentum_hook.MomentumUpdateHook' instead") from error
+            "type='momentum_hook.MomentumUpdateHook' instead"
+        ) from error
 
 
 def _take_plain_names():
@@ -61,11 +63,15 @@ def _take_plain_names():
             'and neither mmcv 1.x nor MMEngine is installed: in a clone of '
             'momentum_hook, pip install -e ".[mmengine]", or for mmcv 1.x '
             'pip install "setuptools<81" wheel, then pip install '
-            '--no-build-isolation -e ".[mmcv]"')
+            '--no-build-isolation -e ".[mmcv]"'
+        )
     _register_mmselfsup_hooks_first()
-    return {adapter.__name__: take_plain_names(adapter.HOOKS,
-                                               adapter.MomentumUpdateHook)
-            for adapter in adapters}
+    return {
+        adapter.__name__: take_plain_names(
+            adapter.HOOKS, adapter.MomentumUpdateHook
+        )
+        for adapter in adapters
+    }
 
 
 #: ``{adapter module name: {plain name: the class it replaced}}``.

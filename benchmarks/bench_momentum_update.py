@@ -74,6 +74,7 @@ Usage::
     python benchmarks/bench_momentum_update.py --baseline-kernels \
         /tmp/old_kernels.py                                    # compare
 """
+
 import argparse
 import collections
 import copy
@@ -88,17 +89,20 @@ import time
 
 import torch
 import torchvision
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from momentum_hook import MomentumTargetMixin, momentum_update_
-from momentum_hook import ModuleUpdatePlan
-from momentum_hook import kernels
+from momentum_hook import (
+    ModuleUpdatePlan,
+    MomentumTargetMixin,
+    kernels,
+    momentum_update_,
+)
 
 try:
     from timm.utils import ModelEmaV3
+
     TIMM_LABEL = 'timm ModelEmaV3'
 except ImportError:
     ModelEmaV3 = None
@@ -117,8 +121,10 @@ LOOP_LABEL = 'MMSelfSup 0.x loop'
 HAND_LABEL = 'hand-written _foreach_lerp_ over list(parameters())'
 FLAT_LABEL = 'one flat lerp_ (reference)'
 STATS = {'median': statistics.median, 'min': min}
-OURS_LABELS = ('ours: momentum_update_',
-               'ours: MomentumTargetMixin.momentum_update()')
+OURS_LABELS = (
+    'ours: momentum_update_',
+    'ours: MomentumTargetMixin.momentum_update()',
+)
 BF16_LABEL = 'ours: bf16 target + fp32 master (mixin)'
 CAST_LABEL = 'ours: fp32 target of a bf16 online network (mixin)'
 KERNELS_LABEL = 'kernels only: bf16 target + fp32 master'
@@ -136,6 +142,7 @@ class Style:
             them).
         onlines (list[Tensor]): The online tensors, in the same order.
     """
+
     label: str
     update: object
     targets: object
@@ -161,15 +168,17 @@ class _ModelEmaV3:
     def update(self, model):
         """EMA ``model`` into ``self.module`` as timm does."""
         ema_lerp_values, model_lerp_values = [], []
-        for ema_v, model_v in zip(self.module.state_dict().values(),
-                                  model.state_dict().values()):
+        for ema_v, model_v in zip(
+            self.module.state_dict().values(), model.state_dict().values()
+        ):
             if ema_v.is_floating_point():
                 ema_lerp_values.append(ema_v)
                 model_lerp_values.append(model_v)
             else:
                 ema_v.copy_(model_v)
-        torch._foreach_lerp_(ema_lerp_values, model_lerp_values,
-                             weight=1. - self.decay)
+        torch._foreach_lerp_(
+            ema_lerp_values, model_lerp_values, weight=1.0 - self.decay
+        )
 
 
 @torch.no_grad()
@@ -177,7 +186,8 @@ def mmselfsup_loop(online, target, momentum):
     """MMSelfSup 0.x's ``BYOL._momentum_update``, written out as it is."""
     for param_ol, param_tgt in zip(online.parameters(), target.parameters()):
         param_tgt.data = param_tgt.data * momentum + param_ol.data * (
-            1. - momentum)
+            1.0 - momentum
+        )
 
 
 def flat_copy(module):
@@ -189,8 +199,10 @@ def flat_copy(module):
     """
     params = list(module.parameters())
     flat = torch.cat([p.detach().reshape(-1) for p in params])
-    views = [view.view_as(p) for view, p in zip(
-        flat.split([p.numel() for p in params]), params)]
+    views = [
+        view.view_as(p)
+        for view, p in zip(flat.split([p.numel() for p in params]), params)
+    ]
     return flat, views
 
 
@@ -220,14 +232,21 @@ def build_networks(name, device):
     generator = torch.Generator(device).manual_seed(0)
     with torch.no_grad():
         for param in target.parameters():
-            param.add_(torch.randn(param.shape, generator=generator,
-                                   device=device), alpha=0.1)
+            param.add_(
+                torch.randn(param.shape, generator=generator, device=device),
+                alpha=0.1,
+            )
     pair = Pair(copy.deepcopy(online), target)
     bf16 = Pair(copy.deepcopy(online), target).to(torch.bfloat16)
     cast = Pair(copy.deepcopy(online), target)
     cast.online.to(torch.bfloat16)  # the target stays float32
-    return {'online': online, 'target': target, 'pair': pair, 'bf16': bf16,
-            'cast': cast}
+    return {
+        'online': online,
+        'target': target,
+        'pair': pair,
+        'bf16': bf16,
+        'cast': cast,
+    }
 
 
 def load_kernels(path):
@@ -238,7 +257,8 @@ def load_kernels(path):
     imported inside ``momentum_hook``, so that its relative imports resolve.
     """
     spec = importlib.util.spec_from_file_location(
-        'momentum_hook._baseline_kernels', path)
+        'momentum_hook._baseline_kernels', path
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -253,8 +273,9 @@ def kernel_style(label, module, nets, weight):
     onlines = list(nets['bf16'].online.parameters())
     masters = [tensor.float() for tensor in targets]
     calls = module.plan_lerp(targets, onlines, masters)
-    return Style(label, lambda: module.run_lerp(calls, weight),
-                 lambda: targets, onlines)
+    return Style(
+        label, lambda: module.run_lerp(calls, weight), lambda: targets, onlines
+    )
 
 
 def make_styles(nets, momentum, baseline=None):
@@ -274,11 +295,14 @@ def make_styles(nets, momentum, baseline=None):
     onlines, targets = list(online.parameters()), list(target.parameters())
     pair_onlines = list(pair.online.parameters())
     (flat_o, flat_onlines), (flat_t, flat_targets) = (
-        flat_copy(online), flat_copy(target))
-    weight = 1. - momentum
+        flat_copy(online),
+        flat_copy(target),
+    )
+    weight = 1.0 - momentum
 
-    averaged = AveragedModel(target,
-                             multi_avg_fn=get_ema_multi_avg_fn(momentum))
+    averaged = AveragedModel(
+        target, multi_avg_fn=get_ema_multi_avg_fn(momentum)
+    )
     averaged.n_averaged.fill_(1)  # past the first call, which only copies
     ema = (ModelEmaV3 or _ModelEmaV3)(target, decay=momentum)
 
@@ -287,38 +311,72 @@ def make_styles(nets, momentum, baseline=None):
         torch._foreach_add_(targets, onlines, alpha=weight)
 
     hand_written = hand_written_update(target, online, momentum)
-    extra = [] if baseline is None else [kernel_style(
-        baseline_label(baseline), baseline, nets, weight)]
+    extra = (
+        []
+        if baseline is None
+        else [kernel_style(baseline_label(baseline), baseline, nets, weight)]
+    )
 
     return [
         Style(COPY_LABEL, lambda: flat_t.copy_(flat_o), lambda: [], []),
-        Style(LOOP_LABEL,
-              lambda: mmselfsup_loop(online, loop_target, momentum),
-              loop_target.parameters, onlines),
-        Style('torch AveragedModel + get_ema_multi_avg_fn',
-              lambda: averaged.update_parameters(online),
-              averaged.module.parameters, onlines),
-        Style(TIMM_LABEL, lambda: ema.update(online), ema.module.parameters,
-              onlines),
-        Style('foreach mul_ + add_', foreach_mul_add, target.parameters,
-              onlines),
-        Style('torch._foreach_lerp_',
-              lambda: torch._foreach_lerp_(targets, onlines, weight),
-              target.parameters, onlines),
+        Style(
+            LOOP_LABEL,
+            lambda: mmselfsup_loop(online, loop_target, momentum),
+            loop_target.parameters,
+            onlines,
+        ),
+        Style(
+            'torch AveragedModel + get_ema_multi_avg_fn',
+            lambda: averaged.update_parameters(online),
+            averaged.module.parameters,
+            onlines,
+        ),
+        Style(
+            TIMM_LABEL,
+            lambda: ema.update(online),
+            ema.module.parameters,
+            onlines,
+        ),
+        Style(
+            'foreach mul_ + add_', foreach_mul_add, target.parameters, onlines
+        ),
+        Style(
+            'torch._foreach_lerp_',
+            lambda: torch._foreach_lerp_(targets, onlines, weight),
+            target.parameters,
+            onlines,
+        ),
         Style(HAND_LABEL, hand_written, target.parameters, onlines),
-        Style(FLAT_LABEL, lambda: flat_t.lerp_(flat_o, weight),
-              lambda: flat_targets, flat_onlines),
-        Style(OURS_LABELS[0], lambda: momentum_update_(target, online,
-                                                       momentum),
-              target.parameters, onlines),
-        Style(OURS_LABELS[1], pair.momentum_update, pair.target.parameters,
-              pair_onlines),
-        Style(BF16_LABEL, nets['bf16'].momentum_update,
-              nets['bf16'].target.parameters,
-              list(nets['bf16'].online.parameters())),
-        Style(CAST_LABEL, nets['cast'].momentum_update,
-              nets['cast'].target.parameters,
-              list(nets['cast'].online.parameters())),
+        Style(
+            FLAT_LABEL,
+            lambda: flat_t.lerp_(flat_o, weight),
+            lambda: flat_targets,
+            flat_onlines,
+        ),
+        Style(
+            OURS_LABELS[0],
+            lambda: momentum_update_(target, online, momentum),
+            target.parameters,
+            onlines,
+        ),
+        Style(
+            OURS_LABELS[1],
+            pair.momentum_update,
+            pair.target.parameters,
+            pair_onlines,
+        ),
+        Style(
+            BF16_LABEL,
+            nets['bf16'].momentum_update,
+            nets['bf16'].target.parameters,
+            list(nets['bf16'].online.parameters()),
+        ),
+        Style(
+            CAST_LABEL,
+            nets['cast'].momentum_update,
+            nets['cast'].target.parameters,
+            list(nets['cast'].online.parameters()),
+        ),
         kernel_style(KERNELS_LABEL, kernels, nets, weight),
     ] + extra
 
@@ -351,11 +409,13 @@ def cuda_activity(fn, device):
     ``torch.profiler``) and its host time until they are queued, in us."""
     torch.cuda.synchronize(device)
     with torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        activities=[torch.profiler.ProfilerActivity.CUDA]
+    ) as profile:
         fn()
         torch.cuda.synchronize(device)
-    launches = sum(str(event.device_type).endswith('CUDA')
-                   for event in profile.events())
+    launches = sum(
+        str(event.device_type).endswith('CUDA') for event in profile.events()
+    )
     samples = []
     for _ in range(20):
         torch.cuda.synchronize(device)
@@ -380,18 +440,24 @@ def count_style(style, device):
     launches = host_us = None
     if device.type == 'cuda':
         launches, host_us = cuda_activity(style.update, device)
-    return {'ops': sum(counter.ops.values()), 'op_names': dict(counter.ops),
-            'launches': launches, 'host_us': host_us}
+    return {
+        'ops': sum(counter.ops.values()),
+        'op_names': dict(counter.ops),
+        'launches': launches,
+        'host_us': host_us,
+    }
 
 
 def hand_written_update(target, online, momentum):
     """The update as people write it by hand, timm's ``ModelEmaV3`` way."""
-    weight = 1. - momentum
+    weight = 1.0 - momentum
 
     @torch.no_grad()
     def update():
-        torch._foreach_lerp_(list(target.parameters()),
-                             list(online.parameters()), weight)
+        torch._foreach_lerp_(
+            list(target.parameters()), list(online.parameters()), weight
+        )
+
     return update
 
 
@@ -403,12 +469,13 @@ def one_element(module):
             if param is not None:
                 submodule._parameters[key] = nn.Parameter(
                     torch.zeros(1, device=param.device),
-                    requires_grad=param.requires_grad)
+                    requires_grad=param.requires_grad,
+                )
     return module
 
 
 #: The rows of the host-time table.
-HOST_LABELS = (HAND_LABEL, ) + OURS_LABELS
+HOST_LABELS = (HAND_LABEL,) + OURS_LABELS
 
 
 @torch.no_grad()
@@ -425,13 +492,19 @@ def host_times(name, device, rounds, stat='median', calls=50):
     target = copy.deepcopy(online).requires_grad_(False)
     pair = Pair(copy.deepcopy(online), target)
     pair.momentum = MOMENTUM
-    updates = dict(zip(HOST_LABELS, (
-        hand_written_update(target, online, MOMENTUM),
-        lambda: momentum_update_(target, online, MOMENTUM),
-        pair.momentum_update)))
+    updates = dict(
+        zip(
+            HOST_LABELS,
+            (
+                hand_written_update(target, online, MOMENTUM),
+                lambda: momentum_update_(target, online, MOMENTUM),
+                pair.momentum_update,
+            ),
+        )
+    )
     samples = {label: [] for label in updates}
     for index in range(rounds + 1):  # one warm-up round
-        for label in HOST_LABELS[index % 3:] + HOST_LABELS[:index % 3]:
+        for label in HOST_LABELS[index % 3 :] + HOST_LABELS[: index % 3]:
             elapsed = time_block(updates[label], calls, torch.device('cpu'))
             if index:
                 samples[label].append(elapsed * 1e3)
@@ -456,12 +529,15 @@ def check_style(style, momentum):
     after = list(style.targets())
     if len(after) != len(style.onlines) or len(before) != len(after):
         raise AssertionError(f'{style.label}: tensor count changed')
-    for index, (new, old, online) in enumerate(zip(after, before,
-                                                   style.onlines)):
+    for index, (new, old, online) in enumerate(
+        zip(after, before, style.onlines)
+    ):
         expected = old.double() * momentum + online.double() * (1 - momentum)
         torch.testing.assert_close(
-            new, expected.to(new.dtype),
-            msg=lambda text, i=index: f'{style.label}, tensor {i}: {text}')
+            new,
+            expected.to(new.dtype),
+            msg=lambda text, i=index: f'{style.label}, tensor {i}: {text}',
+        )
 
 
 def time_block(fn, number, device):
@@ -528,17 +604,28 @@ def summarize(name, nets, samples, stat, counts):
         'stat': stat,
         'copy_bandwidth_GBps': bandwidth / 1e9,
         'limit_ms': limit_ms,
-        'rows': [{'style': label, 'ms': ms, 'x_limit': ms / limit_ms,
-                  'ms_median': statistics.median(samples[label]),
-                  'ms_min': min(samples[label]), **counts[label]}
-                 for label, ms in times.items()],
+        'rows': [
+            {
+                'style': label,
+                'ms': ms,
+                'x_limit': ms / limit_ms,
+                'ms_median': statistics.median(samples[label]),
+                'ms_min': min(samples[label]),
+                **counts[label],
+            }
+            for label, ms in times.items()
+        ],
         'ours_speedup_over_loop': {
-            label: times[LOOP_LABEL] / times[label] for label in OURS_LABELS},
+            label: times[LOOP_LABEL] / times[label] for label in OURS_LABELS
+        },
         'ours_over_flat_lerp': {
-            label: times[label] / times[FLAT_LABEL] for label in times
-            if label.startswith(('ours', KERNELS_LABEL))},
+            label: times[label] / times[FLAT_LABEL]
+            for label in times
+            if label.startswith(('ours', KERNELS_LABEL))
+        },
         'ours_over_hand_written': {
-            label: times[label] / times[HAND_LABEL] for label in OURS_LABELS},
+            label: times[label] / times[HAND_LABEL] for label in OURS_LABELS
+        },
     }
 
 
@@ -562,10 +649,13 @@ def host_costs(nets, device):
     """
     pair = nets['pair']
     plan = ModuleUpdatePlan(pair.target, pair.online)
-    costs = {'plan': host_microseconds(
-                 lambda: ModuleUpdatePlan(pair.target, pair.online), 20),
-             'plan_check': host_microseconds(plan.is_current),
-             'mixin_enqueue': None}
+    costs = {
+        'plan': host_microseconds(
+            lambda: ModuleUpdatePlan(pair.target, pair.online), 20
+        ),
+        'plan_check': host_microseconds(plan.is_current),
+        'mixin_enqueue': None,
+    }
     if device.type == 'cuda':
         samples = []
         for _ in range(50):
@@ -581,37 +671,42 @@ def host_costs(nets, device):
 def bench_model(name, args, device):
     """Build, check and time every style on one model; return its summary."""
     nets = build_networks(name, device)
-    styles = make_styles(nets, MOMENTUM, args.baseline_kernels and
-                         load_kernels(args.baseline_kernels))
+    styles = make_styles(
+        nets,
+        MOMENTUM,
+        args.baseline_kernels and load_kernels(args.baseline_kernels),
+    )
     for style in styles[1:]:
         check_style(style, MOMENTUM)
     counts = {style.label: count_style(style, device) for style in styles}
-    samples = time_styles(styles, args.repeats, args.warmup, args.number,
-                          device)
+    samples = time_styles(
+        styles, args.repeats, args.warmup, args.number, device
+    )
     result = summarize(name, nets, samples, args.stat, counts)
     result['host_us'] = host_costs(nets, device)
     del nets, styles
     gc.collect()
-    result['host_only_us'] = host_times(name, device, args.repeats,
-                                        args.stat)
+    result['host_only_us'] = host_times(name, device, args.repeats, args.stat)
     return result
 
 
 def fmt_host(result):
     """The host costs of one model as ``plan 310 µs, check 20 µs``."""
     host = result['host_us']
-    text = (f"planning {host['plan']:.0f} us, plan check "
-            f"{host['plan_check']:.0f} us")
+    text = (
+        f'planning {host["plan"]:.0f} us, plan check '
+        f'{host["plan_check"]:.0f} us'
+    )
     if host['mixin_enqueue'] is not None:
-        text += f", mixin call until queued {host['mixin_enqueue']:.0f} us"
+        text += f', mixin call until queued {host["mixin_enqueue"]:.0f} us'
     return text
 
 
 def fmt_ops(row):
     """``1 op`` or, on CUDA, ``3 ops, 12 launches, 40 us host``."""
-    text = f"{row['ops']} op{'s' * (row['ops'] != 1)}"
+    text = f'{row["ops"]} op{"s" * (row["ops"] != 1)}'
     if row['launches'] is not None:
-        text += f", {row['launches']} launches, {row['host_us']:.0f} us host"
+        text += f', {row["launches"]} launches, {row["host_us"]:.0f} us host'
     return text
 
 
@@ -627,83 +722,124 @@ def fmt_ratio(ratio):
 
 def model_title(result):
     """``ResNet-50 (161 tensors, 25.6M)``."""
-    return (f"{MODELS[result['model']]} ({result['tensors']} tensors, "
-            f"{result['numel'] / 1e6:.1f}M)")
+    return (
+        f'{MODELS[result["model"]]} ({result["tensors"]} tensors, '
+        f'{result["numel"] / 1e6:.1f}M)'
+    )
 
 
 def print_text(result):
     """One model's rows as an aligned text table."""
-    print(f"\n{model_title(result)}: copy bandwidth "
-          f"{result['copy_bandwidth_GBps']:.1f} GB/s, limit "
-          f"{fmt_ms(result['limit_ms'])} ms")
+    print(
+        f'\n{model_title(result)}: copy bandwidth '
+        f'{result["copy_bandwidth_GBps"]:.1f} GB/s, limit '
+        f'{fmt_ms(result["limit_ms"])} ms'
+    )
     width = max(len(row['style']) for row in result['rows'])
     for row in result['rows']:
-        print(f"  {row['style']:<{width}}  {fmt_ms(row['ms']):>7} ms  "
-              f"{fmt_ratio(row['x_limit']):>6} limit  {fmt_ops(row)}")
+        print(
+            f'  {row["style"]:<{width}}  {fmt_ms(row["ms"]):>7} ms  '
+            f'{fmt_ratio(row["x_limit"]):>6} limit  {fmt_ops(row)}'
+        )
     for label, ratio in result['ours_over_flat_lerp'].items():
         if label not in OURS_LABELS:
-            print(f"  {label}: {ratio:.2f}x the float32 flat lerp_ of as "
-                  'many elements (target <= 1.5x)')
+            print(
+                f'  {label}: {ratio:.2f}x the float32 flat lerp_ of as '
+                'many elements (target <= 1.5x)'
+            )
     for label in OURS_LABELS:
-        print(f"  {label}: "
-              f"{result['ours_speedup_over_loop'][label]:.1f}x faster than "
-              f"the loop, {result['ours_over_flat_lerp'][label]:.2f}x the "
-              'flat lerp_')
+        print(
+            f'  {label}: '
+            f'{result["ours_speedup_over_loop"][label]:.1f}x faster than '
+            f'the loop, {result["ours_over_flat_lerp"][label]:.2f}x the '
+            'flat lerp_'
+        )
     print(f'  host side of ours: {fmt_host(result)}')
     host = result['host_only_us']
-    print(f"  host time per call, {host['tensors']} 1-element tensors:")
+    print(f'  host time per call, {host["tensors"]} 1-element tensors:')
     for label in HOST_LABELS:
-        print(f"    {label:<{width}}  {host[label]:7.0f} us  "
-              f"{host[label] / host[HAND_LABEL]:.2f}x hand-written")
+        print(
+            f'    {label:<{width}}  {host[label]:7.0f} us  '
+            f'{host[label] / host[HAND_LABEL]:.2f}x hand-written'
+        )
 
 
 def host_table(results):
     """Host time per call with 1-element tensors, as a Markdown table."""
-    lines = ['Host time per call, every parameter a 1-element tensor '
-             f"({results[0]['stat']} of the rounds, us per call, x the "
-             'hand-written foreach).', '',
-             '| update style | ' + ' | '.join(
-                 f"{MODELS[r['model']]} ({r['host_only_us']['tensors']} "
-                 'tensors)' for r in results) + ' |',
-             '|---' * (len(results) + 1) + '|']
+    lines = [
+        'Host time per call, every parameter a 1-element tensor '
+        f'({results[0]["stat"]} of the rounds, us per call, x the '
+        'hand-written foreach).',
+        '',
+        '| update style | '
+        + ' | '.join(
+            f'{MODELS[r["model"]]} ({r["host_only_us"]["tensors"]} tensors)'
+            for r in results
+        )
+        + ' |',
+        '|---' * (len(results) + 1) + '|',
+    ]
     for label in HOST_LABELS:
-        cells = [f"{r['host_only_us'][label]:.0f} us ({ratio:.2f}x)"
-                 for r in results for ratio in
-                 [r['host_only_us'][label] / r['host_only_us'][HAND_LABEL]]]
+        cells = [
+            f'{r["host_only_us"][label]:.0f} us ({ratio:.2f}x)'
+            for r in results
+            for ratio in [
+                r['host_only_us'][label] / r['host_only_us'][HAND_LABEL]
+            ]
+        ]
         lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
 def markdown_table(results, machine):
     """All models in one Markdown table, as docs/performance.md shows it."""
-    lines = [f'{machine}, fp32 unless the row says otherwise, momentum '
-             f'{MOMENTUM}, {results[0]["stat"]} ms per update (x the '
-             'bandwidth limit), aten ops per update.', '',
-             '| update style | ' + ' | '.join(map(model_title, results)) +
-             ' |', '|---' * (len(results) + 1) + '|']
+    lines = [
+        f'{machine}, fp32 unless the row says otherwise, momentum '
+        f'{MOMENTUM}, {results[0]["stat"]} ms per update (x the '
+        'bandwidth limit), aten ops per update.',
+        '',
+        '| update style | ' + ' | '.join(map(model_title, results)) + ' |',
+        '|---' * (len(results) + 1) + '|',
+    ]
     for index, row in enumerate(results[0]['rows']):
-        cells = [f"{fmt_ms(r['rows'][index]['ms'])} ms "
-                 f"({fmt_ratio(r['rows'][index]['x_limit'])}), "
-                 f"{fmt_ops(r['rows'][index])}"
-                 for r in results]
-        lines.append(f"| {row['style']} | " + ' | '.join(cells) + ' |')
-    extra = [('limit (3 x 4 bytes x numel / copy bandwidth)',
-              lambda r: f"{fmt_ms(r['limit_ms'])} ms"),
-             ('measured copy bandwidth',
-              lambda r: f"{r['copy_bandwidth_GBps']:.1f} GB/s"),
-             ('host side of ours, per call', fmt_host)]
+        cells = [
+            f'{fmt_ms(r["rows"][index]["ms"])} ms '
+            f'({fmt_ratio(r["rows"][index]["x_limit"])}), '
+            f'{fmt_ops(r["rows"][index])}'
+            for r in results
+        ]
+        lines.append(f'| {row["style"]} | ' + ' | '.join(cells) + ' |')
+    extra = [
+        (
+            'limit (3 x 4 bytes x numel / copy bandwidth)',
+            lambda r: f'{fmt_ms(r["limit_ms"])} ms',
+        ),
+        (
+            'measured copy bandwidth',
+            lambda r: f'{r["copy_bandwidth_GBps"]:.1f} GB/s',
+        ),
+        ('host side of ours, per call', fmt_host),
+    ]
     for label in OURS_LABELS:
-        extra.append((f'{label}: speed-up over the loop / x flat lerp_ / '
-                      'x hand-written foreach',
-                      lambda r, k=label: (
-                          f"{r['ours_speedup_over_loop'][k]:.1f}x / "
-                          f"{r['ours_over_flat_lerp'][k]:.2f}x / "
-                          f"{r['ours_over_hand_written'][k]:.2f}x")))
+        extra.append(
+            (
+                f'{label}: speed-up over the loop / x flat lerp_ / '
+                'x hand-written foreach',
+                lambda r, k=label: (
+                    f'{r["ours_speedup_over_loop"][k]:.1f}x / '
+                    f'{r["ours_over_flat_lerp"][k]:.2f}x / '
+                    f'{r["ours_over_hand_written"][k]:.2f}x'
+                ),
+            )
+        )
     for label in results[0]['ours_over_flat_lerp']:
         if label not in OURS_LABELS:
-            extra.append((f'{label}: x float32 flat lerp_',
-                          lambda r, k=label:
-                          f"{r['ours_over_flat_lerp'][k]:.2f}x"))
+            extra.append(
+                (
+                    f'{label}: x float32 flat lerp_',
+                    lambda r, k=label: f'{r["ours_over_flat_lerp"][k]:.2f}x',
+                )
+            )
     for label, cell in extra:
         lines.append(f'| {label} | ' + ' | '.join(map(cell, results)) + ' |')
     return '\n'.join(lines)
@@ -716,48 +852,80 @@ def machine_name(device):
     model = platform.processor() or 'CPU'
     try:
         with open('/proc/cpuinfo') as cpuinfo:
-            model = next(line.split(':', 1)[1].strip() for line in cpuinfo
-                         if line.startswith('model name'))
+            model = next(
+                line.split(':', 1)[1].strip()
+                for line in cpuinfo
+                if line.startswith('model name')
+            )
     except (OSError, StopIteration):
         pass
-    return (f'{model} ({os.cpu_count()} cores, {torch.get_num_threads()} '
-            'torch threads)')
+    return (
+        f'{model} ({os.cpu_count()} cores, {torch.get_num_threads()} '
+        'torch threads)'
+    )
 
 
 def parse_args(argv=None):
     """The command line, with the device-dependent defaults filled in."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--device', choices=('cpu', 'cuda'),
-                        default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--models', nargs='+', choices=tuple(MODELS),
-                        default=list(MODELS))
-    parser.add_argument('--repeats', type=int,
-                        help='timed rounds (default: 30 on CUDA, 7 on CPU)')
-    parser.add_argument('--warmup', type=int,
-                        help='untimed rounds first (default: 5 / 1)')
-    parser.add_argument('--number', type=int,
-                        help='back-to-back updates per timed block '
-                        '(default: 10 / 1)')
-    parser.add_argument('--stat', choices=tuple(STATS), default='median',
-                        help='statistic of the rounds that the rows show; min '
-                        'resists other load on a shared machine')
-    parser.add_argument('--threads', type=int,
-                        help='CPU threads for torch (default: torch\'s own)')
-    parser.add_argument('--quick', action='store_true',
-                        help='smoke run: ResNet-50, 3 rounds, 1 warm-up')
-    parser.add_argument('--markdown', action='store_true',
-                        help='also print one Markdown table')
+    parser.add_argument(
+        '--device',
+        choices=('cpu', 'cuda'),
+        default='cuda' if torch.cuda.is_available() else 'cpu',
+    )
+    parser.add_argument(
+        '--models', nargs='+', choices=tuple(MODELS), default=list(MODELS)
+    )
+    parser.add_argument(
+        '--repeats',
+        type=int,
+        help='timed rounds (default: 30 on CUDA, 7 on CPU)',
+    )
+    parser.add_argument(
+        '--warmup', type=int, help='untimed rounds first (default: 5 / 1)'
+    )
+    parser.add_argument(
+        '--number',
+        type=int,
+        help='back-to-back updates per timed block (default: 10 / 1)',
+    )
+    parser.add_argument(
+        '--stat',
+        choices=tuple(STATS),
+        default='median',
+        help='statistic of the rounds that the rows show; min '
+        'resists other load on a shared machine',
+    )
+    parser.add_argument(
+        '--threads',
+        type=int,
+        help="CPU threads for torch (default: torch's own)",
+    )
+    parser.add_argument(
+        '--quick',
+        action='store_true',
+        help='smoke run: ResNet-50, 3 rounds, 1 warm-up',
+    )
+    parser.add_argument(
+        '--markdown', action='store_true', help='also print one Markdown table'
+    )
     parser.add_argument('--json', metavar='PATH', help='write the results')
-    parser.add_argument('--baseline-kernels', metavar='PATH',
-                        help='also time the bf16 + master update by the '
-                        'kernels module in PATH (e.g. an earlier version: '
-                        'git show REV:momentum_hook/kernels.py > PATH)')
+    parser.add_argument(
+        '--baseline-kernels',
+        metavar='PATH',
+        help='also time the bf16 + master update by the '
+        'kernels module in PATH (e.g. an earlier version: '
+        'git show REV:momentum_hook/kernels.py > PATH)',
+    )
     args = parser.parse_args(argv)
     cuda = args.device == 'cuda'
     if args.quick:
         args.models, args.repeats, args.warmup = ['resnet50'], 3, 1
-    for name, on_cuda, on_cpu in (('repeats', 30, 7), ('warmup', 5, 1),
-                                  ('number', 10, 1)):
+    for name, on_cuda, on_cpu in (
+        ('repeats', 30, 7),
+        ('warmup', 5, 1),
+        ('number', 10, 1),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, on_cuda if cuda else on_cpu)
     return args
@@ -770,18 +938,22 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     machine = machine_name(device)
-    print(f'{machine}; torch {torch.__version__}, torchvision '
-          f'{torchvision.__version__}; {args.repeats} rounds after '
-          f'{args.warmup} warm-up, {args.number} update(s) per block; '
-          f'load average {os.getloadavg()[0]:.1f}')
+    print(
+        f'{machine}; torch {torch.__version__}, torchvision '
+        f'{torchvision.__version__}; {args.repeats} rounds after '
+        f'{args.warmup} warm-up, {args.number} update(s) per block; '
+        f'load average {os.getloadavg()[0]:.1f}'
+    )
     results = []
     for name in args.models:
         start = time.perf_counter()
         results.append(bench_model(name, args, device))
         results[-1]['load_average'] = os.getloadavg()[0]
         print_text(results[-1])
-        print(f'  ({time.perf_counter() - start:.0f} s, load average '
-              f"{results[-1]['load_average']:.1f})")
+        print(
+            f'  ({time.perf_counter() - start:.0f} s, load average '
+            f'{results[-1]["load_average"]:.1f})'
+        )
         gc.collect()
         if device.type == 'cuda':
             torch.cuda.empty_cache()
@@ -790,9 +962,17 @@ def main(argv=None):
         print('\n' + host_table(results))
     if args.json:
         with open(args.json, 'w') as out:
-            json.dump({'machine': machine, 'torch': torch.__version__,
-                       'momentum': MOMENTUM, 'args': vars(args),
-                       'results': results}, out, indent=2)
+            json.dump(
+                {
+                    'machine': machine,
+                    'torch': torch.__version__,
+                    'momentum': MOMENTUM,
+                    'args': vars(args),
+                    'results': results,
+                },
+                out,
+                indent=2,
+            )
 
 
 if __name__ == '__main__':

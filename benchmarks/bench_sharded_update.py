@@ -31,6 +31,7 @@ Usage::
     python benchmarks/bench_sharded_update.py              # ViT-B/16
     python benchmarks/bench_sharded_update.py --quick      # a smoke run
 """
+
 import argparse
 import os
 import platform
@@ -68,6 +69,7 @@ def build(quick):
         return Pair(online), nn.Linear, 'Linear stack'
     import torchvision
     from torchvision.models.vision_transformer import EncoderBlock
+
     return Pair(torchvision.models.vit_b_16()), EncoderBlock, 'ViT-B/16'
 
 
@@ -86,17 +88,27 @@ def styles(model):
     def dinov2():
         torch._foreach_mul_(target, MOMENTUM)
         torch._foreach_add_(target, online, alpha=weight)
-    return {
-        'ours: MomentumTargetMixin.momentum_update()': model.momentum_update,
-        'ours: momentum_update_': lambda: momentum_update_(
-            model.target_net, model.online_net, MOMENTUM),
-        'torch._foreach_lerp_ on the DTensors': lambda: torch._foreach_lerp_(
-            target_dt, online_dt, weight),
-        'DINOv2 _foreach_mul_ + _foreach_add_, local tensors': dinov2,
-        'torch._foreach_lerp_, local tensors': lambda: torch._foreach_lerp_(
-            target, online, weight),
-        BOUND: lambda: flat_target.lerp_(flat_online, weight),
-    }, target, online
+
+    return (
+        {
+            'ours: MomentumTargetMixin.momentum_update()': (
+                model.momentum_update
+            ),
+            'ours: momentum_update_': lambda: momentum_update_(
+                model.target_net, model.online_net, MOMENTUM
+            ),
+            'torch._foreach_lerp_ on the DTensors': lambda: (
+                torch._foreach_lerp_(target_dt, online_dt, weight)
+            ),
+            'DINOv2 _foreach_mul_ + _foreach_add_, local tensors': dinov2,
+            'torch._foreach_lerp_, local tensors': lambda: (
+                torch._foreach_lerp_(target, online, weight)
+            ),
+            BOUND: lambda: flat_target.lerp_(flat_online, weight),
+        },
+        target,
+        online,
+    )
 
 
 def check(name, update, target, online):
@@ -110,8 +122,9 @@ def check(name, update, target, online):
         if new.dtype == torch.bfloat16:
             torch.testing.assert_close(new, expected.to(new.dtype), msg=name)
         else:
-            torch.testing.assert_close(new.double(), expected, rtol=1e-6,
-                                       atol=1e-6, msg=name)
+            torch.testing.assert_close(
+                new.double(), expected, rtol=1e-6, atol=1e-6, msg=name
+            )
 
 
 def sharded(quick, mesh, dtype=torch.float32):
@@ -119,17 +132,21 @@ def sharded(quick, mesh, dtype=torch.float32):
     torch.manual_seed(0)
     model, block, label = build(quick)
     model.to(dtype)
-    fully_shard_pair(online=model.online_net, target=model.target_net,
-                     submodules=block,
-                     mesh=mesh)
+    fully_shard_pair(
+        online=model.online_net,
+        target=model.target_net,
+        submodules=block,
+        mesh=mesh,
+    )
     fully_shard(model, mesh=mesh)
     return model, label
 
 
 def extra_memory(update):
     """The peak extra bytes allocated during ``update()`` (CPU profiler)."""
-    with profile(activities=[ProfilerActivity.CPU],
-                 profile_memory=True) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         update()
     running = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
@@ -140,8 +157,12 @@ def extra_memory(update):
 
 def rank_main(rank, port, args, out):
     torch.set_num_threads(args.threads)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}',
-                            rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group(
+        'gloo',
+        init_method=f'tcp://127.0.0.1:{port}',
+        rank=rank,
+        world_size=WORLD_SIZE,
+    )
     try:
         mesh = init_device_mesh('cpu', (WORLD_SIZE,))
         model, label = sharded(args.quick, mesh)
@@ -151,32 +172,44 @@ def rank_main(rank, port, args, out):
                 check(name, update, target, online)
         low, _ = sharded(args.quick, mesh, torch.bfloat16)
         table[BF16] = low.momentum_update
-        check(BF16, low.momentum_update,
-              local(low.target_net.parameters()),
-              local(low.online_net.parameters()))
+        check(
+            BF16,
+            low.momentum_update,
+            local(low.target_net.parameters()),
+            local(low.online_net.parameters()),
+        )
         times = {name: [] for name in table}
         names = list(table)
         with torch.no_grad():
             for round_ in range(args.rounds):
-                for name in names[round_ % len(names):] + \
-                        names[:round_ % len(names)]:
+                for name in (
+                    names[round_ % len(names) :] + names[: round_ % len(names)]
+                ):
                     dist.barrier()
                     start = time.perf_counter()
                     table[name]()
                     times[name].append(time.perf_counter() - start)
-            memory = {name: extra_memory(update)
-                      for name, update in table.items()}
+            memory = {
+                name: extra_memory(update) for name, update in table.items()
+            }
             # The probe must see a temporary the size of the shard.
             largest = max(target, key=torch.Tensor.numel)
             probe = extra_memory(lambda: largest * 2) / (
-                largest.numel() * largest.element_size())
+                largest.numel() * largest.element_size()
+            )
         shard_bytes = sum(t.numel() * t.element_size() for t in target)
         result = dict(
-            label=label, tensors=len(target), shard_bytes=shard_bytes,
+            label=label,
+            tensors=len(target),
+            shard_bytes=shard_bytes,
             numel=sum(p.numel() for p in model.target_net.parameters()),
-            median={name: statistics.median(values)
-                    for name, values in times.items()},
-            memory=memory, probe=probe)
+            median={
+                name: statistics.median(values)
+                for name, values in times.items()
+            },
+            memory=memory,
+            probe=probe,
+        )
         results = [None] * WORLD_SIZE
         dist.all_gather_object(results, result)
         if rank == 0:
@@ -208,20 +241,27 @@ def markdown(results, args):
         f'{first["shard_bytes"] / 2**20:.0f} MiB of target shard per rank), '
         f'fp32, median of {args.rounds} interleaved rounds. Extra memory: '
         'the torch.profiler peak over the target shard (the probe saw '
-        f'{first["probe"]:.2f}x the size of a temporary it was shown).', '',
-        '| update style | ' + ' | '.join(
+        f'{first["probe"]:.2f}x the size of a temporary it was shown).',
+        '',
+        '| update style | '
+        + ' | '.join(
             f'rank {rank}: ms (x bound), extra memory'
-            for rank in range(WORLD_SIZE)) + ' |',
-        '|---' * (WORLD_SIZE + 1) + '|']
+            for rank in range(WORLD_SIZE)
+        )
+        + ' |',
+        '|---' * (WORLD_SIZE + 1) + '|',
+    ]
     for name in first['median']:
         cells = []
         for result in results:
             seconds = result['median'][name]
             ratio = seconds / result['median'][BOUND]
             extra = result['memory'][name]
-            cells.append(f'{seconds * 1e3:.1f} ms ({ratio:.2f}x), '
-                         f'{extra / 2**10:.1f} KiB '
-                         f'({100 * extra / result["shard_bytes"]:.3f}%)')
+            cells.append(
+                f'{seconds * 1e3:.1f} ms ({ratio:.2f}x), '
+                f'{extra / 2**10:.1f} KiB '
+                f'({100 * extra / result["shard_bytes"]:.3f}%)'
+            )
         lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -229,19 +269,31 @@ def markdown(results, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--rounds', type=int, default=15)
-    parser.add_argument('--threads', type=int, default=1,
-                        help='torch threads per rank. Defaults to 1.')
-    parser.add_argument('--quick', action='store_true',
-                        help='a small Linear stack instead of ViT-B/16')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=1,
+        help='torch threads per rank. Defaults to 1.',
+    )
+    parser.add_argument(
+        '--quick',
+        action='store_true',
+        help='a small Linear stack instead of ViT-B/16',
+    )
     args = parser.parse_args()
     from socket import socket
+
     with socket() as sock:
         sock.bind(('127.0.0.1', 0))
         port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, 'results.pth')
-        mp.start_processes(rank_main, args=(port, args, out),
-                           nprocs=WORLD_SIZE, start_method='spawn')
+        mp.start_processes(
+            rank_main,
+            args=(port, args, out),
+            nprocs=WORLD_SIZE,
+            start_method='spawn',
+        )
         print(markdown(torch.load(out, weights_only=False), args))
 
 

@@ -20,7 +20,8 @@ model = dict(
     widths=(16, 32, 64),
     hidden_dim=256,
     proj_dim=64,
-    base_momentum=0.99)
+    base_momentum=0.99,
+)
 
 # 1,257 training images (labels unused) and 540 held-out ones for the
 # evaluation, split once with split_seed. mmcv's EpochBasedRunner sleeps 2 s
@@ -35,12 +36,14 @@ data = dict(
         heldout_fraction=0.3,
         split_seed=0,
         # two views per image: random affine, contrast/brightness, noise
-        degrees=15.,
+        degrees=15.0,
         scale=(0.85, 1.15),
-        shear=10.,
-        shift=1.,
+        shear=10.0,
+        shift=1.0,
         brightness=0.4,
-        noise=0.1))
+        noise=0.1,
+    ),
+)
 
 optimizer = dict(type='AdamW', lr=5e-3, weight_decay=1e-2)
 optimizer_config = dict(grad_clip=None)
@@ -53,8 +56,13 @@ runner = dict(type='EpochBasedRunner', max_epochs=5)
 # base_batch_size=128 (this config's batch) would keep the EMA per image
 # seen at any other batch: each m is then used as m ** (S / 128), with S the
 # samples per update (see docs/scaling.md). None: m as scheduled.
-custom_hooks = [dict(type='momentum_hook.MomentumUpdateHook', end_momentum=1.,
-                     base_batch_size=None)]
+custom_hooks = [
+    dict(
+        type='momentum_hook.MomentumUpdateHook',
+        end_momentum=1.0,
+        base_batch_size=None,
+    )
+]
 
 log_config = dict(interval=20, hooks=[dict(type='TextLoggerHook')])
 checkpoint_config = dict(interval=1, max_keep_ckpts=2)

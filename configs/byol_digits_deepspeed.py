@@ -27,4 +27,5 @@ strategy = dict(
     _delete_=True,
     type='DeepSpeedStrategy',
     config=dict(zero_allow_untested_optimizer=True),
-    zero_optimization=dict(stage=3, stage3_allgather_sequential=True))
+    zero_optimization=dict(stage=3, stage3_allgather_sequential=True),
+)

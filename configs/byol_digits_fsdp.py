@@ -7,8 +7,10 @@
 _base_ = 'byol_digits.py'
 
 # momentum_hook.demo.flexible registers the FlexibleRunner's model.
-custom_imports = dict(imports=['momentum_hook', 'momentum_hook.demo.flexible'],
-                      allow_failed_imports=False)
+custom_imports = dict(
+    imports=['momentum_hook', 'momentum_hook.demo.flexible'],
+    allow_failed_imports=False,
+)
 model = dict(type='momentum_hook.FlexibleDigitsBYOL')
 
 runner = dict(_delete_=True, type='FlexibleRunner', max_epochs=5)
@@ -22,8 +24,10 @@ strategy = dict(
     model_wrapper=dict(
         type='MMFullyShardedDataParallel',
         device_id='cpu',
-        auto_wrap_policy='momentum_hook.demo.flexible.sequential_wrap_policy'),
+        auto_wrap_policy='momentum_hook.demo.flexible.sequential_wrap_policy',
+    ),
     # Checkpoints as one ordinary file on rank 0 ('local': a shard per rank)
-    state_dict_cfg='full')
+    state_dict_cfg='full',
+)
 
 checkpoint_config = dict(_delete_=True, interval=5)  # and after the last

@@ -12,14 +12,24 @@ optimizer = dict(type='LARS', lr=4.8, momentum=0.9, weight_decay=1e-6)
 # MMSelfSup 0.x write
 # `optimizer_config = dict(update_interval=update_interval)` (its
 # DistOptimizerHook); the hook accepts both.
-optimizer_config = dict(type='GradientCumulativeOptimizerHook',
-                        cumulative_iters=update_interval)
+optimizer_config = dict(
+    type='GradientCumulativeOptimizerHook', cumulative_iters=update_interval
+)
 
-lr_config = dict(policy='CosineAnnealing', min_lr=0., warmup='linear',
-                 warmup_iters=10, warmup_ratio=1e-4, warmup_by_epoch=True)
+lr_config = dict(
+    policy='CosineAnnealing',
+    min_lr=0.0,
+    warmup='linear',
+    warmup_iters=10,
+    warmup_ratio=1e-4,
+    warmup_by_epoch=True,
+)
 runner = dict(type='EpochBasedRunner', max_epochs=300)
 
 custom_hooks = [
-    dict(type='momentum_hook.MomentumUpdateHook', end_momentum=1.,
-         update_interval=update_interval)
+    dict(
+        type='momentum_hook.MomentumUpdateHook',
+        end_momentum=1.0,
+        update_interval=update_interval,
+    )
 ]

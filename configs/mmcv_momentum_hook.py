@@ -12,6 +12,9 @@ custom_hooks = [
     # The scoped name builds momentum_hook's hook in every process, MMSelfSup
     # 0.x's included ('momentum_hook.BYOLHook' is the same hook). For
     # MMSelfSup's plain names see mmselfsup_dropin.py.
-    dict(type='momentum_hook.MomentumUpdateHook', end_momentum=1.,
-         update_interval=update_interval)
+    dict(
+        type='momentum_hook.MomentumUpdateHook',
+        end_momentum=1.0,
+        update_interval=update_interval,
+    )
 ]

@@ -17,13 +17,17 @@ optim_wrapper = dict(
     # mmpretrain provides as type='LARS'; plain SGD keeps this fragment
     # runnable on MMEngine alone. Tune lr to your batch size.
     optimizer=dict(type='SGD', lr=0.8, momentum=0.9, weight_decay=1e-6),
-    accumulative_counts=accumulative_counts)
+    accumulative_counts=accumulative_counts,
+)
 
 train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=200)
 
 # m rises from the model's base_momentum (0.99 in BYOL) to 1 over the run:
 # K = max_epochs * iterations per epoch (runner.max_iters).
 custom_hooks = [
-    dict(type='momentum_hook.MomentumUpdateHook', end_momentum=1.,
-         update_interval=accumulative_counts)
+    dict(
+        type='momentum_hook.MomentumUpdateHook',
+        end_momentum=1.0,
+        update_interval=accumulative_counts,
+    )
 ]

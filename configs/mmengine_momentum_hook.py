@@ -20,5 +20,5 @@
 custom_imports = dict(imports=['momentum_hook'], allow_failed_imports=False)
 
 custom_hooks = [
-    dict(type='momentum_hook.MomentumUpdateHook', end_momentum=1.)
+    dict(type='momentum_hook.MomentumUpdateHook', end_momentum=1.0)
 ]

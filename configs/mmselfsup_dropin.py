@@ -6,5 +6,6 @@
 # target weights, plus its checks (the model contract, the optimizer hook's
 # gradient accumulation, its priority) before iteration 1. The run's log
 # then says which hook was built, with which arguments.
-custom_imports = dict(imports=['momentum_hook_dropin'],
-                      allow_failed_imports=False)
+custom_imports = dict(
+    imports=['momentum_hook_dropin'], allow_failed_imports=False
+)

@@ -22,6 +22,7 @@ Convention: the momentum ``m`` weighs the *old target*,
 ``target = m * target + (1 - m) * online`` (MMEngine's
 ``ExponentialMovingAverage`` calls ``1 - m`` its momentum).
 """
+
 from .ema import BUFFER_POLICIES, momentum_update_
 from .export import export_target, full_state_dict
 from .model import MomentumTargetMixin
@@ -33,10 +34,18 @@ from .updater import MomentumUpdater, check_momentum_contract
 from .version import __version__
 
 __all__ = [
-    '__version__', 'cosine_momentum', 'scaled_momentum', 'momentum_update_',
-    'BUFFER_POLICIES', 'ModuleUpdatePlan',
-    'MomentumTargetMixin', 'MomentumUpdater', 'check_momentum_contract',
-    'fully_shard_pair', 'export_target', 'full_state_dict'
+    '__version__',
+    'cosine_momentum',
+    'scaled_momentum',
+    'momentum_update_',
+    'BUFFER_POLICIES',
+    'ModuleUpdatePlan',
+    'MomentumTargetMixin',
+    'MomentumUpdater',
+    'check_momentum_contract',
+    'fully_shard_pair',
+    'export_target',
+    'full_state_dict',
 ]
 
 installed_adapters()  # registers the hook in each installed framework
@@ -52,5 +61,6 @@ def __getattr__(name):
             f'momentum_hook.{name} is framework-specific: import it from its '
             f'adapter, momentum_hook.mmcv_hook.{name} (mmcv 1.x runners) or '
             f'momentum_hook.mmengine_hook.{name} (MMEngine); in a config, '
-            "type='momentum_hook.MomentumUpdateHook'")
+            "type='momentum_hook.MomentumUpdateHook'"
+        )
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -21,6 +21,7 @@ the target receives the rounded result. The stateless
 :func:`momentum_update_` refuses such a target. Only after the target was
 written elsewhere (a load) are masters and targets compared, on the host.
 """
+
 from collections.abc import Sequence
 
 import torch
@@ -29,31 +30,46 @@ from torch import nn
 from .kernels import lerp_gathered, plan_lerp, run_lerp
 from .local_shards import check_alike, tensor_shard
 from .masters import refuse_low_precision
-from .plan import (BUFFER_POLICIES, check_buffer_policy, check_frozen,
-                   stateless_plan, trainable)
+from .plan import (
+    BUFFER_POLICIES,
+    check_buffer_policy,
+    check_frozen,
+    stateless_plan,
+    trainable,
+)
 from .validation import check_momentum
-from .zero import (drop_secondary_partitions, gathered_copies,
-                   secondary_partitions)
+from .zero import (
+    drop_secondary_partitions,
+    gathered_copies,
+    secondary_partitions,
+)
 
 __all__ = ['BUFFER_POLICIES', 'momentum_update_']
 
 
 def _as_tensor_list(tensors, name):
     if isinstance(tensors, torch.Tensor) or not hasattr(tensors, '__iter__'):
-        raise TypeError(f'{name} must be an nn.Module or a sequence of '
-                        f'tensors, got {type(tensors).__name__}')
+        raise TypeError(
+            f'{name} must be an nn.Module or a sequence of '
+            f'tensors, got {type(tensors).__name__}'
+        )
     tensors = list(tensors)
     for index, tensor in enumerate(tensors):
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f'{name}[{index}] must be a tensor, got '
-                            f'{type(tensor).__name__}')
+            raise TypeError(
+                f'{name}[{index}] must be a tensor, got '
+                f'{type(tensor).__name__}'
+            )
     return tensors
 
 
 @torch.no_grad()
-def momentum_update_(target: nn.Module | Sequence[torch.Tensor],
-                     online: nn.Module | Sequence[torch.Tensor],
-                     momentum: float, buffers: str = 'keep') -> None:
+def momentum_update_(
+    target: nn.Module | Sequence[torch.Tensor],
+    online: nn.Module | Sequence[torch.Tensor],
+    momentum: float,
+    buffers: str = 'keep',
+) -> None:
     """In place, ``target = momentum * target + (1 - momentum) * online``.
 
     Each rank updates the elements it holds (see
@@ -115,27 +131,38 @@ def momentum_update_(target: nn.Module | Sequence[torch.Tensor],
     check_buffer_policy(buffers)
     modules = isinstance(target, nn.Module), isinstance(online, nn.Module)
     if modules[0] != modules[1]:
-        raise TypeError('target and online must both be nn.Modules or both '
-                        f'tensor sequences, got {type(target).__name__} and '
-                        f'{type(online).__name__}')
+        raise TypeError(
+            'target and online must both be nn.Modules or both '
+            f'tensor sequences, got {type(target).__name__} and '
+            f'{type(online).__name__}'
+        )
     if modules[0]:
         stateless_plan(target, online, buffers).update_(momentum)
         return
     if buffers != 'keep':
-        raise ValueError(f'buffers={buffers!r} needs nn.Modules, got tensor '
-                         'sequences')
+        raise ValueError(
+            f'buffers={buffers!r} needs nn.Modules, got tensor sequences'
+        )
     targets, onlines = (
-        [tensor_shard(f'{name}[{index}]', tensor)
-         for index, tensor in enumerate(_as_tensor_list(tensors, name))]
-        for name, tensors in (('target', target), ('online', online)))
+        [
+            tensor_shard(f'{name}[{index}]', tensor)
+            for index, tensor in enumerate(_as_tensor_list(tensors, name))
+        ]
+        for name, tensors in (('target', target), ('online', online))
+    )
     check_alike(targets, onlines, what='tensors')
-    check_frozen(list(map(trainable, targets)),
-                 [shard.name for shard in targets])
-    refuse_low_precision([shard.name for shard in targets],
-                          [shard.tensor for shard in targets])
-    run_lerp(plan_lerp([shard.tensor for shard in targets],
-                         [shard.tensor for shard in onlines]),
-              1.0 - momentum)
+    check_frozen(
+        list(map(trainable, targets)), [shard.name for shard in targets]
+    )
+    refuse_low_precision(
+        [shard.name for shard in targets], [shard.tensor for shard in targets]
+    )
+    run_lerp(
+        plan_lerp(
+            [shard.tensor for shard in targets],
+            [shard.tensor for shard in onlines],
+        ),
+        1.0 - momentum,
+    )
     lerp_gathered(gathered_copies(targets, onlines), 1.0 - momentum)
     drop_secondary_partitions(secondary_partitions(targets))
-

@@ -23,6 +23,7 @@ DeepSpeed ZeRO-3          ``deepspeed.zero.GatheredParameters``, one
 
 Nothing distributed is imported before a call needs it.
 """
+
 from typing import Any
 
 import torch
@@ -30,7 +31,8 @@ from torch import nn
 
 from ._compat import deepspeed as ds
 from .master_state import MASTER_KEY
-from .wrappers import loaded as _loaded, unwrap
+from .wrappers import loaded as _loaded
+from .wrappers import unwrap
 
 __all__ = ['full_state_dict', 'export_target']
 
@@ -38,14 +40,18 @@ __all__ = ['full_state_dict', 'export_target']
 def _user_model(model):
     """The user's module, inside the wrappers and an FSDP1 root as well."""
     fsdp = _loaded('torch.distributed.fsdp', 'FullyShardedDataParallel')
-    return unwrap(model, lambda module: fsdp is not None and
-                  isinstance(module, fsdp))
+    return unwrap(
+        model, lambda module: fsdp is not None and isinstance(module, fsdp)
+    )
 
 
 def _rank():
     distributed = torch.distributed
-    return (distributed.get_rank() if distributed.is_available() and
-            distributed.is_initialized() else 0)
+    return (
+        distributed.get_rank()
+        if distributed.is_available() and distributed.is_initialized()
+        else 0
+    )
 
 
 def _zero3_state_dict(model, keep):
@@ -69,8 +75,9 @@ def _zero3_state_dict(model, keep):
     return state
 
 
-def full_state_dict(model: nn.Module, prefix: str = ''
-                    ) -> dict[str, torch.Tensor]:
+def full_state_dict(
+    model: nn.Module, prefix: str = ''
+) -> dict[str, torch.Tensor]:
     """The whole, unsharded ``state_dict`` of ``model``, on rank 0.
 
     A collective under FSDP and ZeRO-3: call it on every rank.
@@ -93,26 +100,42 @@ def full_state_dict(model: nn.Module, prefix: str = ''
     # prefix the model's keys: gather from the model inside them.
     model = unwrap(model)
     if not isinstance(model, nn.Module):
-        raise TypeError(f'model must be an nn.Module or a DeepSpeed engine, '
-                        f'got {type(model).__name__}')
+        raise TypeError(
+            f'model must be an nn.Module or a DeepSpeed engine, '
+            f'got {type(model).__name__}'
+        )
+
     def keep(key):
         return key.startswith(prefix)
+
     if any(map(ds.is_zero3_param, model.parameters())):
         return _zero3_state_dict(model, keep)
     if torch.distributed.is_available():  # plain, FSDP1 and FSDP2 alike
         from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, get_model_state_dict)
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
         state: dict[str, Any] = get_model_state_dict(
-            model, options=StateDictOptions(full_state_dict=True,
-                                            cpu_offload=True))
+            model,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+        )
     else:
         state = model.state_dict()
-    return {key: value.detach().cpu().clone() for key, value in state.items()
-            if keep(key)} if _rank() == 0 else {}
+    return (
+        {
+            key: value.detach().cpu().clone()
+            for key, value in state.items()
+            if keep(key)
+        }
+        if _rank() == 0
+        else {}
+    )
 
 
-def export_target(model: nn.Module, path: str, target: str = 'target_net'
-                  ) -> dict[str, torch.Tensor] | None:
+def export_target(
+    model: nn.Module, path: str, target: str = 'target_net'
+) -> dict[str, torch.Tensor] | None:
     """Write the full, unsharded target network's ``state_dict`` to ``path``.
 
     A collective under FSDP and ZeRO-3: call it on every rank; rank 0 writes
@@ -138,15 +161,15 @@ def export_target(model: nn.Module, path: str, target: str = 'target_net'
     try:
         _user_model(model).get_submodule(target)
     except AttributeError:
-        names = [name for name, _ in
-                 _user_model(model).named_children()]
+        names = [name for name, _ in _user_model(model).named_children()]
         raise ValueError(
             f'the model has no target network {target!r}: pass '
-            f'target=<its attribute path>, one of {names}') from None
+            f'target=<its attribute path>, one of {names}'
+        ) from None
     prefix = f'{target}.'
     state = full_state_dict(model, prefix)
     if _rank() != 0:
         return None
-    state = {key[len(prefix):]: value for key, value in state.items()}
+    state = {key[len(prefix) :]: value for key, value in state.items()}
     torch.save(state, path)
     return state

@@ -28,6 +28,7 @@ tensor, and on a CPU converts each tensor into a temporary), so the
 conversion is a copy. The result is the same as converting each online
 tensor and lerping it, bit for bit.
 """
+
 import math
 
 import torch
@@ -75,14 +76,15 @@ def _flat(lerped, online):
     order = _memory_order(lerped)
     if order is None:
         return None
-    return [tensor.detach().permute(order).view(-1)
-            for tensor in (lerped, online)]
+    return [
+        tensor.detach().permute(order).view(-1) for tensor in (lerped, online)
+    ]
 
 
 def _scratch_view(buffer, start, like):
     """``like.numel()`` elements of ``buffer`` from ``start``, laid out like
     ``like`` where it is dense (so that CUDA's fast path takes the pair)."""
-    piece = buffer[start:start + like.numel()]
+    piece = buffer[start : start + like.numel()]
     if _memory_order(like) is not None:
         return piece.as_strided(like.shape, like.stride())
     return piece.view(like.shape)
@@ -108,18 +110,23 @@ def _converted(lerped, onlines):
         else:
             start = 0
             while start < numel:
-                stop = min(numel, (offset + start) // size * size + size -
-                           offset)
+                stop = min(
+                    numel, (offset + start) // size * size + size - offset
+                )
                 pieces.setdefault((offset + start) // size, []).append(
-                    (flat[0][start:stop], flat[1][start:stop]))
+                    (flat[0][start:stop], flat[1][start:stop])
+                )
                 start = stop
         offset += numel
     if not pieces:  # every tensor empty (e.g. ZeRO-3 partitions)
         return []
     buffer = torch.empty(
-        max(sum(pair[0].numel() for pair in piece)
-            for piece in pieces.values()),
-        dtype=lerped[0].dtype, device=lerped[0].device)
+        max(
+            sum(pair[0].numel() for pair in piece) for piece in pieces.values()
+        ),
+        dtype=lerped[0].dtype,
+        device=lerped[0].device,
+    )
     calls = []
     for index in sorted(pieces):
         dst, src = map(list, zip(*pieces[index]))
@@ -155,13 +162,16 @@ def plan_lerp(targets, onlines, masters=None):
     """
     masters = [None] * len(targets) if masters is None else masters
     calls = []
-    for (_device, dtype, online_device, online_dtype), group in \
-            _grouped(targets, onlines, masters).items():
+    for (_device, dtype, online_device, online_dtype), group in _grouped(
+        targets, onlines, masters
+    ).items():
         group_targets, group_onlines, group_masters = group
         master = dtype in LOW_PRECISION and group_masters[0] is not None
         lerped = group_masters if master else group_targets
-        same = (lerped[0].device, lerped[0].dtype) == (online_device,
-                                                         online_dtype)
+        same = (lerped[0].device, lerped[0].dtype) == (
+            online_device,
+            online_dtype,
+        )
         if same:
             calls.append((_LERP, lerped, group_onlines))
         else:

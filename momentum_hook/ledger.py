@@ -12,13 +12,21 @@ any runner framework: the adapters translate.
   must say: a second momentum hook, a resume that changes the schedule, one
   inside an accumulation window, iterations past the schedule's end.
 """
+
 import collections
 
 from .registration import HOOK_NAMES
 from .schedule import is_update_iter
 
-__all__ = ['SKIPPED_STEP_POLICIES', 'Step', 'OptimizerSteps', 'EngineSteps',
-           'Ledger', 'check_one_momentum_hook', 'RECORD_KEY']
+__all__ = [
+    'SKIPPED_STEP_POLICIES',
+    'Step',
+    'OptimizerSteps',
+    'EngineSteps',
+    'Ledger',
+    'check_one_momentum_hook',
+    'RECORD_KEY',
+]
 
 #: ``on_skipped_step``: ``'hold'`` keeps the target when the optimizer did
 #: not step; ``'update'`` updates it on schedule anyway (MMSelfSup 0.x).
@@ -56,8 +64,9 @@ class OptimizerSteps:
         one is not a torch optimizer with step post hooks."""
         optimizers = list(optimizers)
         if not optimizers or not all(
-                hasattr(optimizer, 'register_step_post_hook')
-                for optimizer in optimizers):
+            hasattr(optimizer, 'register_step_post_hook')
+            for optimizer in optimizers
+        ):
             return None
         return cls(optimizers, boundary, index)
 
@@ -65,8 +74,10 @@ class OptimizerSteps:
         self.count = 0
         self._mark = 0
         self._boundary, self._index = boundary, index
-        self._handles = [optimizer.register_step_post_hook(self._stepped)
-                         for optimizer in optimizers]
+        self._handles = [
+            optimizer.register_step_post_hook(self._stepped)
+            for optimizer in optimizers
+        ]
 
     def _stepped(self, optimizer, args, kwargs):
         self.count += 1
@@ -82,8 +93,9 @@ class OptimizerSteps:
             Step: What the iteration did.
         """
         stepped = self.count > self._mark
-        boundary = stepped or (None if self._boundary is None
-                               else bool(self._boundary()))
+        boundary = stepped or (
+            None if self._boundary is None else bool(self._boundary())
+        )
         index = None if self._index is None else self._index()
         return Step(stepped, boundary, index)
 
@@ -136,9 +148,12 @@ def _describe_hook(index, hook):
     arguments = ', '.join(
         f'{name}={getattr(hook, name)!r}'
         for name in ('end_momentum', 'update_interval')
-        if hasattr(hook, name))
-    return (f'runner.hooks[{index}] {cls.__module__}.{cls.__qualname__}'
-            f'({arguments})')
+        if hasattr(hook, name)
+    )
+    return (
+        f'runner.hooks[{index}] {cls.__module__}.{cls.__qualname__}'
+        f'({arguments})'
+    )
 
 
 def check_one_momentum_hook(hooks, own_class):
@@ -156,31 +171,40 @@ def check_one_momentum_hook(hooks, own_class):
     Raises:
         ValueError: Naming every momentum hook and which one to keep.
     """
-    found = [(index, hook) for index, hook in enumerate(hooks)
-             if isinstance(hook, own_class)
-             or type(hook).__name__ in HOOK_NAMES]
+    found = [
+        (index, hook)
+        for index, hook in enumerate(hooks)
+        if isinstance(hook, own_class) or type(hook).__name__ in HOOK_NAMES
+    ]
     if len(found) < 2:
         return
-    ours = [(index, hook) for index, hook in found
-            if isinstance(hook, own_class)]
+    ours = [
+        (index, hook) for index, hook in found if isinstance(hook, own_class)
+    ]
     names = ' and '.join(_describe_hook(*entry) for entry in found)
     if len(ours) < len(found):
-        keep = (f'keep {_describe_hook(*ours[0])} and delete the other '
-                "package's hook from custom_hooks (an MMSelfSup config's "
-                "type='BYOLHook' or type='MomentumUpdateHook' builds "
-                "MMSelfSup's hook unless custom_imports imports "
-                "momentum_hook_dropin)" if ours else
-                'keep one entry in custom_hooks')
+        keep = (
+            f'keep {_describe_hook(*ours[0])} and delete the other '
+            "package's hook from custom_hooks (an MMSelfSup config's "
+            "type='BYOLHook' or type='MomentumUpdateHook' builds "
+            "MMSelfSup's hook unless custom_imports imports "
+            'momentum_hook_dropin)'
+            if ours
+            else 'keep one entry in custom_hooks'
+        )
     else:
-        keep = ("type='MomentumUpdateHook', type='BYOLHook' and their "
-                "'momentum_hook.' names build the same hook, so delete all "
-                'but one entry from custom_hooks (e.g. the line added beside '
-                "an MMSelfSup config's own BYOLHook), say the one that built "
-                f'{_describe_hook(*found[0])}')
+        keep = (
+            "type='MomentumUpdateHook', type='BYOLHook' and their "
+            "'momentum_hook.' names build the same hook, so delete all "
+            'but one entry from custom_hooks (e.g. the line added beside '
+            "an MMSelfSup config's own BYOLHook), say the one that built "
+            f'{_describe_hook(*found[0])}'
+        )
     raise ValueError(
         f'the runner has {len(found)} momentum hooks, {names}: each would '
         'update the target after every optimizer step, so it would move '
-        f'{len(found)} times per step. Keep one: {keep}')
+        f'{len(found)} times per step. Keep one: {keep}'
+    )
 
 
 class Ledger:
@@ -243,29 +267,35 @@ class Ledger:
             elif step.index is None:
                 update = scheduled and step.stepped
             else:
-                update = (step.stepped
-                          and step.index % self.steps_per_update == 0)
+                update = (
+                    step.stepped and step.index % self.steps_per_update == 0
+                )
         self.updates += update
         return update
 
     def summary(self):
         """The run's closing log line: updates and skipped steps."""
-        line = (f'momentum_hook: {self.updates} target updates; '
-                f'{self.skipped} optimizer steps were skipped')
+        line = (
+            f'momentum_hook: {self.updates} target updates; '
+            f'{self.skipped} optimizer steps were skipped'
+        )
         if not self.skipped:
             return line
         if self.on_skipped_step == 'update':
-            return (line + f' and the target was updated after '
-                    f"{self.updated_after_skip} of them (on_skipped_step="
-                    "'update', MMSelfSup 0.x)")
+            return (
+                line + f' and the target was updated after '
+                f'{self.updated_after_skip} of them (on_skipped_step='
+                "'update', MMSelfSup 0.x)"
+            )
         return line + " and the target was held (on_skipped_step='hold')"
 
     def record(self, max_iters):
         """What a checkpoint keeps for :meth:`resume_messages`."""
         return dict(max_iters=max_iters)
 
-    def resume_messages(self, record, cur_iter, max_iters, momentum_at,
-                        window_restarts=False):
+    def resume_messages(
+        self, record, cur_iter, max_iters, momentum_at, window_restarts=False
+    ):
         """What a run resumed at ``cur_iter`` must say about the schedule.
 
         Args:
@@ -284,22 +314,26 @@ class Ledger:
         messages = []
         old = (record or {}).get('max_iters')
         if old is not None and old != max_iters:
-            before, after = momentum_at(cur_iter, old), momentum_at(
-                cur_iter, max_iters)
-            direction = (' (backwards)' if after < before else '')
+            before, after = (
+                momentum_at(cur_iter, old),
+                momentum_at(cur_iter, max_iters),
+            )
+            direction = ' (backwards)' if after < before else ''
             messages.append(
                 f'resumed at iteration {cur_iter} with max_iters={max_iters}, '
                 f'but the checkpoint was written by a run of max_iters={old}:'
                 f' the cosine schedule now spans {max_iters} iterations, so '
                 f'the target momentum at iteration {cur_iter} changes from '
                 f'{before:.6g} to {after:.6g}{direction}. Resume with the '
-                'same max_iters (max_epochs) to keep the schedule')
+                'same max_iters (max_epochs) to keep the schedule'
+            )
         if cur_iter >= max_iters:
             messages.append(
                 f'resumed at iteration {cur_iter}, but max_iters={max_iters} '
                 'is already reached: the runner trains no further iteration '
                 'and the target is not updated again. Raise max_iters '
-                '(max_epochs) to train on')
+                '(max_epochs) to train on'
+            )
         elif cur_iter % self.accumulation:
             start = cur_iter - cur_iter % self.accumulation
             messages.append(
@@ -309,14 +343,16 @@ class Ledger:
                 'in the checkpoint, so the first optimizer step after the '
                 'resume, and the target update after it, differ from the '
                 'uninterrupted run. Resume from a checkpoint at a multiple of '
-                f'{self.accumulation} iterations to continue exactly')
+                f'{self.accumulation} iterations to continue exactly'
+            )
             if window_restarts:
                 messages[-1] += (
                     '. DeepSpeed does not restore its micro-step counter: its '
                     'optimizer now steps after iterations '
                     f'{cur_iter + self.accumulation - 1}, '
                     f'{cur_iter + 2 * self.accumulation - 1}, ... and the '
-                    'target is updated after those steps')
+                    'target is updated after those steps'
+                )
         return messages
 
     def past_end_message(self, cur_iter, max_iters, end_momentum):
@@ -325,8 +361,10 @@ class Ledger:
         if cur_iter < max_iters or self.past_end_warned:
             return None
         self.past_end_warned = True
-        return (f'iteration {cur_iter} is past max_iters={max_iters}, the end '
-                'of the momentum schedule (MMEngine\'s EpochBasedTrainLoop, '
-                'resumed from a checkpoint inside an epoch, trains that epoch '
-                'again from its first batch): the target is updated with '
-                f'end_momentum={end_momentum!r} on the iterations past it')
+        return (
+            f'iteration {cur_iter} is past max_iters={max_iters}, the end '
+            "of the momentum schedule (MMEngine's EpochBasedTrainLoop, "
+            'resumed from a checkpoint inside an epoch, trains that epoch '
+            'again from its first batch): the target is updated with '
+            f'end_momentum={end_momentum!r} on the iterations past it'
+        )

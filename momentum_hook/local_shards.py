@@ -34,6 +34,7 @@ Nothing here imports a distributed package: a tensor can only be a DTensor or
 an FSDP1 unit if ``torch.distributed.tensor`` or ``torch.distributed.fsdp``
 is already imported.
 """  # noqa: E501 (the engine table)
+
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -46,8 +47,16 @@ from .ranks import group_position
 from .wrappers import loaded as _loaded
 from .zero import QUANTIZED
 
-__all__ = ['LocalShard', 'local_shards', 'buffer_shards', 'tensor_shard',
-           'check_alike', 'HOW_TO_SHARD', 'SHARED_UNIT', 'FSDP_UNIT']
+__all__ = [
+    'LocalShard',
+    'local_shards',
+    'buffer_shards',
+    'tensor_shard',
+    'check_alike',
+    'HOW_TO_SHARD',
+    'SHARED_UNIT',
+    'FSDP_UNIT',
+]
 
 
 #: How to shard a target so that a shard-local update is correct.
@@ -61,23 +70,25 @@ HOW_TO_SHARD = (
     'model_wrapper=dict(auto_wrap_policy=ModuleWrapPolicy(...))); '
     'DeepSpeed: ZeRO stages 1-3 '
     'need nothing else, but ZeRO-3 persistence thresholds must keep the same '
-    'parameters of both gathered. See docs/sharded.md in momentum_hook\'s '
-    'repository')
+    "parameters of both gathered. See docs/sharded.md in momentum_hook's "
+    'repository'
+)
 
 
 #: Why a network whose parameters sit in an FSDP1 unit around it fails.
 SHARED_UNIT = (
     'is flattened into an FSDP1 unit that is not inside the network, so its '
     'local elements are a slice of a FlatParameter that also holds other '
-    'networks\' parameters (a wrap of the model root alone puts the online '
+    "networks' parameters (a wrap of the model root alone puts the online "
     'and the target network in one unit) and no shard-local update exists: '
     'wrap the online and the target network as separate FSDP1 units with an '
     'auto_wrap_policy, e.g. FSDP(model, auto_wrap_policy=ModuleWrapPolicy('
-    '{type(model.online_net)}), ...) or, with MMEngine\'s FSDPStrategy, '
+    "{type(model.online_net)}), ...) or, with MMEngine's FSDPStrategy, "
     'model_wrapper=dict(auto_wrap_policy=ModuleWrapPolicy({type(model.'
     'online_net)})); or use FSDP2 '
     '(momentum_hook.sharding.fully_shard_pair). If that unit wraps this '
-    'network alone, pass the FSDP unit instead of the module inside it')
+    'network alone, pass the FSDP unit instead of the module inside it'
+)
 
 
 class LocalShard(NamedTuple):
@@ -100,6 +111,7 @@ class LocalShard(NamedTuple):
             wrapper attributes, then the names of the parameters tied to it;
             empty for tensors that have no name, paired by position.
     """
+
     name: str
     tensor: torch.Tensor
     layout: tuple
@@ -118,35 +130,47 @@ def _meta_error(name):
         f'{name!r} is a meta tensor, with no values to update: materialise '
         'the model before the first momentum update (e.g. to_empty(device='
         '...), then initialise the online network, or let the sharding '
-        'engine do it). With MomentumTargetMixin, call the model\'s '
+        "engine do it). With MomentumTargetMixin, call the model's "
         'check_momentum_target() after initialising and before the first '
         'optimizer step (the momentum hooks do): a target that is not a copy '
         'of the online network then becomes one, unless it was loaded from '
-        'a checkpoint')
+        'a checkpoint'
+    )
 
 
 def _zero3_shard(name, param):
     partition = ds.partition(param)
-    for what, tensor in (('partition', partition), ('secondary partition',
-                         ds.secondary_partition(param))):
+    for what, tensor in (
+        ('partition', partition),
+        ('secondary partition', ds.secondary_partition(param)),
+    ):
         if ds.is_quantized(tensor):
             raise ValueError(
                 f'{name!r} is a DeepSpeed ZeRO-3 parameter whose {what} is '
                 f'stored quantized to {tensor.dtype} '
-                f'(zero_quantized_nontrainable_weights): {QUANTIZED}')
-    if partition is None or partition.is_meta or (
-            partition.numel() == 0 and ds.full_numel(param) > 0):
+                f'(zero_quantized_nontrainable_weights): {QUANTIZED}'
+            )
+    if (
+        partition is None
+        or partition.is_meta
+        or (partition.numel() == 0 and ds.full_numel(param) > 0)
+    ):
         raise ValueError(
             f'{name!r} is a DeepSpeed ZeRO-3 parameter whose partition is '
             f'not in memory on this rank (ds_tensor={partition!r}): the '
             'momentum update needs it; keep the parameters in CPU or GPU '
-            'memory (no NVMe offload of parameters)')
+            'memory (no NVMe offload of parameters)'
+        )
     persistence = 'persistent' if ds.is_persistent(param) else 'partitioned'
-    layout = ('ZeRO-3 partition', ds.full_shape(param), ds.full_numel(param),
-              partition.numel(), group_position(ds.process_group(param)),
-              persistence)
-    return LocalShard(name, partition, layout, param, ds.partition,
-                      partition)
+    layout = (
+        'ZeRO-3 partition',
+        ds.full_shape(param),
+        ds.full_numel(param),
+        partition.numel(),
+        group_position(ds.process_group(param)),
+        persistence,
+    )
+    return LocalShard(name, partition, layout, param, ds.partition, partition)
 
 
 def tensor_shard(name, tensor, meta=False):
@@ -169,18 +193,25 @@ def tensor_shard(name, tensor, meta=False):
         local = torch_internals.dtensor_local(tensor)
         if local.is_meta:
             raise _meta_error(name)
-        layout = ('DTensor', tuple(tensor.shape), tuple(tensor.placements),
-                  tensor.device_mesh, tuple(local.shape))
-        return LocalShard(name, local, layout, tensor,
-                          torch_internals.dtensor_local, local)
+        layout = (
+            'DTensor',
+            tuple(tensor.shape),
+            tuple(tensor.placements),
+            tensor.device_mesh,
+            tuple(local.shape),
+        )
+        return LocalShard(
+            name, local, layout, tensor, torch_internals.dtensor_local, local
+        )
     if ds.is_zero3_param(tensor):
         return _zero3_shard(name, tensor)
     if torch_internals.is_fsdp1_flattened(tensor):
         raise ValueError(f'{name!r} {SHARED_UNIT}')
     if tensor.is_meta and not meta:
         raise _meta_error(name)
-    return LocalShard(name, tensor, ('tensor', tuple(tensor.shape)),
-                      base=tensor)
+    return LocalShard(
+        name, tensor, ('tensor', tuple(tensor.shape)), base=tensor
+    )
 
 
 def _unit_name(path):
@@ -199,10 +230,15 @@ def _fsdp1_shard(path, unit):
     if flat.data_ptr() != shard.data_ptr():
         raise ValueError(
             f'{name} is unsharded now (inside its forward or '
-            'summon_full_params), so its FlatParameter is not this rank\'s '
-            'shard: call the momentum update outside them')
-    layout = ('FSDP1 unit', *torch_internals.flat_param_layout(flat),
-              group_position(unit.process_group), tuple(flat.shape))
+            "summon_full_params), so its FlatParameter is not this rank's "
+            'shard: call the momentum update outside them'
+        )
+    layout = (
+        'FSDP1 unit',
+        *torch_internals.flat_param_layout(flat),
+        group_position(unit.process_group),
+        tuple(flat.shape),
+    )
     return LocalShard(name, flat, layout, base=flat)
 
 
@@ -223,7 +259,8 @@ def _check_views_covered(modules, covered):
             base = torch_internals.view_base(value)
             if torch_internals.is_flat_param(base) and id(base) not in covered:
                 raise ValueError(
-                    f'{(path + "." if path else "") + key!r} {SHARED_UNIT}')
+                    f'{(path + "." if path else "") + key!r} {SHARED_UNIT}'
+                )
 
 
 def local_shards(module, meta=False):
@@ -247,16 +284,24 @@ def local_shards(module, meta=False):
     shards, covered, params, bare = [], set(), {}, []
     # One walk; the parameters in named_parameters() order, without repeats.
     for path, name, submodule in named_modules(module):
-        if fsdp is not None and isinstance(submodule, fsdp) and \
-                torch_internals.fsdp1_flat_param(submodule) is not None:
+        if (
+            fsdp is not None
+            and isinstance(submodule, fsdp)
+            and torch_internals.fsdp1_flat_param(submodule) is not None
+        ):
             flat = torch_internals.fsdp1_flat_param(submodule)
-            covered.update(map(id, torch_internals.flat_param_members(flat)
-                               or ()))
+            covered.update(
+                map(id, torch_internals.flat_param_members(flat) or ())
+            )
             covered.add(id(flat))
-            shards.append(_fsdp1_shard(path, submodule)._replace(
-                keys=(_unit_name(name),)))
-        own = list(submodule.named_parameters(recurse=False,
-                                              remove_duplicate=False))
+            shards.append(
+                _fsdp1_shard(path, submodule)._replace(
+                    keys=(_unit_name(name),)
+                )
+            )
+        own = list(
+            submodule.named_parameters(recurse=False, remove_duplicate=False)
+        )
         if not own:
             bare.append((path, submodule))
         _note(params, path, name, own)
@@ -271,23 +316,30 @@ def _note(found, path, name, members):
     ``found`` (by tensor: ``[its first name, tensor, all its names without
     wrapper attributes]``)."""
     for attribute, tensor in members:
-        entry = found.setdefault(id(tensor), [join(path, attribute), tensor,
-                                              []])
+        entry = found.setdefault(
+            id(tensor), [join(path, attribute), tensor, []]
+        )
         entry[2].append(join(name, attribute))
 
 
 def _named_shards(found, covered=(), meta=False):
-    return [tensor_shard(name, tensor, meta)._replace(keys=tuple(keys))
-            for key, (name, tensor, keys) in found.items()
-            if key not in covered]
+    return [
+        tensor_shard(name, tensor, meta)._replace(keys=tuple(keys))
+        for key, (name, tensor, keys) in found.items()
+        if key not in covered
+    ]
 
 
 def buffer_shards(module):
     """The :class:`LocalShard` of every buffer of ``module``, in order."""
     buffers = {}
     for path, name, submodule in named_modules(module):
-        _note(buffers, path, name, submodule.named_buffers(
-            recurse=False, remove_duplicate=False))
+        _note(
+            buffers,
+            path,
+            name,
+            submodule.named_buffers(recurse=False, remove_duplicate=False),
+        )
     return _named_shards(buffers)
 
 
@@ -313,19 +365,24 @@ def check_alike(targets, onlines, what='parameters'):
         raise ValueError(
             f'the target has {len(targets)} {what} but the online network '
             f'has {len(onlines)}: they must be the same network, sharded '
-            f'alike; {HOW_TO_SHARD}')
+            f'alike; {HOW_TO_SHARD}'
+        )
     for index, (target, online) in enumerate(zip(targets, onlines)):
         if target.layout != online.layout:
             raise ValueError(
                 f'{what} {index} differs between target ({target.name}: '
                 f'{_describe(target.layout)}) and online ({online.name}: '
                 f'{_describe(online.layout)}), so their local elements do '
-                f'not correspond; {HOW_TO_SHARD}')
-        if (target.tensor.numel() and not target.tensor.is_meta and
-                target.tensor.untyped_storage().data_ptr()
-                == online.tensor.untyped_storage().data_ptr()):
+                f'not correspond; {HOW_TO_SHARD}'
+            )
+        if (
+            target.tensor.numel()
+            and not target.tensor.is_meta
+            and target.tensor.untyped_storage().data_ptr()
+            == online.tensor.untyped_storage().data_ptr()
+        ):
             raise ValueError(
                 f'{what} {index} ({target.name}) of the target and the online '
                 'network share memory: the target must be a separate copy, '
-                f'and the two must not be one sharded unit; {HOW_TO_SHARD}')
-
+                f'and the two must not be one sharded unit; {HOW_TO_SHARD}'
+            )

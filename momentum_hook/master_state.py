@@ -35,6 +35,7 @@ target's values in float32 (what the next update would start from), so that
 a checkpointer that loads into a model's state dict in place (DCP) finds
 every key.
 """
+
 from typing import Any, NamedTuple
 
 import torch
@@ -73,6 +74,7 @@ class _Slot(NamedTuple):
         key (str): The state-dict name (FSDP1: of the unit, with a trailing
             dot, or empty).
     """
+
     name: str
     local: torch.Tensor
     kind: str
@@ -89,10 +91,15 @@ def _slots(target):
     """
     shards = local_shards(target)
     fsdp = _loaded('torch.distributed.fsdp', 'FullyShardedDataParallel')
-    units = {} if fsdp is None else {
-        id(torch_internals.fsdp1_flat_param(module)): (path, module)
-        for path, module in target.named_modules()
-        if isinstance(module, fsdp)}
+    units = (
+        {}
+        if fsdp is None
+        else {
+            id(torch_internals.fsdp1_flat_param(module)): (path, module)
+            for path, module in target.named_modules()
+            if isinstance(module, fsdp)
+        }
+    )
     slots = []
     for shard in shards:
         if not is_low_precision(shard.tensor):
@@ -103,13 +110,20 @@ def _slots(target):
             key = state_name(f'{path}.' if path else '')
             slots.append(_Slot(shard.name, shard.tensor, kind, unit, key))
         else:
-            slots.append(_Slot(shard.name, shard.tensor,
-                               'DTensor' if kind == 'DTensor' else 'tensor',
-                               shard.owner, state_name(shard.name)))
+            slots.append(
+                _Slot(
+                    shard.name,
+                    shard.tensor,
+                    'DTensor' if kind == 'DTensor' else 'tensor',
+                    shard.owner,
+                    state_name(shard.name),
+                )
+            )
     return slots
 
 
 # --- FSDP1 -----------------------------------------------------------------
+
 
 def _fsdp1_mode(unit):
     """``(type name, rank0_only, offload_to_cpu)`` of the unit's state dict
@@ -118,9 +132,11 @@ def _fsdp1_mode(unit):
     fsdp = _loaded('torch.distributed.fsdp', 'FullyShardedDataParallel')
     settings = fsdp.get_state_dict_type(unit)
     config = settings.state_dict_config
-    return (settings.state_dict_type.name,
-            getattr(config, 'rank0_only', False),
-            getattr(config, 'offload_to_cpu', False))
+    return (
+        settings.state_dict_type.name,
+        getattr(config, 'rank0_only', False),
+        getattr(config, 'offload_to_cpu', False),
+    )
 
 
 def _fsdp1_group(unit):
@@ -150,16 +166,18 @@ def _gather_fsdp1(slot, master):
     world = _fsdp1_group(slot.owner)[1]
     if world > 1:
         pieces = [torch.empty_like(master) for _ in range(world)]
-        torch.distributed.all_gather(pieces, master.contiguous(),
-                                     group=slot.owner.process_group)
+        torch.distributed.all_gather(
+            pieces, master.contiguous(), group=slot.owner.process_group
+        )
         flat = torch.cat(pieces)
     else:
         flat = master.reshape(-1)
     whole, offset = {}, 0
     for name, shape, numel, is_padding in _fsdp1_members(slot.owner):
         if not is_padding:
-            whole[slot.key + name] = flat[offset:offset + numel].view(
-                shape).clone()
+            whole[slot.key + name] = (
+                flat[offset : offset + numel].view(shape).clone()
+            )
         offset += numel
     return whole
 
@@ -196,13 +214,17 @@ def _whole(value):
     """A whole tensor from a saved master: a DTensor's full tensor (a
     collective), or the tensor itself."""
     dtensor = _loaded('torch.distributed.tensor', 'DTensor')
-    if value is not None and dtensor is not None and isinstance(value,
-                                                                dtensor):
+    if (
+        value is not None
+        and dtensor is not None
+        and isinstance(value, dtensor)
+    ):
         return value.full_tensor()
     return value
 
 
 # --- Save and load ---------------------------------------------------------
+
 
 def save_masters(target, masters, destination, prefix):
     """Write the masters of ``target``'s low-precision tensors into a state
@@ -226,18 +248,27 @@ def save_masters(target, masters, destination, prefix):
         master = masters.current(slot.name, slot.local)
         if slot.kind == 'DTensor':
             from torch.distributed.tensor import DTensor
+
             param = slot.owner
             destination[prefix + slot.key] = DTensor.from_local(
-                master, param.device_mesh, param.placements, run_check=False,
-                shape=param.shape, stride=param.stride()).detach()
+                master,
+                param.device_mesh,
+                param.placements,
+                run_check=False,
+                shape=param.shape,
+                stride=param.stride(),
+            ).detach()
         elif slot.kind == 'FSDP1 unit':
             mode, rank0_only, offload = _fsdp1_mode(slot.owner)
             if mode == 'LOCAL_STATE_DICT':
                 destination[prefix + slot.key + '_flat_param'] = master
                 continue
             whole = _gather_fsdp1(slot, master)  # on every rank
-            if mode == 'FULL_STATE_DICT' and rank0_only and \
-                    _fsdp1_group(slot.owner)[0] != 0:
+            if (
+                mode == 'FULL_STATE_DICT'
+                and rank0_only
+                and _fsdp1_group(slot.owner)[0] != 0
+            ):
                 continue  # as FSDP1 leaves its own keys to rank 0
             for key, value in whole.items():
                 destination[prefix + key] = value.cpu() if offload else value
@@ -252,9 +283,10 @@ def take_masters(state_dict, prefix):
         dict[str, Tensor]: The masters by the name after ``MASTER_KEY``.
     """
     key = prefix + MASTER_KEY
-    return {name[len(key):]: state_dict.pop(name)
-            for name in [name for name in state_dict
-                         if name.startswith(key)]}
+    return {
+        name[len(key) :]: state_dict.pop(name)
+        for name in [name for name in state_dict if name.startswith(key)]
+    }
 
 
 def place_masters(target, masters, loaded):
@@ -295,15 +327,21 @@ def _dtensor_local(param, value):
     """This rank's part of ``value`` in ``param``'s layout: a saved
     DTensor (resharded if laid out otherwise) or a whole tensor."""
     from torch.distributed.tensor import DTensor, distribute_tensor
+
     if value is None:
         return None
     if isinstance(value, DTensor):
         if (value.device_mesh, tuple(value.placements)) != (
-                param.device_mesh, tuple(param.placements)):
+            param.device_mesh,
+            tuple(param.placements),
+        ):
             value = value.redistribute(param.device_mesh, param.placements)
         return value.to_local()
     if tuple(value.shape) != tuple(param.shape):
         return None
     return distribute_tensor(
         value.detach().to(param.device_mesh.device_type, torch.float32),
-        param.device_mesh, param.placements, src_data_rank=None).to_local()
+        param.device_mesh,
+        param.placements,
+        src_data_rank=None,
+    ).to_local()

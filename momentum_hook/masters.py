@@ -7,10 +7,15 @@ keeps a float32 master of each such rank-local tensor; the update
 (:mod:`~momentum_hook.kernels`) lerps the master and writes it, rounded, into
 the target.
 """
+
 import torch
 
-__all__ = ['LOW_PRECISION', 'TargetMasters', 'is_low_precision',
-           'refuse_low_precision']
+__all__ = [
+    'LOW_PRECISION',
+    'TargetMasters',
+    'is_low_precision',
+    'refuse_low_precision',
+]
 
 #: The target dtypes that get a float32 master.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -22,8 +27,9 @@ def is_low_precision(tensor):
 
 def _rounds_to(master, target):
     """Whether ``target`` holds ``master`` rounded to its dtype."""
-    return (master.shape == target.shape and
-            torch.equal(master.to(target.device, target.dtype), target))
+    return master.shape == target.shape and torch.equal(
+        master.to(target.device, target.dtype), target
+    )
 
 
 class TargetMasters:
@@ -119,8 +125,10 @@ class TargetMasters:
     def load(self, masters):
         """Keep ``masters`` (by name) from a checkpoint; check them at the
         next update against the loaded target."""
-        self.loaded = {name: tensor.detach().to(torch.float32, copy=True)
-                       for name, tensor in masters.items()}
+        self.loaded = {
+            name: tensor.detach().to(torch.float32, copy=True)
+            for name, tensor in masters.items()
+        }
         self.stale = True
 
 
@@ -138,5 +146,5 @@ def refuse_low_precision(names, tensors):
                 'online) kept across updates (plan.update_(momentum)), which '
                 'keep one for you; or update a float32 copy you own, '
                 'momentum_update_(master, online, momentum), and copy it '
-                'into the target (target.copy_(master))')
-
+                'into the target (target.copy_(master))'
+            )

@@ -4,6 +4,7 @@ A thin adapter: it reads the model, ``runner.iter`` and ``runner.max_iters``
 from the runner, lets the :class:`~momentum_hook.updater.MomentumUpdater` it
 holds do the work and writes the momentum to ``runner.log_buffer``.
 """
+
 from mmcv.parallel import is_module_wrapper
 from mmcv.runner import HOOKS, Hook, OptimizerHook
 
@@ -73,7 +74,8 @@ class MomentumUpdateHook(HookOptions, Hook):
                 "base_batch_size='auto' follows MMEngine's auto_scale_lr, "
                 'which mmcv 1.x runners do not have: give the hook '
                 'base_batch_size=N, the samples per target update its '
-                'momenta were tuned for (e.g. 4096), or None not to scale')
+                'momenta were tuned for (e.g. 4096), or None not to scale'
+            )
 
     def before_run(self, runner):
         check_one_momentum_hook(runner.hooks, MomentumUpdateHook)
@@ -83,8 +85,12 @@ class MomentumUpdateHook(HookOptions, Hook):
         self._resume(runner, model)
         optimizers = runner.optimizer
         self._steps = OptimizerSteps.watch(
-            optimizers.values() if isinstance(optimizers, dict) else
-            [optimizers] if optimizers is not None else [])
+            optimizers.values()
+            if isinstance(optimizers, dict)
+            else [optimizers]
+            if optimizers is not None
+            else []
+        )
         self.updater.check_target(model)
         # With base_batch_size the hook starts at the first iteration, once
         # mmcv has set runner.data_loader.
@@ -95,14 +101,18 @@ class MomentumUpdateHook(HookOptions, Hook):
         if not self.updater.started:
             self._start(runner)
         self.updater.write_momentum(
-            unwrap(runner.model), runner.iter, runner.max_iters)
+            unwrap(runner.model), runner.iter, runner.max_iters
+        )
         if self._steps is not None:
             self._steps.begin()
 
     def after_train_iter(self, runner):
         momentum = self.updater.update_target(
-            unwrap(runner.model), runner.iter, runner.max_iters,
-            None if self._steps is None else self._steps.end())
+            unwrap(runner.model),
+            runner.iter,
+            runner.max_iters,
+            None if self._steps is None else self._steps.end(),
+        )
         if momentum is not None:
             runner.log_buffer.update({LOG_KEY: momentum})
 
@@ -120,15 +130,20 @@ class MomentumUpdateHook(HookOptions, Hook):
         messages = runner.meta.setdefault('hook_msgs', {})
         if runner.iter > 0:
             for message in self.updater.resume_messages(
-                    messages.get(RECORD_KEY), model, runner.iter,
-                    runner.max_iters):
+                messages.get(RECORD_KEY), model, runner.iter, runner.max_iters
+            ):
                 runner.logger.warning(message)
         messages[RECORD_KEY] = self.updater.ledger.record(runner.max_iters)
 
     def _start(self, runner):
-        runner.logger.info(self.updater.start(
-            unwrap(runner.model), runner.max_iters,
-            lambda: _train_loader(runner), owner=self))
+        runner.logger.info(
+            self.updater.start(
+                unwrap(runner.model),
+                runner.max_iters,
+                lambda: _train_loader(runner),
+                owner=self,
+            )
+        )
 
     def _check_optimizer(self, runner):
         mine = next(i for i, hook in enumerate(runner.hooks) if hook is self)
@@ -141,11 +156,16 @@ class MomentumUpdateHook(HookOptions, Hook):
                     f'MomentumUpdateHook (priority {self.priority}) runs '
                     f'before {name} (priority {hook.priority}), so the EMA '
                     'would see the weights before the optimizer step: give '
-                    'the momentum hook a lower priority, e.g. NORMAL')
-            steps = (getattr(hook, 'cumulative_iters', None)
-                     or getattr(hook, 'update_interval', None) or 1)
+                    'the momentum hook a lower priority, e.g. NORMAL'
+                )
+            steps = (
+                getattr(hook, 'cumulative_iters', None)
+                or getattr(hook, 'update_interval', None)
+                or 1
+            )
             self.updater.check_accumulation(
-                steps, f'{name} accumulates over {steps}')
+                steps, f'{name} accumulates over {steps}'
+            )
 
 
 def _train_loader(runner):

@@ -8,18 +8,23 @@ Under ``FlexibleRunner`` it also finds the model inside the strategy's wrapper
 gradient accumulation; it imports neither FSDP nor DeepSpeed, it only
 recognises their objects once the strategy has imported them.
 """
+
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
 from ._compat.mmengine import accumulative_counts, auto_scale_lr
-from .ledger import (RECORD_KEY, EngineSteps, OptimizerSteps,
-                     check_one_momentum_hook)
+from .ledger import (
+    RECORD_KEY,
+    EngineSteps,
+    OptimizerSteps,
+    check_one_momentum_hook,
+)
 from .mmpretrain import teacher_of
-from .zero import check_zero3_gathers, check_zero_config
 from .registration import register_hook_class
 from .updater import LOG_KEY, HookOptions
 from .wrappers import loaded, unwrap, wrapper_chain
+from .zero import check_zero3_gathers, check_zero_config
 
 __all__ = ['MomentumUpdateHook', 'BYOLHook']
 
@@ -30,12 +35,14 @@ _WRAP_FIX = {
         "strategy=dict(type='FSDPStrategy', model_wrapper=dict("
         "type='MMFullyShardedDataParallel', auto_wrap_policy="
         'ModuleWrapPolicy({type(model.online_net)}))), so that the online '
-        'and the target network are separate FSDP units'),
+        'and the target network are separate FSDP units'
+    ),
     'DeepSpeedStrategy': (
         "strategy=dict(type='DeepSpeedStrategy', zero_optimization=dict("
         'stage=..., stage3_param_persistence_threshold=...)) alike for both '
         'networks, and build the target inside the model (MomentumTarget'
-        'Mixin.init_momentum_target) so that DeepSpeed partitions it'),
+        'Mixin.init_momentum_target) so that DeepSpeed partitions it'
+    ),
 }
 
 
@@ -54,20 +61,28 @@ def _unwrap(model):
 def _engines(runner):
     """The DeepSpeed engines among the runner's model wrappers."""
     engine = loaded('deepspeed', 'DeepSpeedEngine')
-    return [model for model in _wrapper_chain(runner.model)
-            if engine is not None and isinstance(model, engine)]
+    return [
+        model
+        for model in _wrapper_chain(runner.model)
+        if engine is not None and isinstance(model, engine)
+    ]
 
 
 def _optim_wrappers(optim_wrapper):
     """``{name: wrapper}`` of an optimizer wrapper (or dict)."""
-    return (dict(optim_wrapper.items()) if hasattr(optim_wrapper, 'items')
-            else {'optim_wrapper': optim_wrapper})
+    return (
+        dict(optim_wrapper.items())
+        if hasattr(optim_wrapper, 'items')
+        else {'optim_wrapper': optim_wrapper}
+    )
 
 
 def _accumulative_counts(optim_wrapper):
     """``{name: accumulative_counts}`` of an optimizer wrapper (or dict)."""
-    return {name: accumulative_counts(wrapper)
-            for name, wrapper in _optim_wrappers(optim_wrapper).items()}
+    return {
+        name: accumulative_counts(wrapper)
+        for name, wrapper in _optim_wrappers(optim_wrapper).items()
+    }
 
 
 def _step_watch(runner, engine):
@@ -80,9 +95,11 @@ def _step_watch(runner, engine):
     return OptimizerSteps.watch(
         [getattr(wrapper, 'optimizer', None) for wrapper in wrappers],
         boundary=lambda: any(wrapper.should_update() for wrapper in wrappers),
-        index=lambda: max(-(-wrapper.inner_count //
-                            accumulative_counts(wrapper))
-                          for wrapper in wrappers))
+        index=lambda: max(
+            -(-wrapper.inner_count // accumulative_counts(wrapper))
+            for wrapper in wrappers
+        ),
+    )
 
 
 class MomentumUpdateHook(HookOptions, Hook):
@@ -153,24 +170,32 @@ class MomentumUpdateHook(HookOptions, Hook):
 
     def _take_over(self, runner):
         """Find an mmpretrain teacher and set the schedule from it."""
-        counts = [*_accumulative_counts(runner.optim_wrapper).values(),
-                  *(model.gradient_accumulation_steps()
-                    for model in _engines(runner))]
-        self._teacher = teacher_of(_unwrap(runner.model), self.updater,
-                                   self._given, counts)
+        counts = [
+            *_accumulative_counts(runner.optim_wrapper).values(),
+            *(
+                model.gradient_accumulation_steps()
+                for model in _engines(runner)
+            ),
+        ]
+        self._teacher = teacher_of(
+            _unwrap(runner.model), self.updater, self._given, counts
+        )
 
     def _check_optimizer(self, runner):
         """Check the accumulation; return the DeepSpeed engine, if any."""
         for name, counts in _accumulative_counts(runner.optim_wrapper).items():
             self.updater.check_accumulation(
-                counts, f'{name} has accumulative_counts={counts}')
+                counts, f'{name} has accumulative_counts={counts}'
+            )
         for model in _engines(runner):
             check_zero3_gathers(model)
             steps = model.gradient_accumulation_steps()
             self.updater.check_accumulation(
-                steps, f'DeepSpeed has gradient_accumulation_steps='
+                steps,
+                f'DeepSpeed has gradient_accumulation_steps='
                 f"{steps}: strategy=dict(type='DeepSpeedStrategy', "
-                f'gradient_accumulation_steps={steps})')
+                f'gradient_accumulation_steps={steps})',
+            )
             return model
         return None
 
@@ -187,8 +212,9 @@ class MomentumUpdateHook(HookOptions, Hook):
             fix = _WRAP_FIX.get(strategy)
             if fix is None:
                 raise
-            raise ValueError(f'{error}. In this FlexibleRunner with '
-                             f'{strategy}, set {fix}') from error
+            raise ValueError(
+                f'{error}. In this FlexibleRunner with {strategy}, set {fix}'
+            ) from error
 
     def _check_strategy(self, runner):
         """Refuse a ``DeepSpeedStrategy`` config with ZeRO++ quantized
@@ -199,8 +225,9 @@ class MomentumUpdateHook(HookOptions, Hook):
         """
         strategy = getattr(runner, 'strategy', None)
         config = getattr(strategy, 'config', None)
-        if type(strategy).__name__ == 'DeepSpeedStrategy' and \
-                isinstance(config, dict):
+        if type(strategy).__name__ == 'DeepSpeedStrategy' and isinstance(
+            config, dict
+        ):
             check_zero_config(config)
 
     def before_train(self, runner):
@@ -212,40 +239,61 @@ class MomentumUpdateHook(HookOptions, Hook):
         engine = self._check_optimizer(runner)
         if self.base_batch_size == 'auto':
             self.updater.use_auto_scale_lr(auto_scale_lr(runner))
-        runner.logger.info(self.updater.start(
-            model, runner.max_iters, lambda: runner.train_dataloader,
-            owner=self))
+        runner.logger.info(
+            self.updater.start(
+                model,
+                runner.max_iters,
+                lambda: runner.train_dataloader,
+                owner=self,
+            )
+        )
         self._check_target(runner)
         hub = runner.message_hub
-        for message in self.updater.resume_messages(
-                hub.get_info(RECORD_KEY), model, runner.iter,
-                runner.max_iters, engine is not None) if runner.iter else ():
+        for message in (
+            self.updater.resume_messages(
+                hub.get_info(RECORD_KEY),
+                model,
+                runner.iter,
+                runner.max_iters,
+                engine is not None,
+            )
+            if runner.iter
+            else ()
+        ):
             runner.logger.warning(message)
         # The message hub's runtime info is saved and resumed by MMEngine.
-        hub.update_info(RECORD_KEY, self.updater.ledger.record(
-            runner.max_iters))
+        hub.update_info(
+            RECORD_KEY, self.updater.ledger.record(runner.max_iters)
+        )
         self._steps = _step_watch(runner, engine)
         if self._teacher is not None:
             self._teacher.take_over()
             runner.logger.info(
                 f'momentum_hook takes over {self._teacher.describe()}: the '
-                "hook updates it, the model's loss() no longer does")
+                "hook updates it, the model's loss() no longer does"
+            )
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):
         self.updater.write_momentum(
-            self._model(runner), runner.iter, runner.max_iters)
+            self._model(runner), runner.iter, runner.max_iters
+        )
         if self._steps is not None:
             self._steps.begin()
 
-    def after_train_iter(self, runner, batch_idx, data_batch=None,
-                         outputs=None):
+    def after_train_iter(
+        self, runner, batch_idx, data_batch=None, outputs=None
+    ):
         message = self.updater.ledger.past_end_message(
-            runner.iter, runner.max_iters, self.end_momentum)
+            runner.iter, runner.max_iters, self.end_momentum
+        )
         if message:
             runner.logger.warning(message)
         momentum = self.updater.update_target(
-            self._model(runner), runner.iter, runner.max_iters,
-            None if self._steps is None else self._steps.end())
+            self._model(runner),
+            runner.iter,
+            runner.max_iters,
+            None if self._steps is None else self._steps.end(),
+        )
         if momentum is not None:
             runner.message_hub.update_scalar(f'train/{LOG_KEY}', momentum)
 

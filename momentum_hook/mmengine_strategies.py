@@ -39,8 +39,8 @@ What it changes in ``FSDPStrategy``, and why:
 ``LocalOptimStateDictConfig``) is not affected by the torch bug and needs
 only the first change.
 """
-import dataclasses
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -55,7 +55,7 @@ FSDPStrategy: Any = fsdp_strategy()  # MMEngine ships no types
 __all__ = ['FSDPResumeStrategy', 'STRATEGY_NAMES', 'check_adam_state']
 
 #: The names this module registers, ``'momentum_hook.<name>'`` in a config.
-STRATEGY_NAMES = ('FSDPResumeStrategy', )
+STRATEGY_NAMES = ('FSDPResumeStrategy',)
 
 
 def check_adam_state(state_dict, source):
@@ -75,21 +75,27 @@ def check_adam_state(state_dict, source):
         ValueError: If at least one parameter has a nonzero ``exp_avg`` and
             every parameter with both moments has them equal.
     """
-    pairs = [(state['exp_avg'], state['exp_avg_sq'])
-             for state in state_dict.get('state', {}).values()
-             if isinstance(state, dict) and torch.is_tensor(
-                 state.get('exp_avg')) and torch.is_tensor(
-                     state.get('exp_avg_sq'))]
-    if pairs and any(bool(avg.any()) for avg, _ in pairs) and all(
-            torch.equal(avg, avg_sq) for avg, avg_sq in pairs):
+    pairs = [
+        (state['exp_avg'], state['exp_avg_sq'])
+        for state in state_dict.get('state', {}).values()
+        if isinstance(state, dict)
+        and torch.is_tensor(state.get('exp_avg'))
+        and torch.is_tensor(state.get('exp_avg_sq'))
+    ]
+    if (
+        pairs
+        and any(bool(avg.any()) for avg, _ in pairs)
+        and all(torch.equal(avg, avg_sq) for avg, avg_sq in pairs)
+    ):
         raise ValueError(
             f'the optimizer state of {source} is corrupted: every exp_avg '
             'equals its exp_avg_sq, as torch 2.14 writes a full FSDP '
-            "optimizer state dict on the CPU (FSDPStrategy with "
+            'optimizer state dict on the CPU (FSDPStrategy with '
             "state_dict_cfg='full'). Resuming from it would diverge from "
             'the first step. Resume from a checkpoint saved by '
             "strategy=dict(type='momentum_hook.FSDPResumeStrategy', ...), "
-            'or load only the weights (load_from=..., resume=False)')
+            'or load only the weights (load_from=..., resume=False)'
+        )
 
 
 class FSDPResumeStrategy(FSDPStrategy):
@@ -106,41 +112,59 @@ class FSDPResumeStrategy(FSDPStrategy):
         """Whether torch's full optimizer state dict would alias its states:
         a full state dict, ``offload_to_cpu=True``, a CPU compute device."""
         device = getattr(self.model, 'compute_device', None)
-        return (self._is_full_state_dict() and
-                getattr(self.optim_state_dict_config, 'offload_to_cpu', False)
-                and device is not None and device.type == 'cpu')
+        return (
+            self._is_full_state_dict()
+            and getattr(self.optim_state_dict_config, 'offload_to_cpu', False)
+            and device is not None
+            and device.type == 'cpu'
+        )
 
     def optim_state_dict(self):
         """The optimizer state dict as ``state_dict_cfg`` says, with each
         state copied out of torch's all-gather buffer on the CPU."""
         if not self._offload_corrupts_state():
             return super().optim_state_dict()
-        config = dataclasses.replace(self.optim_state_dict_config,
-                                     offload_to_cpu=False)
-        with FSDP.state_dict_type(self.model, self.state_dict_type,
-                                  self.state_dict_config, config):
+        config = dataclasses.replace(
+            self.optim_state_dict_config, offload_to_cpu=False
+        )
+        with FSDP.state_dict_type(
+            self.model, self.state_dict_type, self.state_dict_config, config
+        ):
             return FSDP.optim_state_dict(self.model, self.optim_wrapper)
 
-    def resume(self, filename, *, resume_optimizer=True, callback=None,
-               **kwargs):
+    def resume(
+        self, filename, *, resume_optimizer=True, callback=None, **kwargs
+    ):
         """``FSDPStrategy.resume``, refusing first (on every rank, before
         the weights are loaded) a full checkpoint whose Adam moments are
         corrupted (:func:`check_adam_state`)."""
+
         def check(checkpoint):
-            if (resume_optimizer and self._is_full_state_dict() and
-                    'optimizer' in checkpoint):
+            if (
+                resume_optimizer
+                and self._is_full_state_dict()
+                and 'optimizer' in checkpoint
+            ):
                 check_adam_state(checkpoint['optimizer'], filename)
             if callback is not None:
                 callback(checkpoint)
 
-        return super().resume(filename, resume_optimizer=resume_optimizer,
-                              callback=check, **kwargs)
+        return super().resume(
+            filename,
+            resume_optimizer=resume_optimizer,
+            callback=check,
+            **kwargs,
+        )
 
     def load_optim_state_dict(self, state_dict):
         """Load ``state_dict`` (from :meth:`optim_state_dict`) into the
         optimizer: ``FSDP.optim_state_dict_to_load(model, optim,
         state_dict)``, torch's current argument order."""
-        self.optim_wrapper.load_state_dict(FSDP.optim_state_dict_to_load(
-            self.model, self.optim_wrapper.optimizer, state_dict))
+        self.optim_wrapper.load_state_dict(
+            FSDP.optim_state_dict_to_load(
+                self.model, self.optim_wrapper.optimizer, state_dict
+            )
+        )
+
 
 register_scoped(STRATEGIES, FSDPResumeStrategy, STRATEGY_NAMES)

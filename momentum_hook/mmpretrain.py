@@ -36,6 +36,7 @@ reads :math:`k + 1`), and the copy before iteration 0.
 This module imports neither mmengine nor mmpretrain: it recognises their
 classes by qualified name.
 """
+
 import math
 
 from torch import nn
@@ -45,8 +46,14 @@ from .plan import ModuleUpdatePlan
 from .updater import CONTRACT
 from .validation import check_momentum, check_positive_int
 
-__all__ = ['teacher_of', 'find_teacher', 'AveragedTeacher', 'SkippedUpdate',
-           'TEACHER_CLASSES', 'ONLINE']
+__all__ = [
+    'teacher_of',
+    'find_teacher',
+    'AveragedTeacher',
+    'SkippedUpdate',
+    'TEACHER_CLASSES',
+    'ONLINE',
+]
 
 _EMA = 'mmengine.model.averaged_model.ExponentialMovingAverage'
 _COSINE = 'mmpretrain.models.utils.ema.CosineEMA'
@@ -94,12 +101,14 @@ def find_teacher(model):
             f'over: {", ".join(foreign)}. It takes over '
             'ExponentialMovingAverage and CosineEMA teachers, whose update '
             'it computes itself; for another averaging rule, remove the '
-            'momentum hook and let the model update its teacher')
+            'momentum hook and let the model update its teacher'
+        )
     if len(found) > 1:
         raise TypeError(
             f'{cls} has {len(found)} averaged teachers '
             f'({", ".join(name for name, _ in found)}): the momentum hook '
-            'takes over one')
+            'takes over one'
+        )
     return found[0] if found else None
 
 
@@ -149,18 +158,26 @@ class AveragedTeacher:
         self.label = f'{type(model).__name__}.{name}'
         self.schedule = TEACHER_CLASSES[_qualified(type(averaged))]
         # MMEngine's momenta are small (0.01): no warning for them here.
-        mu = check_momentum(averaged.momentum, f'{self.label}.momentum',
-                            warn_small=False)
-        mu_end = mu if self.schedule == 'constant' else check_momentum(
-            averaged.end_momentum, f'{self.label}.end_momentum',
-            warn_small=False)
+        mu = check_momentum(
+            averaged.momentum, f'{self.label}.momentum', warn_small=False
+        )
+        mu_end = (
+            mu
+            if self.schedule == 'constant'
+            else check_momentum(
+                averaged.end_momentum,
+                f'{self.label}.end_momentum',
+                warn_small=False,
+            )
+        )
         #: The momentum at iteration 0 and the end, this package's
         #: convention (the weight of the old teacher).
         self.base_momentum = 1.0 - mu
         self.end_momentum = 1.0 - mu_end
         self.momentum = self.base_momentum
-        self.interval = check_positive_int(averaged.interval,
-                                           f'{self.label}.interval')
+        self.interval = check_positive_int(
+            averaged.interval, f'{self.label}.interval'
+        )
         self.buffers = 'average' if averaged.update_buffers else 'copy'
         self.log_name = self.label
         self._masters = TargetMasters()
@@ -173,40 +190,55 @@ class AveragedTeacher:
         arguments = f'momentum={averaged.momentum!r}'
         if self.schedule == 'cosine':
             arguments += f', end_momentum={averaged.end_momentum!r}'
-        return (f'{self.label}: {type(averaged).__name__}({arguments}, '
-                f'interval={averaged.interval}, update_buffers='
-                f'{averaged.update_buffers}), a {self.schedule} momentum m = '
-                f'1 - momentum from {self.base_momentum!r} to '
-                f'{self.end_momentum!r}, buffers {self.buffers!r}')
+        return (
+            f'{self.label}: {type(averaged).__name__}({arguments}, '
+            f'interval={averaged.interval}, update_buffers='
+            f'{averaged.update_buffers}), a {self.schedule} momentum m = '
+            f'1 - momentum from {self.base_momentum!r} to '
+            f'{self.end_momentum!r}, buffers {self.buffers!r}'
+        )
 
     def _online(self):
         """``nn.Sequential(model.backbone, model.neck)`` as they are now
         (a wrapper may have replaced them), checked by name against the
         teacher's ``module``."""
-        missing = [name for name in ONLINE if not isinstance(
-            getattr(self.model, name, None), nn.Module)]
+        missing = [
+            name
+            for name in ONLINE
+            if not isinstance(getattr(self.model, name, None), nn.Module)
+        ]
         if missing:
             raise TypeError(
                 f'{self.label} averages nn.Sequential(backbone, neck), but '
                 f'{type(self.model).__name__} has no module '
                 f'{", ".join(missing)}: the momentum hook takes over the '
                 'teachers of mmpretrain models built that way (BYOL, MoCo, '
-                'MoCoV3, DenseCL)')
-        online = nn.Sequential(*(getattr(self.model, name)
-                                 for name in ONLINE))
-        names = [[name for name, _ in module.named_parameters()]
-                 for module in (self.averaged.module, online)]
+                'MoCoV3, DenseCL)'
+            )
+        online = nn.Sequential(*(getattr(self.model, name) for name in ONLINE))
+        names = [
+            [name for name, _ in module.named_parameters()]
+            for module in (self.averaged.module, online)
+        ]
         if names[0] != names[1]:
-            index = next((index for index, (target, source) in enumerate(
-                zip(*names)) if target != source), min(map(len, names)))
-            teacher, source = (side[index] if index < len(side) else None
-                               for side in names)
+            index = next(
+                (
+                    index
+                    for index, (target, source) in enumerate(zip(*names))
+                    if target != source
+                ),
+                min(map(len, names)),
+            )
+            teacher, source = (
+                side[index] if index < len(side) else None for side in names
+            )
             raise ValueError(
                 f'{self.label}.module and nn.Sequential(backbone, neck) of '
                 f'{type(self.model).__name__} differ at parameter {index} '
                 f'({teacher!r} in the teacher, {source!r} online), so they '
                 'cannot be paired by name: wrap the teacher and the online '
-                'network alike')
+                'network alike'
+            )
         return online
 
     def _current_plan(self, collective=False):
@@ -215,8 +247,12 @@ class AveragedTeacher:
         after the start, where the ranks need not be at the same point."""
         if collective or self._plan is None or not self._plan.is_current():
             self._plan = ModuleUpdatePlan(
-                self.averaged.module, self._online(), self.buffers,
-                self._masters, collective=collective)
+                self.averaged.module,
+                self._online(),
+                self.buffers,
+                self._masters,
+                collective=collective,
+            )
         return self._plan
 
     def check_momentum_target(self):
@@ -263,23 +299,28 @@ class AveragedTeacher:
                 naming both values.
         """
         end = given.get('end_momentum')
-        if end is not None and not math.isclose(end, self.end_momentum,
-                                                rel_tol=1e-12, abs_tol=1e-15):
-            source = (f'end_momentum={self.averaged.end_momentum!r}'
-                      if self.schedule == 'cosine' else
-                      f'a constant momentum={self.averaged.momentum!r}')
+        if end is not None and not math.isclose(
+            end, self.end_momentum, rel_tol=1e-12, abs_tol=1e-15
+        ):
+            source = (
+                f'end_momentum={self.averaged.end_momentum!r}'
+                if self.schedule == 'cosine'
+                else f'a constant momentum={self.averaged.momentum!r}'
+            )
             raise ValueError(
                 f'end_momentum={end!r} in the momentum hook contradicts '
                 f'{self.label}, a {type(self.averaged).__name__} with '
                 f'{source}, i.e. end_momentum={self.end_momentum!r} in the '
                 "hook's convention (m = 1 - momentum weighs the old "
                 'teacher): remove end_momentum from the hook, which takes '
-                "the teacher's own, or change the model's")
+                "the teacher's own, or change the model's"
+            )
         if given.get('reach_end_momentum') and self.schedule == 'cosine':
             raise ValueError(
                 f'reach_end_momentum=True in the momentum hook contradicts '
-                f"{self.label}, a CosineEMA whose cosine runs over the "
-                "run's max_iters: remove reach_end_momentum from the hook")
+                f'{self.label}, a CosineEMA whose cosine runs over the '
+                "run's max_iters: remove reach_end_momentum from the hook"
+            )
         interval = given.get('update_interval')
         if interval is None:
             interval = self.interval
@@ -290,7 +331,8 @@ class AveragedTeacher:
                 f'update_interval={interval} in the momentum hook '
                 f'contradicts {self.label}, a {type(self.averaged).__name__}'
                 f' with interval={self.interval}: set update_interval to a '
-                f'multiple of {self.interval}, or remove it from the hook')
+                f'multiple of {self.interval}, or remove it from the hook'
+            )
         updater.end_momentum = self.end_momentum
         _set_interval(updater, interval)
 
@@ -318,7 +360,7 @@ def teacher_of(model, updater, given, accumulation):
         model) or without an mmpretrain teacher.
     """
     # The user's values, whatever an earlier run's teacher set.
-    updater.end_momentum = float(given.get('end_momentum', 1.))
+    updater.end_momentum = float(given.get('end_momentum', 1.0))
     _set_interval(updater, given.get('update_interval', 1))
     if all(hasattr(model, name) for name in CONTRACT):
         return None

@@ -1,4 +1,5 @@
 """Give a model the hook's contract from an (online, target) pair."""
+
 import contextlib
 import copy
 import logging
@@ -10,8 +11,7 @@ from torch import nn
 from ._compat import deepspeed as ds
 from ._compat.torch import module_slots
 from .local_shards import buffer_shards
-from .master_state import (MASTER_KEY, place_masters, save_masters,
-                           take_masters)
+from .master_state import MASTER_KEY, place_masters, save_masters, take_masters
 from .masters import TargetMasters
 from .plan import ModuleUpdatePlan, check_buffer_policy
 from .validation import check_momentum
@@ -87,9 +87,12 @@ class MomentumTargetMixin:
     a runner's resume, a distributed checkpoint) is never overwritten.
     """
 
-    def init_momentum_target(self, online: nn.Module,
-                             base_momentum: float = 0.99,
-                             buffers: str = 'keep') -> nn.Module:
+    def init_momentum_target(
+        self,
+        online: nn.Module,
+        base_momentum: float = 0.99,
+        buffers: str = 'keep',
+    ) -> nn.Module:
         """Make the target a frozen copy of ``online`` and return it.
 
         Assign the result to an attribute (``self.target_net = ...``) so that
@@ -113,13 +116,15 @@ class MomentumTargetMixin:
             partitions the target like the online network.
         """
         if not isinstance(online, nn.Module):
-            raise TypeError('online must be an nn.Module, got '
-                            f'{type(online).__name__}')
+            raise TypeError(
+                f'online must be an nn.Module, got {type(online).__name__}'
+            )
         check_buffer_policy(buffers)
         if '_momentum_pair' in self.__dict__:
             raise RuntimeError(
                 f'{type(self).__name__} already has a momentum target: '
-                'init_momentum_target() keeps one (online, target) pair')
+                'init_momentum_target() keeps one (online, target) pair'
+            )
         self.base_momentum = check_momentum(base_momentum, 'base_momentum')
         self.momentum = self.base_momentum
         target = _copy_of(online).requires_grad_(False)
@@ -132,11 +137,13 @@ class MomentumTargetMixin:
         self.__dict__['_momentum_hooked'] = target  # see _note_load
         # Its values are drawn later: materialised, then initialised.
         self.__dict__['_momentum_from_meta'] = any(
-            param.is_meta for param in online.parameters())
+            param.is_meta for param in online.parameters()
+        )
         # A hook, not an override of _save_to_state_dict: mmcv's and
         # MMEngine's checkpoint savers call the hooks but not that method.
         self.register_state_dict_post_hook(  # type: ignore[attr-defined]
-            _save_masters)  # (a mixin of nn.Module)
+            _save_masters
+        )  # (a mixin of nn.Module)
         return target
 
     def __getstate__(self):
@@ -150,8 +157,9 @@ class MomentumTargetMixin:
         if '_momentum_masters' in self.__dict__:
             # Before the target's own keys are loaded: strict loads must not
             # see the master keys.
-            self.__dict__['_momentum_loaded'] = take_masters(state_dict,
-                                                             prefix)
+            self.__dict__['_momentum_loaded'] = take_masters(
+                state_dict, prefix
+            )
             self._place_loaded_masters()
         self.__dict__['_momentum_was_loaded'] = True
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -162,8 +170,10 @@ class MomentumTargetMixin:
         that ``load_state_dict(..., assign=True)`` is filling)."""
         loaded = self.__dict__.pop('_momentum_loaded', None)
         if loaded is not None and not place_masters(
-                self.momentum_target_master,
-                self.__dict__['_momentum_masters'], loaded):
+            self.momentum_target_master,
+            self.__dict__['_momentum_masters'],
+            loaded,
+        ):
             self.__dict__['_momentum_loaded'] = loaded
 
     @property
@@ -222,18 +232,26 @@ class MomentumTargetMixin:
         if '_momentum_pair' not in state:
             raise RuntimeError(
                 f'{type(self).__name__}.{caller}() was called before '
-                'init_momentum_target(): call it in __init__')
+                'init_momentum_target(): call it in __init__'
+            )
         online, target = self._networks()
         buffers = state['_momentum_pair'][2]
         loaded = _take_load(state)
         self._place_loaded_masters()
         start = not state.get('_momentum_planned', False)
-        compare = start and (caller == 'check_momentum_target' or
-                             state.get('_momentum_from_meta', False))
-        plan = ModuleUpdatePlan(target, online, buffers,
-                                state['_momentum_masters'],
-                                collective=collective or start or loaded,
-                                compare=compare, loaded=loaded)
+        compare = start and (
+            caller == 'check_momentum_target'
+            or state.get('_momentum_from_meta', False)
+        )
+        plan = ModuleUpdatePlan(
+            target,
+            online,
+            buffers,
+            state['_momentum_masters'],
+            collective=collective or start or loaded,
+            compare=compare,
+            loaded=loaded,
+        )
         state['_momentum_plan'] = plan
         state['_momentum_planned'] = True
         if plan.differs is not None:
@@ -242,24 +260,31 @@ class MomentumTargetMixin:
 
     def _start_from_online(self, plan, target, online, caller):
         """Make the target a copy of the online network, and log it."""
-        plan.update_(0.)  # parameters, with their masters and ZeRO copies
-        online_buffers = {shard.keys[0]: shard.tensor
-                          for shard in buffer_shards(online)}
+        plan.update_(0.0)  # parameters, with their masters and ZeRO copies
+        online_buffers = {
+            shard.keys[0]: shard.tensor for shard in buffer_shards(online)
+        }
         for shard in buffer_shards(target):
             source = online_buffers.get(shard.keys[0])
             if source is not None and source.shape == shard.tensor.shape:
                 shard.tensor.copy_(source)
-        late = (' This is its first momentum_update(), after the online '
-                "network's first optimizer step: call check_momentum_target() "
-                'before that step (the momentum hooks do) to start from the '
-                "online network's initial weights."
-                if caller == 'momentum_update' else '')
+        late = (
+            ' This is its first momentum_update(), after the online '
+            "network's first optimizer step: call check_momentum_target() "
+            'before that step (the momentum hooks do) to start from the '
+            "online network's initial weights."
+            if caller == 'momentum_update'
+            else ''
+        )
         logger.warning(
             '%s: the target network differs from the online network at the '
             'start of training (first at %r) and was not loaded from a '
             'checkpoint, so it was made a copy of the online network, as '
-            'init_momentum_target() makes it.%s', type(self).__name__,
-            plan.differs, late)
+            'init_momentum_target() makes it.%s',
+            type(self).__name__,
+            plan.differs,
+            late,
+        )
 
     def _networks(self):
         """``(online, target)`` as the model holds them now.
@@ -280,18 +305,22 @@ class MomentumTargetMixin:
             for path, module in self.named_modules():
                 found.setdefault(id(module), path)
             paths = state['_momentum_paths'] = [
-                found.get(id(network)) for network in networks]
+                found.get(id(network)) for network in networks
+            ]
         else:
             networks = [
-                self._outermost(network) if path is None else
-                self._held(path, role)
+                self._outermost(network)
+                if path is None
+                else self._held(path, role)
                 for path, network, role in zip(
-                    paths, (online, target), ('online', 'target'))]
+                    paths, (online, target), ('online', 'target')
+                )
+            ]
             state['_momentum_pair'] = (*networks, buffers)
         containers, keys, values = [], [], []
         for path in paths:
             module = self
-            for attribute in (path.split('.') if path else ()):
+            for attribute in path.split('.') if path else ():
                 containers.append(module_slots(module, False)[1])
                 keys.append(attribute)
                 module = getattr(module, attribute)
@@ -312,7 +341,8 @@ class MomentumTargetMixin:
                 'the momentum update was first planned, but holds no module '
                 f'now ({type(module).__name__}): assign the {role} network '
                 'to it again (the update follows the module that attribute '
-                'holds)')
+                'holds)'
+            )
         return module
 
     def _watched(self):
@@ -334,8 +364,10 @@ class MomentumTargetMixin:
         wrapper holds what is updated (an FSDP1 unit's flat shard).
         """
         for module in self.modules():
-            if module is not network and \
-                    getattr(module, 'module', None) is network:
+            if (
+                module is not network
+                and getattr(module, 'module', None) is network
+            ):
                 return self._outermost(module)
         return network
 
@@ -361,8 +393,9 @@ def _save_masters(module, destination, prefix, local_metadata):
     masters = module.__dict__.get('_momentum_masters')
     if masters is not None:
         module._place_loaded_masters()
-        save_masters(module.momentum_target_master, masters, destination,
-                     prefix)
+        save_masters(
+            module.momentum_target_master, masters, destination, prefix
+        )
 
 
 def _copy_of(online):
@@ -374,8 +407,9 @@ def _copy_of(online):
     waits for the last all-gather only, and on gloo the others may still be
     in flight when the copy reads them.
     """
-    partitioned = [param for param in online.parameters()
-                   if ds.is_zero3_param(param)]
+    partitioned = [
+        param for param in online.parameters() if ds.is_zero3_param(param)
+    ]
     with contextlib.ExitStack() as gathered:
         for param in partitioned:
             gathered.enter_context(ds.gathered_parameters([param]))

@@ -14,6 +14,7 @@ wrappers, FSDP1, ``checkpoint_wrapper``, ``torch.compile``), which engines
 and tools often put around one network only. A name in one network only is
 refused before anything is written (:func:`pair_by_name`).
 """
+
 from ._compat.torch import WRAPPER_ATTRIBUTES, wrapped_attribute
 
 __all__ = ['join', 'named_modules', 'pair_by_name']
@@ -51,30 +52,44 @@ _WRAPPERS = ', '.join(f'{name}.' for name in sorted(WRAPPER_ATTRIBUTES))
 def _cause(target_only, online_only, fsdp_unit):
     """The likely cause of names that differ, and its fix."""
     sides = [(shard.keys[0], 'target') for shard in target_only] + [
-        (shard.keys[0], 'online network') for shard in online_only]
+        (shard.keys[0], 'online network') for shard in online_only
+    ]
     if any(name.startswith(fsdp_unit) for name, _ in sides):
-        return ('one network is an FSDP1 unit (or holds units) where the '
-                'other does not: wrap both with the same auto_wrap_policy')
-    pruned = next(((name, side) for name, side in sides
-                   if name.rpartition('.')[2].endswith('_orig')), None)
+        return (
+            'one network is an FSDP1 unit (or holds units) where the '
+            'other does not: wrap both with the same auto_wrap_policy'
+        )
+    pruned = next(
+        (
+            (name, side)
+            for name, side in sides
+            if name.rpartition('.')[2].endswith('_orig')
+        ),
+        None,
+    )
     if pruned is not None:
         (name, side), (layer, _, attribute) = pruned, pruned[0].rpartition('.')
-        weight = attribute[:-len('_orig')]
-        return (f'{name!r} is what torch.nn.utils.prune leaves of a pruned '
-                f'{weight!r}: make the pruning of the {side}\'s submodule '
-                f'{layer or "<root>"!r} permanent before the update, with '
-                f'torch.nn.utils.prune.remove(submodule, {weight!r}), or '
-                'prune both networks alike')
-    return ('a submodule replaced or added in one network only (give both '
-            'the same architecture, or make the target a new copy of the '
-            'online network), or two networks that are not a target and '
-            'its online network (momentum_update_(target, online, m) takes '
-            'the target first)')
+        weight = attribute[: -len('_orig')]
+        return (
+            f'{name!r} is what torch.nn.utils.prune leaves of a pruned '
+            f"{weight!r}: make the pruning of the {side}'s submodule "
+            f'{layer or "<root>"!r} permanent before the update, with '
+            f'torch.nn.utils.prune.remove(submodule, {weight!r}), or '
+            'prune both networks alike'
+        )
+    return (
+        'a submodule replaced or added in one network only (give both '
+        'the same architecture, or make the target a new copy of the '
+        'online network), or two networks that are not a target and '
+        'its online network (momentum_update_(target, online, m) takes '
+        'the target first)'
+    )
 
 
 def _names(shards):
     return ' and '.join(repr(shard.keys[0]) for shard in shards[:2]) + (
-        f' and {len(shards) - 2} more' if len(shards) > 2 else '')
+        f' and {len(shards) - 2} more' if len(shards) > 2 else ''
+    )
 
 
 def pair_by_name(targets, onlines, what='parameters', fsdp_unit='FSDP unit'):
@@ -104,29 +119,36 @@ def pair_by_name(targets, onlines, what='parameters', fsdp_unit='FSDP unit'):
             position.setdefault(key, index)
     paired, used, target_only = [], {}, []
     for shard in targets:
-        index = next((position[key] for key in shard.keys
-                      if key in position), None)
+        index = next(
+            (position[key] for key in shard.keys if key in position), None
+        )
         if index is None:
             target_only.append(shard)
         elif index in used:
             raise ValueError(
-                f'the target\'s {what} {used[index].keys[0]!r} and '
+                f"the target's {what} {used[index].keys[0]!r} and "
                 f'{shard.keys[0]!r} are two tensors, but one tied tensor in '
                 f'the online network ({onlines[index].keys[0]!r}): tie them '
-                'in both networks, or in neither. Nothing was updated')
+                'in both networks, or in neither. Nothing was updated'
+            )
         else:
             used[index] = shard
             paired.append(onlines[index])
-    online_only = [shard for index, shard in enumerate(onlines)
-                   if index not in used]
+    online_only = [
+        shard for index, shard in enumerate(onlines) if index not in used
+    ]
     if not (target_only or online_only):
         return paired
     if len(targets) != len(onlines):
-        head = (f'the target has {len(targets)} {what} but the online '
-                f'network has {len(onlines)}')
+        head = (
+            f'the target has {len(targets)} {what} but the online '
+            f'network has {len(onlines)}'
+        )
     else:
-        head = (f'the target\'s and the online network\'s {what} differ in '
-                'their names')
+        head = (
+            f"the target's and the online network's {what} differ in "
+            'their names'
+        )
     sides = []
     if target_only:
         sides.append(f'{_names(target_only)} in the target only')
@@ -136,4 +158,5 @@ def pair_by_name(targets, onlines, what='parameters', fsdp_unit='FSDP unit'):
         f'{head}: {"; ".join(sides)}. They are paired by their names in '
         f'the two networks (leaving out the wrapper attributes {_WRAPPERS}), '
         'so the networks must have the same names. Likely cause: '
-        f'{_cause(target_only, online_only, fsdp_unit)}. Nothing was updated')
+        f'{_cause(target_only, online_only, fsdp_unit)}. Nothing was updated'
+    )

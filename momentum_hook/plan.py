@@ -7,6 +7,7 @@ the two sides are sharded alike, and groups the tensors for the kernels
 is_current` holds. The stateless :func:`~momentum_hook.momentum_update_`
 keeps its plans here too (:func:`stateless_plan`).
 """
+
 import weakref
 from operator import attrgetter, getitem, is_
 
@@ -19,11 +20,20 @@ from .masters import TargetMasters, is_low_precision, refuse_low_precision
 from .pairing import pair_by_name
 from .ranks import agree_across_ranks
 from .validation import check_momentum
-from .zero import (drop_secondary_partitions, gathered_copies,
-                   secondary_partitions)
+from .zero import (
+    drop_secondary_partitions,
+    gathered_copies,
+    secondary_partitions,
+)
 
-__all__ = ['BUFFER_POLICIES', 'ModuleUpdatePlan', 'check_buffer_policy',
-           'check_frozen', 'trainable', 'stateless_plan']
+__all__ = [
+    'BUFFER_POLICIES',
+    'ModuleUpdatePlan',
+    'check_buffer_policy',
+    'check_frozen',
+    'trainable',
+    'stateless_plan',
+]
 
 
 #: What :func:`momentum_update_` does with the target module's buffers.
@@ -62,28 +72,31 @@ def check_frozen(trainables, names):
         ValueError: If any of ``trainables`` requires grad, naming the first
             and both likely causes.
     """
-    trained = [name for name, tensor in zip(names, trainables)
-               if tensor.requires_grad]
+    trained = [
+        name for name, tensor in zip(names, trainables) if tensor.requires_grad
+    ]
     if trained:
         more = f' and {len(trained) - 1} more' if len(trained) > 1 else ''
         raise ValueError(
             f"the target's parameters require grad ({trained[0]!r}{more}), "
             'so the update would overwrite weights that an optimizer '
             'trains. Either the arguments are swapped: the target comes '
-            'first, momentum_update_(target, online, momentum) (lightly\'s '
+            "first, momentum_update_(target, online, momentum) (lightly's "
             'update_momentum takes the online network first); or the '
             'target was never frozen: call '
             'target.requires_grad_(False) once after copying it '
             '(MomentumTargetMixin.init_momentum_target does). Nothing was '
-            'updated')
+            'updated'
+        )
 
 
 def check_buffer_policy(buffers):
     """Raise ``ValueError`` unless ``buffers`` is in
     :data:`BUFFER_POLICIES`."""
     if buffers not in BUFFER_POLICIES:
-        raise ValueError(f'buffers must be one of {BUFFER_POLICIES}, got '
-                         f'{buffers!r}')
+        raise ValueError(
+            f'buffers must be one of {BUFFER_POLICIES}, got {buffers!r}'
+        )
 
 
 def _structure(modules, buffers):
@@ -190,9 +203,18 @@ class ModuleUpdatePlan:
             every rank, when one refuses.
     """
 
-    def __init__(self, target, online, buffers='keep', masters=None, *,
-                 collective=True, keep_masters=True, compare=False,
-                 loaded=False):
+    def __init__(
+        self,
+        target,
+        online,
+        buffers='keep',
+        masters=None,
+        *,
+        collective=True,
+        keep_masters=True,
+        compare=False,
+        loaded=False,
+    ):
         if keep_masters and masters is None:
             masters = TargetMasters()
         elif not keep_masters:
@@ -200,20 +222,25 @@ class ModuleUpdatePlan:
 
         def plan():
             return self._plan(target, online, buffers, masters)
+
         def ballot():
             return (loaded, None if loaded else self._first_difference())
+
         if collective:
             agreed = agree_across_ranks(plan, ballot if compare else None)
-            (shards, buffer_tensors), votes = (agreed if compare
-                                               else (agreed, []))
+            (shards, buffer_tensors), votes = (
+                agreed if compare else (agreed, [])
+            )
         else:
             shards, buffer_tensors = plan()
             votes = [ballot()] if compare else []
         # A target loaded on any rank is kept on every rank (a load on rank
         # 0 alone that DDP then broadcasts, say).
-        self.differs = (None if any(vote[0] for vote in votes) else
-                        next(filter(None, (vote[1] for vote in votes)),
-                             None))
+        self.differs = (
+            None
+            if any(vote[0] for vote in votes)
+            else next(filter(None, (vote[1] for vote in votes)), None)
+        )
         self._track(target, online, shards, buffer_tensors)
 
     def _plan(self, target, online, buffers, masters):
@@ -237,20 +264,26 @@ class ModuleUpdatePlan:
             raise ValueError(
                 'the online network has no parameters, so the momentum '
                 'update would do nothing: pass the networks themselves '
-                '(e.g. a wrapped model\'s online and target submodules)')
-        lerped = [(t.name, t.tensor, o.tensor)
-                  for t, o in zip(targets, onlines)]
+                "(e.g. a wrapped model's online and target submodules)"
+            )
+        lerped = [
+            (t.name, t.tensor, o.tensor) for t, o in zip(targets, onlines)
+        ]
         self._lerped = lerped[:]  # the parameters, for _first_difference
         #: ``(targets, sources)`` of the buffers copied at each update.
         self.buffer_copies, buffer_tensors = ([], []), []
         if buffers != 'keep':  # checked before anything is written
             target_buffers = buffer_shards(target)
-            online_buffers = _pair(target_buffers, buffer_shards(online),
-                                   'buffers')
+            online_buffers = _pair(
+                target_buffers, buffer_shards(online), 'buffers'
+            )
             for t, o in zip(target_buffers, online_buffers):
                 buffer_tensors += [t.tensor, o.tensor]
-                if buffers == 'average' and t.tensor.is_floating_point() \
-                        and o.tensor.is_floating_point():
+                if (
+                    buffers == 'average'
+                    and t.tensor.is_floating_point()
+                    and o.tensor.is_floating_point()
+                ):
                     lerped.append((t.name, t.tensor, o.tensor))
                 else:
                     self.buffer_copies[0].append(t.tensor)
@@ -258,15 +291,19 @@ class ModuleUpdatePlan:
         names, target_tensors, online_tensors = map(list, zip(*lerped))
         if masters is None:
             refuse_low_precision(names, target_tensors)
-        low = [index for index, tensor in enumerate(target_tensors)
-               if is_low_precision(tensor)]
+        low = [
+            index
+            for index, tensor in enumerate(target_tensors)
+            if is_low_precision(tensor)
+        ]
         self.masters = masters
         self._master_names = [names[index] for index in low]
         self._master_targets = [target_tensors[index] for index in low]
         master_list = [None] * len(target_tensors)
         if low:
-            for index, master in zip(low, masters.bind(
-                    self._master_names, self._master_targets)):
+            for index, master in zip(
+                low, masters.bind(self._master_names, self._master_targets)
+            ):
                 master_list[index] = master
         self.steps = plan_lerp(target_tensors, online_tensors, master_list)
         self.gathered = gathered_copies(targets, onlines)
@@ -277,8 +314,14 @@ class ModuleUpdatePlan:
     def _first_difference(self):
         """The name of the first local target parameter that differs from
         its online parameter, or None."""
-        return next((name for name, target, online in self._lerped
-                     if not torch.equal(target, online.to(target))), None)
+        return next(
+            (
+                name
+                for name, target, online in self._lerped
+                if not torch.equal(target, online.to(target))
+            ),
+            None,
+        )
 
     def _versions(self):
         """The version counters of the targets with masters: an in-place
@@ -294,29 +337,45 @@ class ModuleUpdatePlan:
         self._links = [shard.link for shard in linked]
         self._linked = [shard.base for shard in linked]
         self._bases = [shard.base for shard in shards] + buffer_tensors
-        self._storages = [weakref.ref(base.untyped_storage())
-                          for base in self._bases]
+        self._storages = [
+            weakref.ref(base.untyped_storage()) for base in self._bases
+        ]
         modules = dict.fromkeys([*target.modules(), *online.modules()])
         self._containers, self._keys, self._values = _structure(
-            modules, self.buffers != 'keep')
-        self._slots = list({id(slot): slot for slot in self._containers}
-                           .values())
+            modules, self.buffers != 'keep'
+        )
+        self._slots = list(
+            {id(slot): slot for slot in self._containers}.values()
+        )
         self._sizes = list(map(len, self._slots))
 
     def is_current(self):
         """Whether the plan still matches the modules (see the class doc)."""
         try:
-            slots = all(map(is_, map(getitem, self._containers, self._keys),
-                            self._values))
+            slots = all(
+                map(
+                    is_,
+                    map(getitem, self._containers, self._keys),
+                    self._values,
+                )
+            )
         except KeyError:  # a parameter, buffer or submodule was deleted
             return False
-        return (slots and
-                list(map(len, self._slots)) == self._sizes and
-                all(map(is_, map(_read, self._links, self._owners),
-                        self._linked)) and
-                all(map(is_, map(_STORAGE, self._bases),
-                        map(_DEREFERENCE, self._storages))) and
-                not any(map(_REQUIRES_GRAD, self._trainables)))
+        return (
+            slots
+            and list(map(len, self._slots)) == self._sizes
+            and all(
+                map(is_, map(_read, self._links, self._owners), self._linked)
+            )
+            and all(
+                map(
+                    is_,
+                    map(_STORAGE, self._bases),
+                    map(_DEREFERENCE, self._storages),
+                )
+            )
+            and not any(map(_REQUIRES_GRAD, self._trainables))
+        )
 
     @torch.no_grad()
     def update_(self, momentum):
@@ -336,8 +395,8 @@ class ModuleUpdatePlan:
         """
         momentum = check_momentum(momentum, warn_small=False)
         if self._master_targets and (
-                self.masters.stale or
-                self._versions() != self._master_versions):
+            self.masters.stale or self._versions() != self._master_versions
+        ):
             self.masters.resync(self._master_names, self._master_targets)
         run_lerp(self.steps, 1.0 - momentum)
         if self.gathered:
@@ -368,6 +427,7 @@ def _forget_on_collect(target):
         entry = None if key is None else _STATELESS_PLANS.get(key)
         if entry is not None and entry[0] is online_ref:
             del _STATELESS_PLANS[key]
+
     return forget
 
 
@@ -376,15 +436,21 @@ def stateless_plan(target, online, buffers):
     entry = _STATELESS_PLANS.get(target)
     if entry is not None:
         online_ref, planned_buffers, plan = entry
-        if online_ref() is online and planned_buffers == buffers and \
-                plan.is_current():
+        if (
+            online_ref() is online
+            and planned_buffers == buffers
+            and plan.is_current()
+        ):
             return plan
         del _STATELESS_PLANS[target]  # its tensors go before planning anew
     # Checked on this rank alone, so that the stateless call never
     # communicates; no masters, so a low-precision target is refused.
-    plan = ModuleUpdatePlan(target, online, buffers, collective=False,
-                            keep_masters=False)  # raises before caching
+    plan = ModuleUpdatePlan(
+        target, online, buffers, collective=False, keep_masters=False
+    )  # raises before caching
     _STATELESS_PLANS[target] = (
-        weakref.ref(online, _forget_on_collect(target)), buffers, plan)
+        weakref.ref(online, _forget_on_collect(target)),
+        buffers,
+        plan,
+    )
     return plan
-

@@ -5,6 +5,7 @@ next collective; :func:`agree_across_ranks` shares each rank's verdict once,
 where every rank is at the same point, so that all raise together. Nothing
 here imports ``torch.distributed``.
 """
+
 import sys
 
 __all__ = ['world_size', 'group_position', 'agree_across_ranks']
@@ -13,8 +14,11 @@ __all__ = ['world_size', 'group_position', 'agree_across_ranks']
 def world_size():
     """The default process group's size, or 1 without one (no import)."""
     distributed = sys.modules.get('torch.distributed')
-    if (distributed is None or not distributed.is_available() or
-            not distributed.is_initialized()):
+    if (
+        distributed is None
+        or not distributed.is_available()
+        or not distributed.is_initialized()
+    ):
         return 1
     return distributed.get_world_size()
 
@@ -66,13 +70,17 @@ def agree_across_ranks(plan, ballot=None):
             return result if ballot is None else (result, [vote])
         verdict, local = None, None
     gathered = [None] * world
-    sys.modules['torch.distributed'].all_gather_object(gathered,
-                                                       (verdict, vote))
+    sys.modules['torch.distributed'].all_gather_object(
+        gathered, (verdict, vote)
+    )
     verdicts = [each for each, _ in gathered]
     refused = [rank for rank, each in enumerate(verdicts) if each]
     if not refused:
-        return result if ballot is None else (
-            result, [each for _, each in gathered])
+        return (
+            result
+            if ballot is None
+            else (result, [each for _, each in gathered])
+        )
     kind, message = verdicts[refused[0]]
     if len(refused) < world or len(set(verdicts)) > 1:
         notes = []
@@ -80,12 +88,17 @@ def agree_across_ranks(plan, ballot=None):
             notes.append(f'{_ranks(refused[1:])} refused too')
         if len(refused) < world:
             accepted = [rank for rank in range(world) if rank not in refused]
-            notes.append(f'{_ranks(accepted)} found nothing wrong: the '
-                         'layout differs between ranks')
-        message = (f'rank {refused[0]} of {world} refused the momentum '
-                   f'target ({"; ".join(notes)}): {message}')
+            notes.append(
+                f'{_ranks(accepted)} found nothing wrong: the '
+                'layout differs between ranks'
+            )
+        message = (
+            f'rank {refused[0]} of {world} refused the momentum '
+            f'target ({"; ".join(notes)}): {message}'
+        )
     error_type = {'ValueError': ValueError, 'TypeError': TypeError}.get(
-        kind, RuntimeError)
+        kind, RuntimeError
+    )
     raise error_type(message) from local
 
 
@@ -93,4 +106,3 @@ def group_position(group):
     """``(rank, world size)`` in a process group (no communication)."""
     distributed = sys.modules['torch.distributed']
     return distributed.get_rank(group), distributed.get_world_size(group)
-

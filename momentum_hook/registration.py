@@ -23,15 +23,25 @@ Two ways in, two kinds of names:
 adapter of each installed framework, which registers the hook there; nothing
 is imported for a framework that is absent, so the package needs only torch.
 """
+
 import importlib
 import importlib.util
 import logging
 import sys
 
-__all__ = ['SCOPE', 'HOOK_NAMES', 'DROPIN_MODULE', 'register_hook_class',
-           'register_scoped', 'take_plain_names', 'plain_name_holders',
-           'fallback_message', 'has_mmcv1', 'has_mmengine',
-           'installed_adapters']
+__all__ = [
+    'SCOPE',
+    'HOOK_NAMES',
+    'DROPIN_MODULE',
+    'register_hook_class',
+    'register_scoped',
+    'take_plain_names',
+    'plain_name_holders',
+    'fallback_message',
+    'has_mmcv1',
+    'has_mmengine',
+    'installed_adapters',
+]
 
 #: The scope of the child registry, the prefix of the names nobody shadows.
 SCOPE = 'momentum_hook'
@@ -46,8 +56,10 @@ HOOK_NAMES = ('MomentumUpdateHook', 'BYOLHook')
 DROPIN_MODULE = 'momentum_hook_dropin'
 
 #: The config line that does it.
-DROPIN_LINE = (f"custom_imports = dict(imports=['{DROPIN_MODULE}'], "
-               'allow_failed_imports=False)')
+DROPIN_LINE = (
+    f"custom_imports = dict(imports=['{DROPIN_MODULE}'], "
+    'allow_failed_imports=False)'
+)
 
 logger = logging.getLogger(SCOPE)
 
@@ -75,8 +87,11 @@ def register_scoped(root, hook_cls, names=HOOK_NAMES):
 def plain_name_holders(root, hook_cls, names):
     """``{name: class}`` for each of ``names`` that ``root`` resolves to a
     class other than ``hook_cls``."""
-    return {name: root.module_dict[name] for name in names
-            if root.module_dict.get(name, hook_cls) is not hook_cls}
+    return {
+        name: root.module_dict[name]
+        for name in names
+        if root.module_dict.get(name, hook_cls) is not hook_cls
+    }
 
 
 def fallback_message(holders, registry_name):
@@ -90,11 +105,13 @@ def fallback_message(holders, registry_name):
         return None
     classes = sorted(set(map(qualified_name, holders.values())))
     quoted = ' and '.join(f"type='{name}'" for name in holders)
-    return (f"{quoted} in the {registry_name!r} registry build "
-            f"{' / '.join(classes)}, not momentum_hook's hook. To replace it "
-            f'in this config without editing its custom_hooks, use '
-            f'{DROPIN_LINE}; or name the hook '
-            f"type='{SCOPE}.MomentumUpdateHook'.")
+    return (
+        f'{quoted} in the {registry_name!r} registry build '
+        f"{' / '.join(classes)}, not momentum_hook's hook. To replace it "
+        f'in this config without editing its custom_hooks, use '
+        f'{DROPIN_LINE}; or name the hook '
+        f"type='{SCOPE}.MomentumUpdateHook'."
+    )
 
 
 def register_hook_class(root, hook_cls, names=HOOK_NAMES):
@@ -107,8 +124,9 @@ def register_hook_class(root, hook_cls, names=HOOK_NAMES):
     plain names right after.
     """
     register_scoped(root, hook_cls, names)
-    message = fallback_message(plain_name_holders(root, hook_cls, names),
-                               root.name)
+    message = fallback_message(
+        plain_name_holders(root, hook_cls, names), root.name
+    )
     if message and DROPIN_MODULE not in sys.modules:
         logger.warning(message)
 
@@ -125,9 +143,14 @@ def take_plain_names(root, hook_cls, names=HOOK_NAMES):
     replaced = plain_name_holders(root, hook_cls, names)
     root.register_module(name=list(names), module=hook_cls, force=True)
     for name, holder in replaced.items():
-        logger.info(f"{DROPIN_MODULE}: type='%s' in the %r registry now "
-                    'builds %s instead of %s', name, root.name,
-                    qualified_name(hook_cls), qualified_name(holder))
+        logger.info(
+            f"{DROPIN_MODULE}: type='%s' in the %r registry now "
+            'builds %s instead of %s',
+            name,
+            root.name,
+            qualified_name(hook_cls),
+            qualified_name(holder),
+        )
     return replaced
 
 
@@ -138,6 +161,7 @@ def has_mmcv1():
     import mmcv
 
     from ._compat.mmcv import is_mmcv1
+
     return is_mmcv1(mmcv.__version__)
 
 
@@ -153,8 +177,12 @@ def installed_adapters():
         list[module]: ``momentum_hook.mmcv_hook`` if mmcv 1.x is installed,
         ``momentum_hook.mmengine_hook`` if MMEngine is, in that order.
     """
-    names = [name for name, installed in (('mmcv_hook', has_mmcv1),
-                                          ('mmengine_hook', has_mmengine))
-             if installed()]
-    return [importlib.import_module(f'momentum_hook.{name}')
-            for name in names]
+    names = [
+        name
+        for name, installed in (
+            ('mmcv_hook', has_mmcv1),
+            ('mmengine_hook', has_mmengine),
+        )
+        if installed()
+    ]
+    return [importlib.import_module(f'momentum_hook.{name}') for name in names]

@@ -4,17 +4,27 @@ Convention used throughout the package: the momentum ``m`` is the weight of
 the *old target* weights, ``target = m * target + (1 - m) * online``. A
 momentum of 1 freezes the target; 0 copies the online network into it.
 """
+
 import math
 
-from .validation import (check_kappa, check_momentum, check_non_negative_int,
-                         check_positive_int)
+from .validation import (
+    check_kappa,
+    check_momentum,
+    check_non_negative_int,
+    check_positive_int,
+)
 
-__all__ = ['cosine_momentum', 'scaled_momentum', 'is_update_iter',
-           'last_update_iter']
+__all__ = [
+    'cosine_momentum',
+    'scaled_momentum',
+    'is_update_iter',
+    'last_update_iter',
+]
 
 
-def cosine_momentum(cur_iter: int, max_iters: int, base_momentum: float,
-                    end_momentum: float) -> float:
+def cosine_momentum(
+    cur_iter: int, max_iters: int, base_momentum: float, end_momentum: float
+) -> float:
     """Momentum at 0-based iteration ``cur_iter`` of ``max_iters``.
 
     .. math::
@@ -53,8 +63,12 @@ def cosine_momentum(cur_iter: int, max_iters: int, base_momentum: float,
     end_momentum = check_momentum(end_momentum, 'end_momentum')
     if cur_iter >= max_iters:
         return end_momentum
-    return end_momentum - (end_momentum - base_momentum) * (
-        math.cos(math.pi * cur_iter / float(max_iters)) + 1) / 2
+    return (
+        end_momentum
+        - (end_momentum - base_momentum)
+        * (math.cos(math.pi * cur_iter / float(max_iters)) + 1)
+        / 2
+    )
 
 
 def scaled_momentum(momentum: float, kappa: float) -> float:
@@ -92,7 +106,7 @@ def scaled_momentum(momentum: float, kappa: float) -> float:
         0.9801
     """
     momentum = check_momentum(momentum, 'momentum')
-    return momentum**check_kappa(kappa, 'kappa')
+    return momentum ** check_kappa(kappa, 'kappa')
 
 
 def is_update_iter(cur_iter: int, update_interval: int) -> bool:

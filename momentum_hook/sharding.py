@@ -9,6 +9,7 @@ unit), DeepSpeed ZeRO none at all.
 Importing this module imports nothing distributed; ``fully_shard`` is
 imported when called.
 """
+
 from collections.abc import Callable
 
 from torch import nn
@@ -23,21 +24,31 @@ def _selector(submodules):
     if submodules is None:
         return lambda name, module: False
     if isinstance(submodules, type) or (
-            isinstance(submodules, tuple) and
-            all(isinstance(kind, type) for kind in submodules)):
+        isinstance(submodules, tuple)
+        and all(isinstance(kind, type) for kind in submodules)
+    ):
         return lambda name, module: isinstance(module, submodules)
     if callable(submodules):
         return submodules
-    raise TypeError('submodules must be None, an nn.Module class, a tuple of '
-                    'classes or a callable (name, module) -> bool, got '
-                    f'{type(submodules).__name__}')
+    raise TypeError(
+        'submodules must be None, an nn.Module class, a tuple of '
+        'classes or a callable (name, module) -> bool, got '
+        f'{type(submodules).__name__}'
+    )
 
 
 def fully_shard_pair(
-        *, online: nn.Module, target: nn.Module,
-        submodules: (type[nn.Module] | tuple[type[nn.Module], ...]
-                     | Callable[[str, nn.Module], bool] | None) = None,
-        **fully_shard_kwargs) -> tuple[nn.Module, nn.Module]:
+    *,
+    online: nn.Module,
+    target: nn.Module,
+    submodules: (
+        type[nn.Module]
+        | tuple[type[nn.Module], ...]
+        | Callable[[str, nn.Module], bool]
+        | None
+    ) = None,
+    **fully_shard_kwargs,
+) -> tuple[nn.Module, nn.Module]:
     """Apply the same FSDP2 ``fully_shard`` plan to the online and the target.
 
     The two networks are keyword-only: ``momentum_update_`` takes the target
@@ -83,22 +94,29 @@ def fully_shard_pair(
     """
     for name, network in (('online', online), ('target', target)):
         if not isinstance(network, nn.Module):
-            raise TypeError(f'{name} must be an nn.Module, got '
-                            f'{type(network).__name__}')
+            raise TypeError(
+                f'{name} must be an nn.Module, got {type(network).__name__}'
+            )
     # By name, as the update pairs them; on the meta device too (the
     # large-model recipe shards before it materialises).
     targets = local_shards(target, meta=True)
     onlines = pair_by_name(targets, local_shards(online, meta=True))
     check_alike(targets, onlines)
     selected = _selector(submodules)
-    names = [name for name, module in online.named_modules()
-             if name and selected(name, module)]
+    names = [
+        name
+        for name, module in online.named_modules()
+        if name and selected(name, module)
+    ]
     targets = dict(target.named_modules())
     missing = [name for name in names if name not in targets]
     if missing:
-        raise ValueError(f'the target has no submodule {missing[0]!r}: it '
-                         'must be a copy of the online network')
+        raise ValueError(
+            f'the target has no submodule {missing[0]!r}: it '
+            'must be a copy of the online network'
+        )
     from torch.distributed.fsdp import fully_shard
+
     for name in reversed(names):  # innermost first
         fully_shard(online.get_submodule(name), **fully_shard_kwargs)
         fully_shard(targets[name], **fully_shard_kwargs)

@@ -17,14 +17,19 @@ The contract with the model (the same as MMSelfSup 0.x):
 - optionally ``schedule_offset`` (int): added to ``k`` in the schedule (1 for
   an mmpretrain teacher, :class:`~momentum_hook.mmpretrain.AveragedTeacher`).
 """
+
 import numbers
 from collections.abc import Callable
 from typing import Any, cast
 
 from .ledger import SKIPPED_STEP_POLICIES, Ledger
 from .ranks import world_size
-from .schedule import (cosine_momentum, is_update_iter, last_update_iter,
-                       scaled_momentum)
+from .schedule import (
+    cosine_momentum,
+    is_update_iter,
+    last_update_iter,
+    scaled_momentum,
+)
 from .validation import check_momentum, check_positive_int
 
 __all__ = ['MomentumUpdater', 'check_momentum_contract', 'LOG_KEY']
@@ -55,10 +60,13 @@ def check_momentum_contract(model: Any) -> None:
             'hook needs a model with `base_momentum` (float in [0, 1]), '
             '`momentum` (float, written by the hook) and a callable '
             '`momentum_update()`; momentum_hook.MomentumTargetMixin '
-            'provides all three')
+            'provides all three'
+        )
     if not callable(model.momentum_update):
-        raise TypeError(f'{cls}.momentum_update must be callable, got '
-                        f'{type(model.momentum_update).__name__}')
+        raise TypeError(
+            f'{cls}.momentum_update must be callable, got '
+            f'{type(model.momentum_update).__name__}'
+        )
     check_momentum(model.base_momentum, f'{cls}.base_momentum')
 
 
@@ -77,17 +85,22 @@ def loader_batch_size(loader):
     """
     size = getattr(loader, 'batch_size', None)
     if size is None:
-        size = getattr(getattr(loader, 'batch_sampler', None), 'batch_size',
-                       None)
-    if (isinstance(size, bool) or not isinstance(size, numbers.Integral)
-            or size < 1):
+        size = getattr(
+            getattr(loader, 'batch_sampler', None), 'batch_size', None
+        )
+    if (
+        isinstance(size, bool)
+        or not isinstance(size, numbers.Integral)
+        or size < 1
+    ):
         raise ValueError(
             'base_batch_size needs the samples per target update, but the '
             f"runner's train data loader ({type(loader).__name__}) has no "
             f'fixed batch size (batch_size={size!r}): give it a batch_size '
             '(a DataLoader argument, or batch_size of the batch sampler), or '
             'set base_batch_size=None and pass momenta scaled with '
-            'momentum_hook.scaled_momentum yourself')
+            'momentum_hook.scaled_momentum yourself'
+        )
     return int(size)
 
 
@@ -141,37 +154,50 @@ class MomentumUpdater:
         TypeError, ValueError: For an argument of the wrong type or range.
     """
 
-    def __init__(self, end_momentum: float = 1., update_interval: int = 1,
-                 reach_end_momentum: bool = False,
-                 base_batch_size: int | str | None = None,
-                 on_skipped_step: str = 'hold') -> None:
+    def __init__(
+        self,
+        end_momentum: float = 1.0,
+        update_interval: int = 1,
+        reach_end_momentum: bool = False,
+        base_batch_size: int | str | None = None,
+        on_skipped_step: str = 'hold',
+    ) -> None:
         self.end_momentum = check_momentum(end_momentum, 'end_momentum')
-        self.update_interval = check_positive_int(update_interval,
-                                                  'update_interval')
+        self.update_interval = check_positive_int(
+            update_interval, 'update_interval'
+        )
         if not isinstance(reach_end_momentum, bool):
-            raise TypeError('reach_end_momentum must be a bool, got '
-                            f'{reach_end_momentum!r}')
+            raise TypeError(
+                'reach_end_momentum must be a bool, got '
+                f'{reach_end_momentum!r}'
+            )
         self.reach_end_momentum = reach_end_momentum
         if base_batch_size is not None and base_batch_size != 'auto':
             base_batch_size = check_positive_int(
-                base_batch_size, 'base_batch_size',
+                base_batch_size,
+                'base_batch_size',
                 hint='the samples per target update that base_momentum and '
                 'end_momentum were tuned for, e.g. 4096 for 8 GPUs x 32 '
                 "images x 16 accumulation steps; 'auto' (MMEngine) to take "
-                "it from auto_scale_lr; or None not to scale")
+                'it from auto_scale_lr; or None not to scale',
+            )
         self.base_batch_size = base_batch_size
         #: The ``base_batch_size`` of this run: that of ``auto_scale_lr``
         #: for ``'auto'`` (set by :meth:`use_auto_scale_lr`).
-        self.run_base_batch_size = (None if base_batch_size == 'auto'
-                                    else base_batch_size)
+        self.run_base_batch_size = (
+            None if base_batch_size == 'auto' else base_batch_size
+        )
         if not isinstance(on_skipped_step, str):
-            raise TypeError('on_skipped_step must be a str, one of '
-                            f'{SKIPPED_STEP_POLICIES}, got '
-                            f'{on_skipped_step!r}')
+            raise TypeError(
+                'on_skipped_step must be a str, one of '
+                f'{SKIPPED_STEP_POLICIES}, got '
+                f'{on_skipped_step!r}'
+            )
         if on_skipped_step not in SKIPPED_STEP_POLICIES:
             raise ValueError(
                 f'on_skipped_step must be one of {SKIPPED_STEP_POLICIES}, '
-                f'got {on_skipped_step!r}')
+                f'got {on_skipped_step!r}'
+            )
         self.on_skipped_step = on_skipped_step
         #: Which iterations update the target, and the run's counts.
         self.ledger = Ledger(self.update_interval, on_skipped_step)
@@ -201,7 +227,8 @@ class MomentumUpdater:
         if max_iters is None:
             raise ValueError(
                 'the momentum hook needs the run length, but the runner has '
-                'max_iters=None: give the runner max_epochs or max_iters')
+                'max_iters=None: give the runner max_epochs or max_iters'
+            )
         check_positive_int(max_iters, 'runner.max_iters')
         self.samples_per_update = self.kappa = None
         self.started = False
@@ -220,8 +247,7 @@ class MomentumUpdater:
         if check is not None:
             check()
 
-    def check_accumulation(self, accumulation_steps: int, source: str
-                           ) -> None:
+    def check_accumulation(self, accumulation_steps: int, source: str) -> None:
         """Check that target updates fall on real optimizer steps.
 
         With gradients accumulated over ``accumulation_steps`` iterations the
@@ -246,7 +272,8 @@ class MomentumUpdater:
                 f'iterations ({source}): set update_interval='
                 f'{accumulation_steps} (or a multiple of it) in the momentum '
                 'hook so that the target is updated after optimizer steps '
-                'only')
+                'only'
+            )
         self.ledger.start(accumulation=accumulation_steps)
 
     def is_update_iter(self, cur_iter: int) -> bool:
@@ -254,8 +281,9 @@ class MomentumUpdater:
         ``cur_iter``."""
         return is_update_iter(cur_iter, self.update_interval)
 
-    def momentum_at(self, cur_iter: int, max_iters: int,
-                    base_momentum: float) -> float:
+    def momentum_at(
+        self, cur_iter: int, max_iters: int, base_momentum: float
+    ) -> float:
         """The momentum for the update after iteration ``cur_iter``: the
         schedule at ``cur_iter + schedule_offset``."""
         cur_iter += self.schedule_offset
@@ -264,9 +292,12 @@ class MomentumUpdater:
             horizon = last_update_iter(max_iters, self.update_interval)
             if horizon <= 0:  # a single update: it is the last one
                 return self.end_momentum
-        momentum = cosine_momentum(cur_iter=cur_iter, max_iters=horizon,
-                                   base_momentum=base_momentum,
-                                   end_momentum=self.end_momentum)
+        momentum = cosine_momentum(
+            cur_iter=cur_iter,
+            max_iters=horizon,
+            base_momentum=base_momentum,
+            end_momentum=self.end_momentum,
+        )
         if self.kappa is None:
             return momentum
         return scaled_momentum(momentum, self.kappa)
@@ -299,26 +330,32 @@ class MomentumUpdater:
             TypeError, ValueError: If its ``base_batch_size`` is not a
                 positive int.
         """
-        explicit = ('or give the momentum hook base_batch_size=N, the '
-                    'samples per target update its momenta were tuned for')
+        explicit = (
+            'or give the momentum hook base_batch_size=N, the '
+            'samples per target update its momenta were tuned for'
+        )
         if not auto_scale_lr:
             raise ValueError(
                 "base_batch_size='auto' follows the config's auto_scale_lr, "
                 f'but the runner has auto_scale_lr={auto_scale_lr!r}: add '
                 'auto_scale_lr=dict(enable=True, base_batch_size=N) to the '
-                f'config, {explicit}')
+                f'config, {explicit}'
+            )
         if not auto_scale_lr.get('enable', False):
             raise ValueError(
                 "base_batch_size='auto' follows the config's auto_scale_lr, "
                 f'but it is disabled ({auto_scale_lr!r}), so the learning '
                 'rate is not scaled either: set enable=True in it, '
-                f'{explicit}')
+                f'{explicit}'
+            )
         self.run_base_batch_size = check_positive_int(
             auto_scale_lr.get('base_batch_size'),
-            'auto_scale_lr.base_batch_size')
+            'auto_scale_lr.base_batch_size',
+        )
 
-    def write_momentum(self, model: Any, cur_iter: int, max_iters: int
-                       ) -> float | None:
+    def write_momentum(
+        self, model: Any, cur_iter: int, max_iters: int
+    ) -> float | None:
         """Write the scheduled momentum into ``model`` on update iterations.
 
         Returns:
@@ -331,21 +368,24 @@ class MomentumUpdater:
         model.momentum = momentum
         return momentum
 
-    def describe(self, model: Any, max_iters: int, owner: Any = None
-                 ) -> str:
+    def describe(self, model: Any, max_iters: int, owner: Any = None) -> str:
         """One line for the run's log: which hook (the class of ``owner``,
         this updater by default), with which arguments, on which model and
         run."""
         cls = type(self if owner is None else owner)
-        arguments = (f'end_momentum={self.end_momentum!r}, update_interval='
-                     f'{self.update_interval!r}, reach_end_momentum='
-                     f'{self.reach_end_momentum!r}')
+        arguments = (
+            f'end_momentum={self.end_momentum!r}, update_interval='
+            f'{self.update_interval!r}, reach_end_momentum='
+            f'{self.reach_end_momentum!r}'
+        )
         scaling = ''
         if self.kappa is not None:
             arguments += f', base_batch_size={self.base_batch_size!r}'
             if self.base_batch_size == 'auto':
-                arguments += (' (auto_scale_lr.base_batch_size='
-                              f'{self.run_base_batch_size})')
+                arguments += (
+                    ' (auto_scale_lr.base_batch_size='
+                    f'{self.run_base_batch_size})'
+                )
             batch, processes = cast(tuple[int, int], self._batch)
             scaling = (
                 f'; S = {batch} per process x {processes} processes x '
@@ -354,21 +394,30 @@ class MomentumUpdater:
                 f'S / base_batch_size = {self.kappa:.6g} and every scheduled '
                 f'momentum m is used as m ** kappa (base_momentum '
                 f'{model.base_momentum!r} -> '
-                f'{scaled_momentum(model.base_momentum, self.kappa)!r})')
+                f'{scaled_momentum(model.base_momentum, self.kappa)!r})'
+            )
             if self.base_batch_size == 'auto' and self.update_interval > 1:
                 scaling += (
                     '; auto_scale_lr scales the learning rate by the samples '
                     f'per iteration, {self.update_interval} times fewer: see '
-                    "docs/scaling.md, MMEngine's auto_scale_lr")
-        return (f'{cls.__module__}.{cls.__qualname__}({arguments}) schedules '
-                f'the target momentum of '
-                f'{getattr(model, "log_name", type(model).__name__)} from '
-                f'base_momentum={model.base_momentum!r} over {max_iters} '
-                'iterations, with an update after every iteration k with '
-                f'(k + 1) % {self.update_interval} == 0{scaling}')
+                    "docs/scaling.md, MMEngine's auto_scale_lr"
+                )
+        return (
+            f'{cls.__module__}.{cls.__qualname__}({arguments}) schedules '
+            f'the target momentum of '
+            f'{getattr(model, "log_name", type(model).__name__)} from '
+            f'base_momentum={model.base_momentum!r} over {max_iters} '
+            'iterations, with an update after every iteration k with '
+            f'(k + 1) % {self.update_interval} == 0{scaling}'
+        )
 
-    def start(self, model: Any, max_iters: int,
-              train_loader: Callable[[], Any], owner: Any = None) -> str:
+    def start(
+        self,
+        model: Any,
+        max_iters: int,
+        train_loader: Callable[[], Any],
+        owner: Any = None,
+    ) -> str:
         """Start the run: with ``base_batch_size``, find the batch scaling
         from the train data loader and the default process group.
 
@@ -392,13 +441,15 @@ class MomentumUpdater:
                     "base_batch_size='auto' takes the base_batch_size of "
                     "MMEngine's auto_scale_lr, which this runner does not "
                     'have: give the hook base_batch_size=N, the samples per '
-                    'target update its momenta were tuned for')
+                    'target update its momenta were tuned for'
+                )
             self.scale_to(loader_batch_size(train_loader()), world_size())
         self.started = True
         return self.describe(model, max_iters, owner)
 
-    def update_target(self, model: Any, cur_iter: int, max_iters: int,
-                      step: Any = None) -> float | None:
+    def update_target(
+        self, model: Any, cur_iter: int, max_iters: int, step: Any = None
+    ) -> float | None:
         """After iteration ``cur_iter``: if the :attr:`ledger` says so, write
         the scheduled momentum into ``model`` and call its
         ``momentum_update()``.
@@ -421,21 +472,26 @@ class MomentumUpdater:
         model.momentum_update()
         return momentum
 
-    def resume_messages(self, record, model, cur_iter, max_iters,
-                        window_restarts=False):
+    def resume_messages(
+        self, record, model, cur_iter, max_iters, window_restarts=False
+    ):
         """The warnings of a run resumed at ``cur_iter`` from a checkpoint
         whose run kept ``record`` (see
         :meth:`~momentum_hook.ledger.Ledger.resume_messages`)."""
         return self.ledger.resume_messages(
-            record, cur_iter, max_iters,
-            lambda k, length: self.momentum_at(k, length,
-                                               model.base_momentum),
-            window_restarts)
+            record,
+            cur_iter,
+            max_iters,
+            lambda k, length: self.momentum_at(k, length, model.base_momentum),
+            window_restarts,
+        )
 
 
 def _option(name):
-    return property(lambda hook: getattr(hook.updater, name),
-                    doc=f'``updater.{name}``, read-only.')
+    return property(
+        lambda hook: getattr(hook.updater, name),
+        doc=f'``updater.{name}``, read-only.',
+    )
 
 
 class HookOptions:
@@ -465,20 +521,33 @@ class HookOptions:
     #: The current run's step watch (:mod:`momentum_hook.ledger`), or None.
     _steps = None
 
-    def __init__(self, end_momentum=None, update_interval=None,
-                 reach_end_momentum=False, base_batch_size=None,
-                 on_skipped_step=None):
+    def __init__(
+        self,
+        end_momentum=None,
+        update_interval=None,
+        reach_end_momentum=False,
+        base_batch_size=None,
+        on_skipped_step=None,
+    ):
         if on_skipped_step is None:
             on_skipped_step = self._default_on_skipped_step
         #: The arguments the user set (not None), by name.
-        self._given = {name: value for name, value in (
-            ('end_momentum', end_momentum),
-            ('update_interval', update_interval),
-            ('reach_end_momentum', reach_end_momentum)) if value is not None}
+        self._given = {
+            name: value
+            for name, value in (
+                ('end_momentum', end_momentum),
+                ('update_interval', update_interval),
+                ('reach_end_momentum', reach_end_momentum),
+            )
+            if value is not None
+        }
         #: The framework-free schedule: :class:`MomentumUpdater`.
         self.updater = MomentumUpdater(
-            end_momentum=1. if end_momentum is None else end_momentum,
-            update_interval=(1 if update_interval is None else
-                             update_interval),
+            end_momentum=1.0 if end_momentum is None else end_momentum,
+            update_interval=(
+                1 if update_interval is None else update_interval
+            ),
             reach_end_momentum=reach_end_momentum,
-            base_batch_size=base_batch_size, on_skipped_step=on_skipped_step)
+            base_batch_size=base_batch_size,
+            on_skipped_step=on_skipped_step,
+        )

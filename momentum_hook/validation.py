@@ -3,6 +3,7 @@
 Every check raises early with the argument's name and its bad value, and
 never uses ``assert`` (which ``python -O`` removes).
 """
+
 import inspect
 import math
 import numbers
@@ -11,8 +12,12 @@ import warnings
 
 from ._compat.torch import NO_GRAD_DECORATOR
 
-__all__ = ['check_momentum', 'check_positive_int', 'check_non_negative_int',
-           'check_kappa']
+__all__ = [
+    'check_momentum',
+    'check_positive_int',
+    'check_non_negative_int',
+    'check_kappa',
+]
 
 #: Whether :func:`check_momentum` has warned about a momentum below 0.5 in
 #: this process; it warns once.
@@ -28,8 +33,9 @@ def _caller_stacklevel():
     torch's ``no_grad`` decorator), for a warning issued by our caller."""
     frame, level = inspect.currentframe().f_back.f_back, 2
     while frame is not None and (
-            frame.f_code.co_filename.startswith(_PACKAGE) or
-            frame.f_code.co_filename.endswith(_DECORATOR)):
+        frame.f_code.co_filename.startswith(_PACKAGE)
+        or frame.f_code.co_filename.endswith(_DECORATOR)
+    ):
         frame, level = frame.f_back, level + 1
     return level
 
@@ -44,12 +50,15 @@ def _warn_small_momentum(value, name):
         "in BYOL and MoCo; MMEngine's EMAHook(momentum=x) and "
         'ExponentialMovingAverage(momentum=x) weigh the new value, so their '
         f'momentum=x is m = 1 - x here (momentum={value!r} there is '
-        f'm={1 - value!r}). This warning is shown once.', UserWarning,
-        stacklevel=_caller_stacklevel())
+        f'm={1 - value!r}). This warning is shown once.',
+        UserWarning,
+        stacklevel=_caller_stacklevel(),
+    )
 
 
-def check_momentum(value: object, name: str = 'momentum',
-                   warn_small: bool = True) -> float:
+def check_momentum(
+    value: object, name: str = 'momentum', warn_small: bool = True
+) -> float:
     """Return ``value`` as a float after checking it is a real number in
     [0, 1].
 
@@ -76,12 +85,15 @@ def check_momentum(value: object, name: str = 'momentum',
             this package's, where m weighs the old target.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f'{name} must be a real number in [0, 1], '
-                        f'got {value!r} of type {type(value).__name__}')
+        raise TypeError(
+            f'{name} must be a real number in [0, 1], '
+            f'got {value!r} of type {type(value).__name__}'
+        )
     value = float(value)
     if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f'{name} must be a real number in [0, 1], '
-                         f'got {value!r}')
+        raise ValueError(
+            f'{name} must be a real number in [0, 1], got {value!r}'
+        )
     if warn_small and 0.0 < value < 0.5 and not _warned_small_momentum:
         _warn_small_momentum(value, name)
     return value
@@ -89,15 +101,18 @@ def check_momentum(value: object, name: str = 'momentum',
 
 def _check_int(value, name, minimum, wording):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f'{name} must be {wording}, got {value!r} of type '
-                        f'{type(value).__name__}')
+        raise TypeError(
+            f'{name} must be {wording}, got {value!r} of type '
+            f'{type(value).__name__}'
+        )
     if value < minimum:
         raise ValueError(f'{name} must be {wording}, got {value!r}')
     return int(value)
 
 
-def check_positive_int(value: object, name: str,
-                       hint: str | None = None) -> int:
+def check_positive_int(
+    value: object, name: str, hint: str | None = None
+) -> int:
     """Return ``value`` as an int after checking it is an integer >= 1.
 
     Args:
@@ -138,11 +153,15 @@ def check_kappa(value: object, name: str = 'kappa') -> float:
             ``bool`` included).
         ValueError: If ``value`` is NaN, infinite, zero or negative.
     """
-    wording = ('a finite real number > 0 (the samples per update over the '
-               'samples per update the momentum was tuned for)')
+    wording = (
+        'a finite real number > 0 (the samples per update over the '
+        'samples per update the momentum was tuned for)'
+    )
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f'{name} must be {wording}, got {value!r} of type '
-                        f'{type(value).__name__}')
+        raise TypeError(
+            f'{name} must be {wording}, got {value!r} of type '
+            f'{type(value).__name__}'
+        )
     value = float(value)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f'{name} must be {wording}, got {value!r}')

@@ -4,6 +4,7 @@ Nothing here imports a distributed package: a wrapper can only be an
 engine's if that engine is already imported, so :func:`loaded` looks its
 class up in ``sys.modules``.
 """
+
 import sys
 
 from torch import nn
@@ -37,16 +38,22 @@ def wrapper_chain(model, is_wrapper=None):
         list[nn.Module]: ``model`` first, the innermost model last.
     """
     engine_wrapper = deepspeed_engine_wrapper()
-    holders = tuple(cls for cls in (loaded('deepspeed', 'DeepSpeedEngine'),
-                                    nn.DataParallel,
-                                    nn.parallel.DistributedDataParallel)
-                    if cls is not None)
+    holders = tuple(
+        cls
+        for cls in (
+            loaded('deepspeed', 'DeepSpeedEngine'),
+            nn.DataParallel,
+            nn.parallel.DistributedDataParallel,
+        )
+        if cls is not None
+    )
     chain = [model]
     while True:
         if engine_wrapper is not None and isinstance(model, engine_wrapper):
             model = model.model
-        elif isinstance(model, holders) or (is_wrapper is not None and
-                                            is_wrapper(model)):
+        elif isinstance(model, holders) or (
+            is_wrapper is not None and is_wrapper(model)
+        ):
             model = model.module
         else:
             return chain

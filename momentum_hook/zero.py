@@ -21,32 +21,42 @@ DeepSpeed config by :func:`check_zero_config`. :func:`check_zero3_gathers`
 refuses a ZeRO-3 engine whose multi-parameter gathers may be read unfinished
 (DeepSpeed before 0.19.8 on gloo).
 """
+
 import sys
 
 from ._compat import deepspeed as ds
 
-__all__ = ['QUANTIZED', 'QUANTIZED_WEIGHTS', 'gathered_copies',
-           'available_copies', 'secondary_partitions',
-           'drop_secondary_partitions', 'check_zero_config',
-           'check_zero3_gathers']
+__all__ = [
+    'QUANTIZED',
+    'QUANTIZED_WEIGHTS',
+    'gathered_copies',
+    'available_copies',
+    'secondary_partitions',
+    'drop_secondary_partitions',
+    'check_zero_config',
+    'check_zero3_gathers',
+]
 
 
 #: Why ZeRO++ quantized weights (qwZ) are refused, and what to set.
 QUANTIZED = (
-    'the momentum update needs the target\'s partitions in floating point, '
+    "the momentum update needs the target's partitions in floating point, "
     'and its forward must use the EMA it computes, but ZeRO++ quantized '
-    'weights store the frozen target\'s partitions in int8 '
+    "weights store the frozen target's partitions in int8 "
     '(zero_quantized_nontrainable_weights) or round every gather of them '
     'to int8 (zero_quantized_weights), so updates would be lost or never '
     'reach the forward: set zero_optimization=dict(..., '
     'zero_quantized_weights=False, zero_quantized_nontrainable_weights='
     'False) in the DeepSpeed config (zero_quantized_gradients and '
-    'zero_hpz_partition_size may stay)')
+    'zero_hpz_partition_size may stay)'
+)
 
 
 #: The ZeRO++ options :func:`check_zero_config` refuses.
-QUANTIZED_WEIGHTS = ('zero_quantized_weights',
-                     'zero_quantized_nontrainable_weights')
+QUANTIZED_WEIGHTS = (
+    'zero_quantized_weights',
+    'zero_quantized_nontrainable_weights',
+)
 
 
 def gathered_copies(targets, onlines):
@@ -61,10 +71,12 @@ def gathered_copies(targets, onlines):
         list[tuple[Parameter, Parameter]]: The (target, online) persistent
         ZeRO-3 parameters; see :func:`available_copies`.
     """
-    return [(target.owner, online.owner)
-            for target, online in zip(targets, onlines)
-            if target.layout[0] == 'ZeRO-3 partition' and
-            target.layout[-1] == 'persistent']
+    return [
+        (target.owner, online.owner)
+        for target, online in zip(targets, onlines)
+        if target.layout[0] == 'ZeRO-3 partition'
+        and target.layout[-1] == 'persistent'
+    ]
 
 
 def available_copies(pairs):
@@ -118,9 +130,12 @@ def secondary_partitions(targets):
         list[Parameter]: The parameters to pass to
         :func:`drop_secondary_partitions`.
     """
-    return [shard.owner for shard in targets
-            if shard.layout[0] == 'ZeRO-3 partition' and
-            ds.hpz_group(shard.owner) is not None]
+    return [
+        shard.owner
+        for shard in targets
+        if shard.layout[0] == 'ZeRO-3 partition'
+        and ds.hpz_group(shard.owner) is not None
+    ]
 
 
 def drop_secondary_partitions(params):
@@ -153,7 +168,8 @@ def check_zero_config(config):
     if enabled:
         raise ValueError(
             f'the DeepSpeed config sets {" and ".join(enabled)}=True: '
-            f'{QUANTIZED}')
+            f'{QUANTIZED}'
+        )
 
 
 def check_zero3_gathers(engine):
@@ -173,11 +189,13 @@ def check_zero3_gathers(engine):
         ValueError: Naming the DeepSpeed version and the option to set.
     """
     distributed = sys.modules['torch.distributed']
-    if (engine.zero_optimization_stage() == 3 and
-            not engine.zero_allgather_sequential() and
-            ds.version() < (0, 19, 8) and
-            distributed.is_initialized() and
-            distributed.get_backend() == 'gloo'):
+    if (
+        engine.zero_optimization_stage() == 3
+        and not engine.zero_allgather_sequential()
+        and ds.version() < (0, 19, 8)
+        and distributed.is_initialized()
+        and distributed.get_backend() == 'gloo'
+    ):
         raise ValueError(
             f'DeepSpeed {ds.version_text()} on gloo waits for only the '
             'last of the all-gathers of a ZeRO-3 multi-parameter gather, so '
@@ -186,5 +204,5 @@ def check_zero3_gathers(engine):
             'them: set zero_optimization=dict(stage=3, '
             'stage3_allgather_sequential=True) (in MMEngine, strategy=dict('
             "type='DeepSpeedStrategy', zero_optimization=dict(stage=3, "
-            'stage3_allgather_sequential=True))), or use DeepSpeed >= 0.19.8')
-
+            'stage3_allgather_sequential=True))), or use DeepSpeed >= 0.19.8'
+        )

@@ -1,5 +1,6 @@
 """Shared fixtures, and the skips of the tests whose requirements are
 missing."""
+
 import importlib.util
 import types
 
@@ -12,8 +13,12 @@ from momentum_testing import free_port
 @pytest.fixture
 def single_rank_group():
     """A one-process gloo group (FSDP2 and DDP need one), torn down after."""
-    dist.init_process_group('gloo', rank=0, world_size=1,
-                            init_method=f'tcp://127.0.0.1:{free_port()}')
+    dist.init_process_group(
+        'gloo',
+        rank=0,
+        world_size=1,
+        init_method=f'tcp://127.0.0.1:{free_port()}',
+    )
     try:
         yield
     finally:
@@ -25,10 +30,14 @@ def single_rank_group():
 FRAMEWORKS = {
     'mmcv': ('mmcv', 'pip install --no-build-isolation -e ".[mmcv]"'),
     'mmengine': ('mmengine', 'pip install -e ".[mmengine]"'),
-    'deepspeed': ('deepspeed', 'DS_BUILD_OPS=0 pip install '
-                               '--no-build-isolation -e ".[deepspeed]"'),
-    'mmselfsup': ('mmselfsup', 'pip install --no-deps -r '
-                               'requirements/mmselfsup.txt'),
+    'deepspeed': (
+        'deepspeed',
+        'DS_BUILD_OPS=0 pip install --no-build-isolation -e ".[deepspeed]"',
+    ),
+    'mmselfsup': (
+        'mmselfsup',
+        'pip install --no-deps -r requirements/mmselfsup.txt',
+    ),
 }
 
 
@@ -50,7 +59,8 @@ def pytest_collection_modifyitems(config, items):
     for marker, (module, install) in FRAMEWORKS.items():
         if not _installed(module):
             skips[marker] = pytest.mark.skip(
-                reason=f'{marker}: needs {module}, not installed ({install})')
+                reason=f'{marker}: needs {module}, not installed ({install})'
+            )
     for item in items:
         for marker, skip in skips.items():
             if marker in item.keywords:

@@ -1,5 +1,6 @@
 """The code blocks of the README and of docs/, by page and heading, so that
 tests run the examples where users read them; not a test module."""
+
 import re
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def section(page, heading):
     for index, (level, title, body) in enumerate(parts):
         if title == heading:
             text = [body]
-            for deeper, sub, sub_body in parts[index + 1:]:
+            for deeper, sub, sub_body in parts[index + 1 :]:
                 if deeper <= level:
                     break
                 text.append(f'{"#" * deeper} {sub}\n{sub_body}')
@@ -44,12 +45,18 @@ def section(page, heading):
 def code_block(page, heading, language='python', containing=''):
     """The first ``language`` block under ``heading`` in ``page`` that
     contains ``containing``."""
-    blocks = [block for block in re.findall(
-        rf'^```{language}\n(.*?)^```', section(page, heading), re.S | re.M)
-        if containing in block]
+    blocks = [
+        block
+        for block in re.findall(
+            rf'^```{language}\n(.*?)^```', section(page, heading), re.S | re.M
+        )
+        if containing in block
+    ]
     if not blocks:
-        raise LookupError(f'{page}, {heading!r}: no ```{language} block '
-                          f'containing {containing!r}')
+        raise LookupError(
+            f'{page}, {heading!r}: no ```{language} block '
+            f'containing {containing!r}'
+        )
     return blocks[0]
 
 

@@ -4,6 +4,7 @@ The checks here are written independently of ``momentum_hook.ema``: the
 reference EMA is float64 arithmetic spelled out, and the reference momentum
 the schedule's formula, so that the code under test never judges itself.
 """
+
 import math
 import os
 import socket
@@ -43,14 +44,15 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def reference_momentum(k, max_iters, base, end=1.):
+def reference_momentum(k, max_iters, base, end=1.0):
     """The cosine schedule written out independently of the package.
 
     ``m_k = end - (end - base) * (cos(pi * k / K) + 1) / 2`` in MMSelfSup
     0.x's order of floating-point operations, so that it is bit-identical.
     """
-    return end - (end - base) * (math.cos(math.pi * k / float(max_iters)) +
-                                 1) / 2
+    return (
+        end - (end - base) * (math.cos(math.pi * k / float(max_iters)) + 1) / 2
+    )
 
 
 def float64_copy(tensors):
@@ -61,8 +63,8 @@ def float64_copy(tensors):
 def ema_step(reference, online, momentum):
     """One reference step in float64: ``m * reference + (1 - m) * online``."""
     return [
-        momentum * ref + (1 - momentum) * new.detach().to(ref.device,
-                                                          torch.float64)
+        momentum * ref
+        + (1 - momentum) * new.detach().to(ref.device, torch.float64)
         for ref, new in zip(reference, online)
     ]
 
@@ -87,8 +89,9 @@ def assert_matches_reference(actual, reference, dtype=torch.float32):
     """``actual`` equals the float64 ``reference`` to ``dtype`` rounding."""
     assert len(actual) == len(reference)
     for tensor, expected in zip(actual, reference):
-        torch.testing.assert_close(tensor.detach().to(torch.float64),
-                                   expected, **tolerance(dtype))
+        torch.testing.assert_close(
+            tensor.detach().to(torch.float64), expected, **tolerance(dtype)
+        )
 
 
 def tolerance(dtype):
@@ -111,12 +114,14 @@ class TinyBYOL(MomentumTargetMixin, nn.Module):
     mmcv 1.x runner's entry point.
     """
 
-    def __init__(self, base_momentum=0.99, buffers="keep"):
+    def __init__(self, base_momentum=0.99, buffers='keep'):
         super().__init__()
         self.online_net = nn.Sequential(
-            nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU(), nn.Linear(3, 2))
+            nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU(), nn.Linear(3, 2)
+        )
         self.target_net = self.init_momentum_target(
-            self.online_net, base_momentum=base_momentum, buffers=buffers)
+            self.online_net, base_momentum=base_momentum, buffers=buffers
+        )
 
     def forward(self, x):
         with torch.no_grad():
@@ -125,8 +130,11 @@ class TinyBYOL(MomentumTargetMixin, nn.Module):
 
     def train_step(self, data_batch, optimizer, **kwargs):
         loss = self(data_batch)
-        return dict(loss=loss, log_vars=dict(loss=loss.item()),
-                    num_samples=len(data_batch))
+        return dict(
+            loss=loss,
+            log_vars=dict(loss=loss.item()),
+            num_samples=len(data_batch),
+        )
 
 
 def params(module):
@@ -195,6 +203,7 @@ def gather_zero3(params):
     DeepSpeed 0.19.8). A single parameter is gathered synchronously.
     """
     import deepspeed
+
     copies = []
     for param in params:
         with deepspeed.zero.GatheredParameters([param]):
@@ -231,8 +240,16 @@ def sharded_batch(rank, step):
     return torch.randn(4, 4, generator=generator)
 
 
-def record_sharded_training(rank, model, online, target, train_step,
-                            gather, update=None, momenta=SHARDED_MOMENTA):
+def record_sharded_training(
+    rank,
+    model,
+    online,
+    target,
+    train_step,
+    gather,
+    update=None,
+    momenta=SHARDED_MOMENTA,
+):
     """Train a wrapped :class:`TinyBYOL`, updating the target after each step.
 
     Args:
@@ -258,8 +275,12 @@ def record_sharded_training(rank, model, online, target, train_step,
         model.momentum = momentum
         (update or model.momentum_update)()
         history.append(gather(online))
-    return dict(initial=initial, online=history, final=gather(target),
-                momenta=list(momenta))
+    return dict(
+        initial=initial,
+        online=history,
+        final=gather(target),
+        momenta=list(momenta),
+    )
 
 
 def assert_sharded_record_matches(record, buffers):
@@ -270,8 +291,10 @@ def assert_sharded_record_matches(record, buffers):
     recorded online buffers (the target stays in eval mode, so its own
     forward passes leave its statistics alone).
     """
-    (initial, initial_buffers), (final, final_buffers) = (record['initial'],
-                                                          record['final'])
+    (initial, initial_buffers), (final, final_buffers) = (
+        record['initial'],
+        record['final'],
+    )
     momenta = record['momenta']
     online = [params for params, _ in record['online']]
     assert not torch.equal(online[0][0], online[-1][0])  # it trained
@@ -284,23 +307,32 @@ def assert_sharded_record_matches(record, buffers):
         elif buffers == 'copy' or not final_buffer.is_floating_point():
             expected = online_buffers[-1][name]
         else:  # 'average'
-            expected = replay_ema([initial_buffers[name]],
-                                  [[step[name]] for step in online_buffers],
-                                  momenta)[0].to(final_buffer.dtype)
+            expected = replay_ema(
+                [initial_buffers[name]],
+                [[step[name]] for step in online_buffers],
+                momenta,
+            )[0].to(final_buffer.dtype)
         torch.testing.assert_close(final_buffer, expected, msg=name)
     if buffers != 'keep':  # the statistics moved, so the check can fail
-        assert any(not torch.equal(initial_buffers[name], final_buffers[name])
-                   for name in final_buffers)
+        assert any(
+            not torch.equal(initial_buffers[name], final_buffers[name])
+            for name in final_buffers
+        )
 
 
 def set_rank_environment(rank, port, **extra):
     """One torch thread and the environment DeepSpeed (on the CPU) and
     ``env://`` rendezvous read, for ``rank`` of two."""
     torch.set_num_threads(1)
-    os.environ.update(DS_ACCELERATOR='cpu', RANK=str(rank),
-                      LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(SHARDED_WORLD_SIZE),
-                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), **extra)
+    os.environ.update(
+        DS_ACCELERATOR='cpu',
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(SHARDED_WORLD_SIZE),
+        MASTER_ADDR='127.0.0.1',
+        MASTER_PORT=str(port),
+        **extra,
+    )
 
 
 def run_scenarios(rank, scenarios, out_dir):
@@ -313,6 +345,7 @@ def run_scenarios(rank, scenarios, out_dir):
     group, set up by the caller, is torn down at the end.
     """
     import torch.distributed as dist
+
     results = {}
     try:
         for name, scenario in scenarios.items():
@@ -351,8 +384,10 @@ def _progress(out_dir, rank):
             lines = progress.read().splitlines()
     except FileNotFoundError:
         return []
-    return [(float(when), step) for when, step in
-            (line.split(' ', 1) for line in lines if ' ' in line)]
+    return [
+        (float(when), step)
+        for when, step in (line.split(' ', 1) for line in lines if ' ' in line)
+    ]
 
 
 def _rank_entry(rank, out_dir, function, *args):
@@ -361,6 +396,7 @@ def _rank_entry(rank, out_dir, function, *args):
     writes every thread's Python stack to ``rank{rank}.stack``."""
     import faulthandler
     import signal
+
     os.setpgid(0, 0)
     stack = open(out_dir / f'rank{rank}.stack', 'w')
     faulthandler.register(signal.SIGUSR1, file=stack, all_threads=True)
@@ -374,18 +410,21 @@ def _stalled(out_dir, started, now, floor):
     for rank in range(SHARDED_WORLD_SIZE):
         times += [when for when, _ in _progress(out_dir, rank)]
     times.sort()
-    slowest = max(map(float.__sub__, times[1:], times[:-1]), default=0.)
+    slowest = max(map(float.__sub__, times[1:], times[:-1]), default=0.0)
     window = max(floor, STALL_FACTOR * slowest)
     if now - times[-1] > window:
-        return (f'no rank made progress for {now - times[-1]:.0f} s (the '
-                f'limit: {window:.0f} s, {STALL_FACTOR}x the slowest step '
-                f'so far, {slowest:.1f} s, or at least {floor} s)')
+        return (
+            f'no rank made progress for {now - times[-1]:.0f} s (the '
+            f'limit: {window:.0f} s, {STALL_FACTOR}x the slowest step '
+            f'so far, {slowest:.1f} s, or at least {floor} s)'
+        )
     return None
 
 
 def _where(out_dir, process, rank):
     """Where a rank that is still running is: its last step and stack."""
     import signal
+
     try:
         os.kill(process.pid, signal.SIGUSR1)
         time.sleep(1)
@@ -397,13 +436,15 @@ def _where(out_dir, process, rank):
         stack = (out_dir / f'rank{rank}.stack').read_text().strip()
     except FileNotFoundError:
         stack = ''
-    return (f'rank {rank} (pid {process.pid}) is still running, at {step}'
-            + (f'; its Python stack:\n{stack}' if stack else ''))
+    return f'rank {rank} (pid {process.pid}) is still running, at {step}' + (
+        f'; its Python stack:\n{stack}' if stack else ''
+    )
 
 
 def _stop(processes):
     """Kill every rank's process group: the ranks and all they started."""
     import signal
+
     for process in processes:
         try:
             os.killpg(process.pid, signal.SIGKILL)
@@ -414,8 +455,9 @@ def _stop(processes):
         process.join(5)
 
 
-def launch_ranks(function, args, out_dir, start_method,
-                 stall_floor=STALL_FLOOR):
+def launch_ranks(
+    function, args, out_dir, start_method, stall_floor=STALL_FLOOR
+):
     """Start ``function(rank, *args)`` on two ranks; their saved results.
 
     Each rank runs in a process group of its own. The launch has no fixed
@@ -430,19 +472,25 @@ def launch_ranks(function, args, out_dir, start_method,
             every rank's process group is killed.
     """
     import torch.multiprocessing as mp
+
     started = time.time()
-    context = mp.start_processes(_rank_entry,
-                                 args=(out_dir, function, *args),
-                                 nprocs=SHARDED_WORLD_SIZE, join=False,
-                                 start_method=start_method)
+    context = mp.start_processes(
+        _rank_entry,
+        args=(out_dir, function, *args),
+        nprocs=SHARDED_WORLD_SIZE,
+        join=False,
+        start_method=start_method,
+    )
     files = [out_dir / f'rank{rank}.pth' for rank in range(SHARDED_WORLD_SIZE)]
     try:
         while not context.join(1):  # raises if a rank failed
             stalled = _stalled(out_dir, started, time.time(), stall_floor)
             if stalled:
-                running = [_where(out_dir, process, rank) for rank, process
-                           in enumerate(context.processes)
-                           if process.is_alive()]
+                running = [
+                    _where(out_dir, process, rank)
+                    for rank, process in enumerate(context.processes)
+                    if process.is_alive()
+                ]
                 raise TimeoutError('\n'.join([stalled, *running]))
     except mp.ProcessExitedException:
         # A signal after every rank saved its results is torch's teardown
@@ -462,8 +510,9 @@ def sharded_results(rank_main, out_dir, scenarios, start_method='spawn'):
     Returns:
         dict: ``results[name]``, the two ranks' results of scenario ``name``.
     """
-    ranks = launch_ranks(rank_main, (free_port(), out_dir), out_dir,
-                         start_method)
+    ranks = launch_ranks(
+        rank_main, (free_port(), out_dir), out_dir, start_method
+    )
     return {name: [rank[name] for rank in ranks] for name in scenarios}
 
 
@@ -478,10 +527,12 @@ def launch_each(rank_main, base, launches, start_method='spawn'):
     for index, scenarios in enumerate(launches):
         out_dir = base / f'launch{index}'
         out_dir.mkdir()
-        ranks = launch_ranks(rank_main, (free_port(), out_dir, index),
-                             out_dir, start_method)
-        results.update({name: [rank[name] for rank in ranks]
-                        for name in scenarios})
+        ranks = launch_ranks(
+            rank_main, (free_port(), out_dir, index), out_dir, start_method
+        )
+        results.update(
+            {name: [rank[name] for rank in ranks] for name in scenarios}
+        )
     return results
 
 
@@ -489,13 +540,19 @@ def init_deepspeed_rank(rank, port):
     """Make this process rank ``rank`` of a two-rank DeepSpeed run on the
     CPU (``DS_ACCELERATOR=cpu``, gloo)."""
     torch.set_num_threads(1)
-    os.environ.update(DS_ACCELERATOR='cpu', RANK=str(rank),
-                      LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(SHARDED_WORLD_SIZE),
-                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    os.environ.update(
+        DS_ACCELERATOR='cpu',
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(SHARDED_WORLD_SIZE),
+        MASTER_ADDR='127.0.0.1',
+        MASTER_PORT=str(port),
+    )
     import deepspeed
-    deepspeed.init_distributed(dist_backend='gloo',
-                               timeout=timedelta(seconds=60))
+
+    deepspeed.init_distributed(
+        dist_backend='gloo', timeout=timedelta(seconds=60)
+    )
 
 
 def assert_trainings_match(results, trainings, name):

@@ -1,6 +1,7 @@
 """export_target and full_state_dict in one process: a plain model, DDP and
 FSDP2 on a one-rank gloo group. The sharded runs on two ranks are in
 test_flexible_runner.py (FSDP1 and ZeRO-3 under MMEngine's FlexibleRunner)."""
+
 import copy
 
 import pytest
@@ -21,15 +22,17 @@ class Pair(MomentumTargetMixin, nn.Module):
         self.target_net = self.init_momentum_target(self.online_net)
         with torch.no_grad():
             for param in self.target_net.parameters():
-                param.add_(1.)
-            self.target_net[1].running_mean.fill_(2.)
+                param.add_(1.0)
+            self.target_net[1].running_mean.fill_(2.0)
         self.to(dtype)
 
 
 def expected_target(dtype=torch.float32):
     """The target's own state dict, written out from an unwrapped model."""
-    return {key: value.clone() for key, value in
-            Pair(dtype).target_net.state_dict().items()}
+    return {
+        key: value.clone()
+        for key, value in Pair(dtype).target_net.state_dict().items()
+    }
 
 
 def updated_bf16_pair():
@@ -43,8 +46,10 @@ def updated_bf16_pair():
                 param.add_(0.1)
         model.momentum = 0.99
         model.momentum_update()
-        expected = [0.99 * ref + 0.01 * online.double() for ref, online in
-                    zip(expected, model.online_net.parameters())]
+        expected = [
+            0.99 * ref + 0.01 * online.double()
+            for ref, online in zip(expected, model.online_net.parameters())
+        ]
     return model, expected
 
 
@@ -69,16 +74,19 @@ def fsdp2(model):
 
 
 @pytest.mark.parametrize('wrap', [plain, ddp, fsdp2])
-def test_export_writes_the_target_s_own_keys(tmp_path, single_rank_group,
-                                             wrap):
+def test_export_writes_the_target_s_own_keys(
+    tmp_path, single_rank_group, wrap
+):
     model = wrap(Pair())
     written = export_target(model, tmp_path / 'teacher.pth')
     assert_same(written, expected_target())
     assert_same(torch.load(tmp_path / 'teacher.pth'), expected_target())
     whole = full_state_dict(model)
-    assert set(whole) == {f'{prefix}.{key}' for prefix in
-                          ('online_net', 'target_net')
-                          for key in expected_target()}
+    assert set(whole) == {
+        f'{prefix}.{key}'
+        for prefix in ('online_net', 'target_net')
+        for key in expected_target()
+    }
 
 
 def test_export_without_a_process_group(tmp_path):
@@ -89,15 +97,19 @@ def test_export_without_a_process_group(tmp_path):
 
 
 def test_an_unknown_target_is_refused_before_anything_is_gathered(tmp_path):
-    with pytest.raises(ValueError, match=r"no target network 'teacher'.*"
-                       r"\['online_net', 'target_net'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"no target network 'teacher'.*"
+        r"\['online_net', 'target_net'\]",
+    ):
         export_target(Pair(), tmp_path / 'x.pth', target='teacher')
     assert not (tmp_path / 'x.pth').exists()
 
 
 @pytest.mark.parametrize('wrap', [plain, ddp, fsdp2])
 def test_a_bf16_target_exports_its_weights_and_a_full_state_dict_its_masters(
-        tmp_path, single_rank_group, wrap):
+    tmp_path, single_rank_group, wrap
+):
     """The export holds the target's bfloat16 weights only, under their
     plain names, and loads into a plain network (no mixin); the full state
     dict holds the masters whole, the float64 EMA to float32 rounding."""
@@ -107,19 +119,25 @@ def test_a_bf16_target_exports_its_weights_and_a_full_state_dict_its_masters(
     written = export_target(wrapped, tmp_path / 'teacher.pth')
     assert list(written) == list(expected_target())
     teacher = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).to(
-        torch.bfloat16)
+        torch.bfloat16
+    )
     teacher.load_state_dict(torch.load(tmp_path / 'teacher.pth'))
     for param, ref in zip(teacher.parameters(), expected):
         assert param.dtype == torch.bfloat16
         torch.testing.assert_close(param.double(), ref, rtol=2**-8, atol=0)
     whole = full_state_dict(wrapped)
-    masters = {key: value for key, value in whole.items()
-               if key.startswith('momentum_target_master.')}
-    assert list(masters) == [f'momentum_target_master.{name}'
-                             for name in names]
+    masters = {
+        key: value
+        for key, value in whole.items()
+        if key.startswith('momentum_target_master.')
+    }
+    assert list(masters) == [
+        f'momentum_target_master.{name}' for name in names
+    ]
     for name, ref in zip(names, expected):
         master = masters[f'momentum_target_master.{name}']
         assert master.dtype == torch.float32
         torch.testing.assert_close(master.double(), ref, rtol=1e-6, atol=0)
-        assert torch.equal(master.to(torch.bfloat16),
-                           whole[f'target_net.{name}'])
+        assert torch.equal(
+            master.to(torch.bfloat16), whole[f'target_net.{name}']
+        )

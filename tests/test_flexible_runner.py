@@ -18,6 +18,7 @@ and the package's ``momentum_hook.FSDPResumeStrategy``.
 The ranks are spawned, not forked: forked after the MMEngine runners of
 other test modules ran in this process, they hang.
 """
+
 import functools
 import os
 import os.path as osp
@@ -26,19 +27,31 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from momentum_testing import (SHARDED_WORLD_SIZE, ZERO3_ON_GLOO, Interrupt,
-                              assert_matches_reference, free_port,
-                              gather_zero3,
-                              launch_ranks, raised, reference_momentum,
-                              replay_ema, run_scenarios)
+from momentum_testing import (
+    SHARDED_WORLD_SIZE,
+    ZERO3_ON_GLOO,
+    Interrupt,
+    assert_matches_reference,
+    free_port,
+    gather_zero3,
+    launch_ranks,
+    raised,
+    reference_momentum,
+    replay_ema,
+    run_scenarios,
+)
 from torch import nn
 from torch.utils.data import Dataset
 
 from momentum_hook import MomentumTargetMixin
 from momentum_hook.export import export_target
 
-pytestmark = [pytest.mark.distributed, pytest.mark.mmengine,
-              pytest.mark.deepspeed, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.mmengine,
+    pytest.mark.deepspeed,
+    pytest.mark.slow,
+]
 pytest.importorskip('mmengine')
 pytest.importorskip('deepspeed')
 
@@ -52,8 +65,9 @@ class Samples(Dataset):
     """``num_samples`` fixed random 2-vectors, ``dict(inputs=...)``."""
 
     def __init__(self, num_samples):
-        self.inputs = torch.randn(num_samples, 2,
-                                  generator=torch.Generator().manual_seed(0))
+        self.inputs = torch.randn(
+            num_samples, 2, generator=torch.Generator().manual_seed(0)
+        )
 
     def __len__(self):
         return len(self.inputs)
@@ -68,13 +82,14 @@ def build_model():
     from mmengine.model import BaseModel
 
     class FlexModel(MomentumTargetMixin, BaseModel):
-
         def __init__(self):
             super().__init__()
-            self.online_net = nn.Sequential(nn.Linear(2, 4), nn.Tanh(),
-                                            nn.Linear(4, 1))
+            self.online_net = nn.Sequential(
+                nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)
+            )
             self.target_net = self.init_momentum_target(
-                self.online_net, base_momentum=BASE)
+                self.online_net, base_momentum=BASE
+            )
             self.seen = []
 
         def forward(self, inputs, data_samples=None, mode='tensor'):
@@ -101,6 +116,7 @@ def unwrapped(runner):
 def gather(runner, network):
     """The whole parameters of ``network`` (a list), from every rank."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
     params = list(network.parameters())
     if hasattr(params[0], 'ds_tensor'):
         return gather_zero3(params)
@@ -122,10 +138,12 @@ def recorder():
         def before_train(self, runner):
             self.initial = gather(runner, unwrapped(runner).target_net)
 
-        def after_train_iter(self, runner, batch_idx, data_batch=None,
-                             outputs=None):
-            self.online[runner.iter] = gather(runner,
-                                              unwrapped(runner).online_net)
+        def after_train_iter(
+            self, runner, batch_idx, data_batch=None, outputs=None
+        ):
+            self.online[runner.iter] = gather(
+                runner, unwrapped(runner).online_net
+            )
 
     return Recorder()
 
@@ -143,6 +161,7 @@ def interrupter(k):
 
 def fsdp_strategy(policy=True, cls='FSDPStrategy', **options):
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
     wrapper = dict(type='MMFullyShardedDataParallel', device_id='cpu')
     if policy:  # online and target: separate units
         wrapper['auto_wrap_policy'] = ModuleWrapPolicy({nn.Sequential})
@@ -155,57 +174,86 @@ def optimizer_state(runner):
     under DeepSpeed."""
     if hasattr(runner.model, 'model'):  # MMDeepSpeedEngineWrapper
         return None
-    return {index: {key: value.clone() for key, value in state.items()}
-            for index, state in
-            runner.optim_wrapper.optimizer.state_dict()['state'].items()}
+    return {
+        index: {key: value.clone() for key, value in state.items()}
+        for index, state in runner.optim_wrapper.optimizer.state_dict()[
+            'state'
+        ].items()
+    }
 
 
 def deepspeed_strategy(accumulation=1, stage=3, sequential=True):
     zero = dict(stage=stage)
     if stage == 3 and sequential:
         zero.update(ZERO3_ON_GLOO)
-    return dict(type='DeepSpeedStrategy',
-                config=dict(zero_allow_untested_optimizer=True),
-                zero_optimization=zero,
-                gradient_accumulation_steps=accumulation,
-                train_micro_batch_size_per_gpu=2)
+    return dict(
+        type='DeepSpeedStrategy',
+        config=dict(zero_allow_untested_optimizer=True),
+        zero_optimization=zero,
+        gradient_accumulation_steps=accumulation,
+        train_micro_batch_size_per_gpu=2,
+    )
 
 
-def build_runner(work_dir, strategy, hooks, by_epoch=False,
-                 accumulation=1, update_interval=None, checkpoint=None,
-                 resume_from=None):
+def build_runner(
+    work_dir,
+    strategy,
+    hooks,
+    by_epoch=False,
+    accumulation=1,
+    update_interval=None,
+    checkpoint=None,
+    resume_from=None,
+):
     """A real FlexibleRunner of ``ITERS`` iterations (2 epochs of 3 by
     epoch) on batches of 2 per rank, with a stateful optimizer, so that a
     resume must restore it: AdamW under FSDP (two moments per parameter,
     which torch's full optimizer state dict mixes up on the CPU), SGD with
     momentum under DeepSpeed."""
     from mmengine.runner._flexible_runner import FlexibleRunner
+
     if strategy['type'] == 'DeepSpeedStrategy':
-        optim_wrapper = dict(type='DeepSpeedOptimWrapper', optimizer=dict(
-            type='SGD', lr=0.1, momentum=0.5))
+        optim_wrapper = dict(
+            type='DeepSpeedOptimWrapper',
+            optimizer=dict(type='SGD', lr=0.1, momentum=0.5),
+        )
     else:
-        optim_wrapper = dict(optimizer=dict(type='AdamW', lr=0.05),
-                             accumulative_counts=accumulation)
-    train_cfg = (dict(by_epoch=True, max_epochs=2) if by_epoch else
-                 dict(by_epoch=False, max_iters=ITERS))
+        optim_wrapper = dict(
+            optimizer=dict(type='AdamW', lr=0.05),
+            accumulative_counts=accumulation,
+        )
+    train_cfg = (
+        dict(by_epoch=True, max_epochs=2)
+        if by_epoch
+        else dict(by_epoch=False, max_iters=ITERS)
+    )
     samples = ITERS * 2 * SHARDED_WORLD_SIZE // (2 if by_epoch else 1)
     hook = dict(type=HOOK, update_interval=update_interval or accumulation)
     return FlexibleRunner(
-        model=build_model(), work_dir=work_dir, strategy=strategy,
+        model=build_model(),
+        work_dir=work_dir,
+        strategy=strategy,
         experiment_name=osp.basename(work_dir),
         train_dataloader=dict(
-            dataset=Samples(samples), batch_size=2,
+            dataset=Samples(samples),
+            batch_size=2,
             sampler=dict(type='DefaultSampler', shuffle=False),
-            collate_fn=dict(type='default_collate')),
-        optim_wrapper=optim_wrapper, train_cfg=train_cfg,
+            collate_fn=dict(type='default_collate'),
+        ),
+        optim_wrapper=optim_wrapper,
+        train_cfg=train_cfg,
         default_hooks=dict(
             logger=dict(type='LoggerHook', interval=1),
-            checkpoint=checkpoint and dict(type='CheckpointHook',
-                                           interval=checkpoint,
-                                           by_epoch=False)),
+            checkpoint=checkpoint
+            and dict(
+                type='CheckpointHook', interval=checkpoint, by_epoch=False
+            ),
+        ),
         log_processor=dict(by_epoch=by_epoch),
         custom_hooks=[hook, *hooks],
-        load_from=resume_from, resume=resume_from is not None)
+        load_from=resume_from,
+        resume=resume_from is not None,
+    )
 
 
 def log_text(runner):
@@ -221,11 +269,15 @@ def training(work_dir, strategy, rank, **options):
     model = unwrapped(runner)
     logged = runner.message_hub.get_scalar('train/target_momentum')
     return dict(
-        initial=record.initial, online=record.online, seen=model.seen,
+        initial=record.initial,
+        online=record.online,
+        seen=model.seen,
         final=gather(runner, model.target_net),
-        logged=logged.data[0].tolist(), optimizer=optimizer_state(runner),
+        logged=logged.data[0].tolist(),
+        optimizer=optimizer_state(runner),
         log=log_text(runner) if rank == 0 else None,
-        export=export_and_reload(runner, directory, rank))
+        export=export_and_reload(runner, directory, rank),
+    )
 
 
 def export_and_reload(runner, directory, rank):
@@ -251,32 +303,45 @@ def refused(work_dir, strategy, rank, **options):
     return 'trained'
 
 
-def interrupted_and_resumed(work_dir, strategy, rank, resume_strategy=None,
-                            stop=4, accumulation=1):
+def interrupted_and_resumed(
+    work_dir, strategy, rank, resume_strategy=None, stop=4, accumulation=1
+):
     """Save at iteration ``stop``, crash before it, resume in a new runner.
 
     Returns the resumed run's momenta in training forward passes, the
     final target, gathered, and this rank's optimizer state.
     """
     directory = work_dir()
-    first = build_runner(directory, strategy, [interrupter(stop)],
-                         checkpoint=stop, accumulation=accumulation)
+    first = build_runner(
+        directory,
+        strategy,
+        [interrupter(stop)],
+        checkpoint=stop,
+        accumulation=accumulation,
+    )
     try:
         first.train()
     except Interrupt:
         pass
-    return resumed(directory, resume_strategy or strategy, stop,
-                   accumulation)
+    return resumed(directory, resume_strategy or strategy, stop, accumulation)
 
 
 def resumed(directory, strategy, stop, accumulation, rank=0):
     """A new runner resumed from ``directory``'s ``iter_{stop}.pth``."""
-    runner = build_runner(directory, strategy, [], accumulation=accumulation,
-                          resume_from=osp.join(directory, f'iter_{stop}.pth'))
+    runner = build_runner(
+        directory,
+        strategy,
+        [],
+        accumulation=accumulation,
+        resume_from=osp.join(directory, f'iter_{stop}.pth'),
+    )
     runner.train()
     model = unwrapped(runner)
-    return dict(seen=model.seen, final=gather(runner, model.target_net),
-                optimizer=optimizer_state(runner))
+    return dict(
+        seen=model.seen,
+        final=gather(runner, model.target_net),
+        optimizer=optimizer_state(runner),
+    )
 
 
 def resumed_by_mmengine_fsdp(work_dir, strategy, rank):
@@ -293,17 +358,26 @@ def saved_by_mmengine_fsdp_full(work_dir, strategy, rank):
     ``state_dict_cfg='full'``, resumed by ``FSDPResumeStrategy``: whether
     its Adam moments are corrupted as saved, and the resume's error."""
     directory = work_dir()
-    first = build_runner(directory, fsdp_strategy(state_dict_cfg='full'),
-                         [interrupter(2)], checkpoint=2)
+    first = build_runner(
+        directory,
+        fsdp_strategy(state_dict_cfg='full'),
+        [interrupter(2)],
+        checkpoint=2,
+    )
     try:
         first.train()
     except Interrupt:
         pass
     dist.barrier()  # rank 0 has written the file
-    saved = torch.load(osp.join(directory, 'iter_2.pth'), weights_only=False,
-                       map_location='cpu')['optimizer']['state']
-    corrupted = all(torch.equal(state['exp_avg'], state['exp_avg_sq'])
-                    for state in saved.values())
+    saved = torch.load(
+        osp.join(directory, 'iter_2.pth'),
+        weights_only=False,
+        map_location='cpu',
+    )['optimizer']['state']
+    corrupted = all(
+        torch.equal(state['exp_avg'], state['exp_avg_sq'])
+        for state in saved.values()
+    )
     try:
         resumed(directory, strategy, 2, 1)
     except ValueError as error:
@@ -319,63 +393,98 @@ def launches(out_dir):
     """The scenarios of each launch. MMEngine 0.10.7 builds one
     ``DeepSpeedStrategy`` per process (a second one raises ``KeyError:
     'DeepSpeedCPUAdam is already registered'``), so each launch has one."""
+
     def work_dir(name):
-        return lambda: osp.join(out_dir, name.replace(' ', '_').replace(
-            ',', ''))
+        return lambda: osp.join(
+            out_dir, name.replace(' ', '_').replace(',', '')
+        )
 
     fsdp, zero = fsdp_strategy, deepspeed_strategy
-    table = [{
-        'fsdp by iter, accumulation 2': functools.partial(
-            training, strategy=fsdp(), accumulation=2),
-        'zero3 by iter, accumulation 2': functools.partial(
-            training, strategy=zero(2), accumulation=2, checkpoint=4),
-        'fsdp root only': functools.partial(refused,
-                                            strategy=fsdp(policy=False)),
-        'fsdp accumulation 2, update_interval 1': functools.partial(
-            refused, strategy=fsdp(), accumulation=2, update_interval=1),
-    }, {
-        'zero3 resumed, accumulation 2': lambda rank: resumed(
-            osp.join(out_dir, ZERO3_RUN), zero(2), 4, 2),
-        'fsdp resumed by MMEngine': functools.partial(
-            resumed_by_mmengine_fsdp, strategy=fsdp()),
-        'fsdp full checkpoint of MMEngine, resumed': functools.partial(
-            saved_by_mmengine_fsdp_full, strategy=fsdp(
-                cls=RESUME_STRATEGY, state_dict_cfg='full')),
-    }, {
-        'zero2 by epoch': functools.partial(training, strategy=zero(stage=2),
-                                            by_epoch=True),
-        'fsdp by epoch': functools.partial(training, strategy=fsdp(),
-                                           by_epoch=True),
-    }, {
-        'zero3 accumulation 2, update_interval 1': functools.partial(
-            refused, strategy=zero(2), update_interval=1),
-        'fsdp resumed, full state dict': functools.partial(
-            interrupted_and_resumed, strategy=fsdp(
-                cls=RESUME_STRATEGY, state_dict_cfg='full'), accumulation=2),
-        'fsdp resumed, local state dict': functools.partial(
-            interrupted_and_resumed, strategy=fsdp(cls=RESUME_STRATEGY),
-            accumulation=2),
-    }, {
-        'zero3 gathering all at once on gloo': functools.partial(
-            refused, strategy=zero(sequential=False)),
-    }]
-    return [{name: functools.partial(scenario, work_dir(name))
-             if isinstance(scenario, functools.partial) else scenario
-             for name, scenario in launch.items()} for launch in table]
+    table = [
+        {
+            'fsdp by iter, accumulation 2': functools.partial(
+                training, strategy=fsdp(), accumulation=2
+            ),
+            'zero3 by iter, accumulation 2': functools.partial(
+                training, strategy=zero(2), accumulation=2, checkpoint=4
+            ),
+            'fsdp root only': functools.partial(
+                refused, strategy=fsdp(policy=False)
+            ),
+            'fsdp accumulation 2, update_interval 1': functools.partial(
+                refused, strategy=fsdp(), accumulation=2, update_interval=1
+            ),
+        },
+        {
+            'zero3 resumed, accumulation 2': lambda rank: resumed(
+                osp.join(out_dir, ZERO3_RUN), zero(2), 4, 2
+            ),
+            'fsdp resumed by MMEngine': functools.partial(
+                resumed_by_mmengine_fsdp, strategy=fsdp()
+            ),
+            'fsdp full checkpoint of MMEngine, resumed': functools.partial(
+                saved_by_mmengine_fsdp_full,
+                strategy=fsdp(cls=RESUME_STRATEGY, state_dict_cfg='full'),
+            ),
+        },
+        {
+            'zero2 by epoch': functools.partial(
+                training, strategy=zero(stage=2), by_epoch=True
+            ),
+            'fsdp by epoch': functools.partial(
+                training, strategy=fsdp(), by_epoch=True
+            ),
+        },
+        {
+            'zero3 accumulation 2, update_interval 1': functools.partial(
+                refused, strategy=zero(2), update_interval=1
+            ),
+            'fsdp resumed, full state dict': functools.partial(
+                interrupted_and_resumed,
+                strategy=fsdp(cls=RESUME_STRATEGY, state_dict_cfg='full'),
+                accumulation=2,
+            ),
+            'fsdp resumed, local state dict': functools.partial(
+                interrupted_and_resumed,
+                strategy=fsdp(cls=RESUME_STRATEGY),
+                accumulation=2,
+            ),
+        },
+        {
+            'zero3 gathering all at once on gloo': functools.partial(
+                refused, strategy=zero(sequential=False)
+            ),
+        },
+    ]
+    return [
+        {
+            name: functools.partial(scenario, work_dir(name))
+            if isinstance(scenario, functools.partial)
+            else scenario
+            for name, scenario in launch.items()
+        }
+        for launch in table
+    ]
 
 
 def rank_main(rank, port, out_dir, launch):
     torch.set_num_threads(1)
-    os.environ.update(DS_ACCELERATOR='cpu', RANK=str(rank),
-                      LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(SHARDED_WORLD_SIZE),
-                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port),
-                      TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD='1')
+    os.environ.update(
+        DS_ACCELERATOR='cpu',
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(SHARDED_WORLD_SIZE),
+        MASTER_ADDR='127.0.0.1',
+        MASTER_PORT=str(port),
+        TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD='1',
+    )
     import deepspeed
 
     import momentum_hook.mmengine_strategies  # noqa: F401, registers it
-    deepspeed.init_distributed(dist_backend='gloo',
-                               timeout=timedelta(seconds=60))
+
+    deepspeed.init_distributed(
+        dist_backend='gloo', timeout=timedelta(seconds=60)
+    )
     scenarios = launches(str(out_dir.parent))[launch]
     run_scenarios(rank, scenarios, out_dir)
 
@@ -388,10 +497,12 @@ def results(tmp_path_factory):
     for launch, scenarios in enumerate(launches(str(base))):
         out_dir = base / f'launch{launch}'
         out_dir.mkdir()
-        ranks = launch_ranks(rank_main, (free_port(), out_dir, launch),
-                             out_dir, 'spawn')
-        results.update({name: [rank[name] for rank in ranks]
-                        for name in scenarios})
+        ranks = launch_ranks(
+            rank_main, (free_port(), out_dir, launch), out_dir, 'spawn'
+        )
+        results.update(
+            {name: [rank[name] for rank in ranks] for name in scenarios}
+        )
     return results
 
 
@@ -406,8 +517,11 @@ TRAININGS = {
 
 def expected_momenta(update_interval):
     """``{k: m_k}`` for the iterations that update the target."""
-    return {k: reference_momentum(k, ITERS, BASE)
-            for k in range(ITERS) if (k + 1) % update_interval == 0}
+    return {
+        k: reference_momentum(k, ITERS, BASE)
+        for k in range(ITERS)
+        if (k + 1) % update_interval == 0
+    }
 
 
 @pytest.mark.parametrize('name', TRAININGS)
@@ -417,8 +531,10 @@ def test_the_target_follows_the_schedule_and_the_reference(results, name):
         assert isinstance(record, dict), record
         online = [record['online'][k] for k in momenta]
         assert not torch.equal(online[0][0], online[-1][0])  # it trained
-        assert_matches_reference(record['final'], replay_ema(
-            record['initial'], online, list(momenta.values())))
+        assert_matches_reference(
+            record['final'],
+            replay_ema(record['initial'], online, list(momenta.values())),
+        )
         # What the model held in each forward: the last momentum written.
         current, seen = BASE, []
         for k in range(ITERS):
@@ -431,10 +547,12 @@ def test_the_target_follows_the_schedule_and_the_reference(results, name):
 @pytest.mark.parametrize('name', TRAININGS)
 def test_the_log_says_which_hook_was_built(results, name):
     log = results[name][0]['log']
-    assert ('momentum_hook.mmengine_hook.MomentumUpdateHook(end_momentum=1.0,'
-            f' update_interval={TRAININGS[name]}, reach_end_momentum=False) '
-            'schedules the target momentum of FlexModel from '
-            f'base_momentum={BASE} over {ITERS} iterations') in log
+    assert (
+        'momentum_hook.mmengine_hook.MomentumUpdateHook(end_momentum=1.0,'
+        f' update_interval={TRAININGS[name]}, reach_end_momentum=False) '
+        'schedules the target momentum of FlexModel from '
+        f'base_momentum={BASE} over {ITERS} iterations'
+    ) in log
     first = next(iter(expected_momenta(TRAININGS[name]).values()))
     assert f'target_momentum: {first:.4f}' in log
 
@@ -450,13 +568,17 @@ def test_export_writes_the_full_target_on_rank_0(results, name):
     assert second['export'] == dict(returned=None, wrote=False)
 
 
-@pytest.mark.parametrize('name, resumed_from', [
-    ('fsdp resumed, full state dict', 'fsdp by iter, accumulation 2'),
-    ('fsdp resumed, local state dict', 'fsdp by iter, accumulation 2'),
-    ('zero3 resumed, accumulation 2', 'zero3 by iter, accumulation 2'),
-])
-def test_a_resumed_run_ends_with_the_uninterrupted_target(results, name,
-                                                          resumed_from):
+@pytest.mark.parametrize(
+    'name, resumed_from',
+    [
+        ('fsdp resumed, full state dict', 'fsdp by iter, accumulation 2'),
+        ('fsdp resumed, local state dict', 'fsdp by iter, accumulation 2'),
+        ('zero3 resumed, accumulation 2', 'zero3 by iter, accumulation 2'),
+    ],
+)
+def test_a_resumed_run_ends_with_the_uninterrupted_target(
+    results, name, resumed_from
+):
     for resumed, whole in zip(results[name], results[resumed_from]):
         assert isinstance(resumed, dict), resumed
         stop = ITERS - len(resumed['seen'])
@@ -465,9 +587,11 @@ def test_a_resumed_run_ends_with_the_uninterrupted_target(results, name,
         # the forward of an update iteration; the others see what the
         # model's attribute holds, which no checkpoint keeps).
         updates = [k for k in range(stop, ITERS) if (k + 1) % 2 == 0]
-        assert [resumed['seen'][k - stop] for k in updates] == \
-            [whole['seen'][k] for k in updates] == \
-            [reference_momentum(k, ITERS, BASE) for k in updates]
+        assert (
+            [resumed['seen'][k - stop] for k in updates]
+            == [whole['seen'][k] for k in updates]
+            == [reference_momentum(k, ITERS, BASE) for k in updates]
+        )
         for a, b in zip(resumed['final'], whole['final']):
             assert torch.equal(a, b)
         if whole['optimizer'] is not None:  # FSDP: this rank's AdamW state
@@ -486,24 +610,43 @@ def assert_same_adam_state(resumed, whole):
             assert not torch.equal(state['exp_avg'], state['exp_avg_sq'])
 
 
-@pytest.mark.parametrize('name, fragments', [
-    ('fsdp root only', (
-        'is flattened into an FSDP1 unit that is not inside the network',
-        "In this FlexibleRunner with FSDPStrategy, set strategy=dict("
-        "type='FSDPStrategy', model_wrapper=dict(type='MMFullyShardedData"
-        "Parallel', auto_wrap_policy=ModuleWrapPolicy(")),
-    ('fsdp accumulation 2, update_interval 1', (
-        'update_interval=1 does not follow the optimizer, which steps every '
-        '2 iterations (optim_wrapper has accumulative_counts=2)',
-        'set update_interval=2')),
-    ('zero3 accumulation 2, update_interval 1', (
-        'update_interval=1 does not follow the optimizer, which steps every '
-        '2 iterations (DeepSpeed has gradient_accumulation_steps=2: '
-        "strategy=dict(type='DeepSpeedStrategy', "
-        'gradient_accumulation_steps=2))', 'set update_interval=2')),
-])
-def test_an_unusable_set_up_stops_before_iteration_1(results, name,
-                                                     fragments):
+@pytest.mark.parametrize(
+    'name, fragments',
+    [
+        (
+            'fsdp root only',
+            (
+                'is flattened into an FSDP1 unit that is not inside the '
+                'network',
+                'In this FlexibleRunner with FSDPStrategy, set strategy=dict('
+                "type='FSDPStrategy', model_wrapper=dict("
+                "type='MMFullyShardedDataParallel', "
+                'auto_wrap_policy=ModuleWrapPolicy(',
+            ),
+        ),
+        (
+            'fsdp accumulation 2, update_interval 1',
+            (
+                'update_interval=1 does not follow the optimizer, which '
+                'steps every '
+                '2 iterations (optim_wrapper has accumulative_counts=2)',
+                'set update_interval=2',
+            ),
+        ),
+        (
+            'zero3 accumulation 2, update_interval 1',
+            (
+                'update_interval=1 does not follow the optimizer, which '
+                'steps every '
+                '2 iterations (DeepSpeed has gradient_accumulation_steps=2: '
+                "strategy=dict(type='DeepSpeedStrategy', "
+                'gradient_accumulation_steps=2))',
+                'set update_interval=2',
+            ),
+        ),
+    ],
+)
+def test_an_unusable_set_up_stops_before_iteration_1(results, name, fragments):
     for result in results[name]:
         message = raised(result)
         for fragment in fragments:
@@ -525,10 +668,10 @@ def test_a_corrupted_full_checkpoint_of_mmengine_is_refused(results):
     for result in results['fsdp full checkpoint of MMEngine, resumed']:
         assert isinstance(result, dict), result
         assert result['corrupted']
-        assert result['error'].startswith(
-            'the optimizer state of ') and (
-            'is corrupted: every exp_avg equals its exp_avg_sq' in
-            result['error'])
+        assert result['error'].startswith('the optimizer state of ') and (
+            'is corrupted: every exp_avg equals its exp_avg_sq'
+            in result['error']
+        )
         assert "type='momentum_hook.FSDPResumeStrategy'" in result['error']
 
 
@@ -540,9 +683,12 @@ def test_export_of_an_unwrapped_model_and_of_a_wrong_name(tmp_path):
     for saved in (returned, torch.load(path, weights_only=True)):
         assert list(saved) == list(expected)
         assert all(torch.equal(saved[key], expected[key]) for key in saved)
-    with pytest.raises(ValueError, match=r"no target network 'teacher': "
-                       r"pass target=<its attribute path>, one of "
-                       r"\['data_preprocessor', 'online_net', 'target_net'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"no target network 'teacher': "
+        r'pass target=<its attribute path>, one of '
+        r"\['data_preprocessor', 'online_net', 'target_net'\]",
+    ):
         export_target(model, str(tmp_path / 'other.pth'), target='teacher')
     assert not (tmp_path / 'other.pth').exists()
 
@@ -551,12 +697,14 @@ def test_the_resume_strategy_has_its_scoped_name_only():
     from mmengine.registry import STRATEGIES
 
     from momentum_hook.mmengine_strategies import FSDPResumeStrategy
+
     assert STRATEGIES.get(RESUME_STRATEGY) is FSDPResumeStrategy
     assert 'FSDPResumeStrategy' not in STRATEGIES.module_dict
 
 
 def test_only_equal_adam_moments_are_refused():
     from momentum_hook.mmengine_strategies import check_adam_state
+
     moments = torch.tensor([0.1, -0.2]), torch.tensor([0.001, 0.004])
     fine = [
         {'exp_avg': moments[0], 'exp_avg_sq': moments[1], 'step': 1},
@@ -565,11 +713,17 @@ def test_only_equal_adam_moments_are_refused():
     ]
     for state in fine:
         check_adam_state(dict(state={'w': state}, param_groups=[]), 'x')
-    corrupted = dict(state={
-        'w': {'exp_avg': moments[1], 'exp_avg_sq': moments[1].clone()},
-        'b': {'exp_avg': torch.zeros(1), 'exp_avg_sq': torch.zeros(1)}})
-    with pytest.raises(ValueError, match=r'^the optimizer state of ckpt\.pth '
-                       r'is corrupted: every exp_avg equals its exp_avg_sq'):
+    corrupted = dict(
+        state={
+            'w': {'exp_avg': moments[1], 'exp_avg_sq': moments[1].clone()},
+            'b': {'exp_avg': torch.zeros(1), 'exp_avg_sq': torch.zeros(1)},
+        }
+    )
+    with pytest.raises(
+        ValueError,
+        match=r'^the optimizer state of ckpt\.pth '
+        r'is corrupted: every exp_avg equals its exp_avg_sq',
+    ):
         check_adam_state(corrupted, 'ckpt.pth')
     # One parameter with distinct moments: a real state, accepted.
     corrupted['state']['v'] = fine[0]

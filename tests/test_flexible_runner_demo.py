@@ -11,6 +11,7 @@ schedule's formula, and the exported target, an ordinary state dict of the
 demo's target network, equal to the target in the strategy's own
 checkpoint. The input errors of this path go through ``main(argv)``.
 """
+
 import json
 import os
 import os.path as osp
@@ -22,8 +23,13 @@ import pytest
 import torch
 from momentum_testing import free_port, reference_momentum
 
-pytestmark = [pytest.mark.distributed, pytest.mark.mmcv,
-              pytest.mark.mmengine, pytest.mark.deepspeed, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.mmcv,
+    pytest.mark.mmengine,
+    pytest.mark.deepspeed,
+    pytest.mark.slow,
+]
 pytest.importorskip('mmcv')
 pytest.importorskip('mmengine')
 pytest.importorskip('deepspeed')
@@ -33,14 +39,21 @@ from momentum_hook.demo.data import DigitsTwoViews
 from momentum_hook.demo.model import DigitsBYOL
 from momentum_hook.demo.train import default_config_path
 
-CONFIGS = {name: osp.join(osp.dirname(default_config_path()),
-                          f'byol_digits_{name}.py')
-           for name in ('fsdp', 'deepspeed')}
+CONFIGS = {
+    name: osp.join(
+        osp.dirname(default_config_path()), f'byol_digits_{name}.py'
+    )
+    for name in ('fsdp', 'deepspeed')
+}
 CONFIG = CONFIGS['fsdp']
 EPOCHS, BATCH, RANKS = 2, 256, 2
-SHORT = [f'runner.max_epochs={EPOCHS}', 'data.train.repeat=1',
-         f'data.samples_per_gpu={BATCH}', 'log_config.interval=1',
-         'evaluation.episodes=3']
+SHORT = [
+    f'runner.max_epochs={EPOCHS}',
+    'data.train.repeat=1',
+    f'data.samples_per_gpu={BATCH}',
+    'log_config.interval=1',
+    'evaluation.episodes=3',
+]
 
 
 @pytest.fixture(scope='module', params=sorted(CONFIGS))
@@ -51,11 +64,27 @@ def sharded_run(request, tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     env.pop('DS_ACCELERATOR', None)  # DeepSpeed finds the CPU itself
     proc = subprocess.run(
-        [torchrun, f'--nproc_per_node={RANKS}', f'--master_port={free_port()}',
-         '-m', 'momentum_hook.demo', CONFIGS[request.param], '--launcher',
-         'pytorch', '--device', 'cpu', '--work-dir', work_dir,
-         '--cfg-options', *SHORT],
-        capture_output=True, text=True, timeout=300, env=env)
+        [
+            torchrun,
+            f'--nproc_per_node={RANKS}',
+            f'--master_port={free_port()}',
+            '-m',
+            'momentum_hook.demo',
+            CONFIGS[request.param],
+            '--launcher',
+            'pytorch',
+            '--device',
+            'cpu',
+            '--work-dir',
+            work_dir,
+            '--cfg-options',
+            *SHORT,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return work_dir, proc, request.param
 
@@ -68,10 +97,13 @@ def checkpointed_state(work_dir, strategy):
     path = osp.join(work_dir, f'epoch_{EPOCHS}.pth')
     if strategy == 'fsdp':
         return torch.load(path, weights_only=False)['state_dict']
-    from deepspeed.utils.zero_to_fp32 import \
-        get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils.zero_to_fp32 import (
+        get_fp32_state_dict_from_zero_checkpoint,
+    )
+
     return get_fp32_state_dict_from_zero_checkpoint(
-        work_dir, tag=osp.basename(path))
+        work_dir, tag=osp.basename(path)
+    )
 
 
 def test_the_sharded_run_writes_results_and_plot(sharded_run):
@@ -79,7 +111,8 @@ def test_the_sharded_run_writes_results_and_plot(sharded_run):
     results = json.loads(Path(work_dir, 'results.json').read_text())
     metrics = {'1-shot', '5-shot', 'knn'}  # the single-process schema
     assert {name: set(scores) for name, scores in results.items()} == dict(
-        byol=metrics, random_init=metrics, pixels=metrics)
+        byol=metrics, random_init=metrics, pixels=metrics
+    )
     assert results['byol'] != results['random_init']  # it trained
     assert 'BYOL encoder' in proc.stdout
     with open(osp.join(work_dir, 'momentum_and_loss.png'), 'rb') as f:
@@ -90,22 +123,25 @@ def test_the_sharded_run_logs_the_scheduled_momentum(sharded_run):
     work_dir, _, _ = sharded_run
     per_epoch = len(DigitsTwoViews(repeat=1)) // (BATCH * RANKS)
     max_iters = EPOCHS * per_epoch
-    (scalars, ) = [osp.join(root, 'scalars.json')
-                   for root, _, files in os.walk(work_dir)
-                   if 'scalars.json' in files]
+    (scalars,) = [
+        osp.join(root, 'scalars.json')
+        for root, _, files in os.walk(work_dir)
+        if 'scalars.json' in files
+    ]
     with open(scalars) as f:
         records = [json.loads(line) for line in f]
     assert [r['step'] for r in records] == list(range(1, max_iters + 1))
     for record in records:  # MMEngine's log rounds to 4 decimals
         assert record['target_momentum'] == pytest.approx(
-            reference_momentum(record['step'] - 1, max_iters, 0.99),
-            abs=1e-4)
+            reference_momentum(record['step'] - 1, max_iters, 0.99), abs=1e-4
+        )
 
 
 def test_the_exported_target_is_the_demo_target_network(sharded_run):
     work_dir, _, strategy = sharded_run
-    exported = torch.load(osp.join(work_dir, 'target_net.pth'),
-                          weights_only=True)
+    exported = torch.load(
+        osp.join(work_dir, 'target_net.pth'), weights_only=True
+    )
     target = DigitsBYOL(widths=(16, 32, 64)).target_net
     assert list(exported) == list(target.state_dict())
     target.load_state_dict(exported)  # strict: every key and shape
@@ -113,8 +149,9 @@ def test_the_exported_target_is_the_demo_target_network(sharded_run):
     state = checkpointed_state(work_dir, strategy)
     for key, value in exported.items():
         assert torch.equal(value, state[f'target_net.{key}'])
-    assert not torch.equal(exported['0.0.0.weight'],
-                           state['online_net.0.0.0.weight'])
+    assert not torch.equal(
+        exported['0.0.0.weight'], state['online_net.0.0.0.weight']
+    )
 
 
 def test_the_deepspeed_engine_steps_every_iteration(sharded_run):
@@ -126,20 +163,31 @@ def test_the_deepspeed_engine_steps_every_iteration(sharded_run):
         pytest.skip('DeepSpeed only')
     max_iters = EPOCHS * (len(DigitsTwoViews(repeat=1)) // (BATCH * RANKS))
     states = torch.load(
-        osp.join(work_dir, f'epoch_{EPOCHS}.pth',
-                 'zero_pp_rank_0_mp_rank_00_model_states.pt'),
-        weights_only=False, map_location='cpu')
+        osp.join(
+            work_dir,
+            f'epoch_{EPOCHS}.pth',
+            'zero_pp_rank_0_mp_rank_00_model_states.pt',
+        ),
+        weights_only=False,
+        map_location='cpu',
+    )
     assert states['global_steps'] == max_iters
     assert states['global_samples'] == max_iters * BATCH * RANKS
 
 
-@pytest.mark.parametrize('extra, fragment', [
-    ([], 'start it with torchrun --nproc_per_node=2'),
-    (['--launcher', 'pytorch', '--resume-from', '{ckpt}'],
-     'the FlexibleRunner configs do not resume'),
-])
-def test_the_sharded_path_errors_are_one_line(tmp_path, capsys, monkeypatch,
-                                              extra, fragment):
+@pytest.mark.parametrize(
+    'extra, fragment',
+    [
+        ([], 'start it with torchrun --nproc_per_node=2'),
+        (
+            ['--launcher', 'pytorch', '--resume-from', '{ckpt}'],
+            'the FlexibleRunner configs do not resume',
+        ),
+    ],
+)
+def test_the_sharded_path_errors_are_one_line(
+    tmp_path, capsys, monkeypatch, extra, fragment
+):
     checkpoint = tmp_path / 'ckpt.pth'
     checkpoint.write_bytes(b'')
     # A one-process gloo group through the launcher's environment.
@@ -149,9 +197,16 @@ def test_the_sharded_path_errors_are_one_line(tmp_path, capsys, monkeypatch,
     monkeypatch.setenv('MASTER_PORT', str(free_port()))
     threads = torch.get_num_threads()
     try:
-        status = main([CONFIG, '--device', 'cpu', '--work-dir',
-                       str(tmp_path / 'w'),
-                       *[arg.format(ckpt=checkpoint) for arg in extra]])
+        status = main(
+            [
+                CONFIG,
+                '--device',
+                'cpu',
+                '--work-dir',
+                str(tmp_path / 'w'),
+                *[arg.format(ckpt=checkpoint) for arg in extra],
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     assert status == 2

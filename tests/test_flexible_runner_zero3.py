@@ -13,21 +13,38 @@ Two launches of two gloo ranks (CPU), one ``DeepSpeedStrategy`` each (MMEngine
   engine without CUDA, so the runner runs the hooks' ``before_train`` as
   ``train()`` would once the engine is built.
 """
+
 import os.path as osp
 
 import pytest
 import torch
-from momentum_testing import (assert_matches_reference, gather_zero3,
-                              init_deepspeed_rank, launch_each, raised,
-                              reference_momentum, replay_ema, run_scenarios)
+from momentum_testing import (
+    assert_matches_reference,
+    gather_zero3,
+    init_deepspeed_rank,
+    launch_each,
+    raised,
+    reference_momentum,
+    replay_ema,
+    run_scenarios,
+)
 
-pytestmark = [pytest.mark.distributed, pytest.mark.mmengine,
-              pytest.mark.deepspeed, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.mmengine,
+    pytest.mark.deepspeed,
+    pytest.mark.slow,
+]
 pytest.importorskip('mmengine')
 deepspeed = pytest.importorskip('deepspeed')
-from test_flexible_runner import (BASE, ITERS, build_model,  # noqa: E402
-                                  build_runner, deepspeed_strategy,
-                                  unwrapped)
+from test_flexible_runner import (
+    BASE,
+    ITERS,
+    build_model,  # noqa: E402
+    build_runner,
+    deepspeed_strategy,
+    unwrapped,
+)
 
 
 def online_reader(record):
@@ -40,11 +57,11 @@ def online_reader(record):
     class OnlineReader(Hook):
         priority = 'ABOVE_NORMAL'
 
-        def after_train_iter(self, runner, batch_idx, data_batch=None,
-                             outputs=None):
+        def after_train_iter(
+            self, runner, batch_idx, data_batch=None, outputs=None
+        ):
             online = unwrapped(runner).online_net
-            with deepspeed.zero.GatheredParameters(
-                    list(online.parameters())):
+            with deepspeed.zero.GatheredParameters(list(online.parameters())):
                 norm = sum(param.norm() for param in online.parameters())
             assert torch.isfinite(norm)
             record.append(gather_zero3(online.parameters()))
@@ -57,18 +74,26 @@ def user_gathers_online(work_dir, rank):
     threshold) with the user's hook: the target's forward passes, the
     online weights each update used, and the final target."""
     online = []
-    runner = build_runner(work_dir, deepspeed_strategy(),
-                          [online_reader(online)])
+    runner = build_runner(
+        work_dir, deepspeed_strategy(), [online_reader(online)]
+    )
     model = runner.model  # the user's model, until train() wraps it
-    initial = [param.detach().clone() for param in
-               model.target_net.parameters()]
+    initial = [
+        param.detach().clone() for param in model.target_net.parameters()
+    ]
     forwards = []
     model.target_net.register_forward_hook(
         lambda module, args, output: forwards.append(
-            (args[0].detach().clone(), output.detach().clone())))
+            (args[0].detach().clone(), output.detach().clone())
+        )
+    )
     runner.train()
-    return dict(initial=initial, online=online, forwards=forwards,
-                final=gather_zero3(unwrapped(runner).target_net.parameters()))
+    return dict(
+        initial=initial,
+        online=online,
+        forwards=forwards,
+        final=gather_zero3(unwrapped(runner).target_net.parameters()),
+    )
 
 
 #: ZeRO++ quantized weights (qwZ) options.
@@ -83,8 +108,10 @@ def quantized_weights(work_dir, rank):
     runner = build_runner(work_dir, deepspeed_strategy(), [])
     errors = {}
     for option in QUANTIZED:
-        runner.strategy.config['zero_optimization'] = {'stage': 3,
-                                                       option: True}
+        runner.strategy.config['zero_optimization'] = {
+            'stage': 3,
+            option: True,
+        }
         try:
             runner.call_hook('before_train')
         except ValueError as error:
@@ -96,16 +123,22 @@ def quantized_weights(work_dir, rank):
 
 def launches(out_dir):
     """The scenarios of each launch (one DeepSpeedStrategy per process)."""
+
     def work_dir(name):
         return osp.join(out_dir, name.replace(' ', '_'))
 
-    return [{
-        'user hook gathers the online network': lambda rank:
-            user_gathers_online(work_dir('gathers'), rank),
-    }, {
-        'quantized weights': lambda rank: quantized_weights(
-            work_dir('quantized'), rank),
-    }]
+    return [
+        {
+            'user hook gathers the online network': lambda rank: (
+                user_gathers_online(work_dir('gathers'), rank)
+            ),
+        },
+        {
+            'quantized weights': lambda rank: quantized_weights(
+                work_dir('quantized'), rank
+            ),
+        },
+    ]
 
 
 def rank_main(rank, port, out_dir, launch):
@@ -121,25 +154,36 @@ def results(tmp_path_factory):
 
 
 def test_a_user_hook_gathering_the_online_network_keeps_the_target_right(
-        results):
+    results,
+):
     momenta = [reference_momentum(k, ITERS, BASE) for k in range(ITERS)]
     network = build_model().target_net.double()
     names = [name for name, _ in network.named_parameters()]
     for record in results['user hook gathers the online network']:
         assert isinstance(record, dict), record  # the run did not die
         assert len(record['online']) == len(record['forwards']) == ITERS
-        assert not torch.equal(record['online'][0][0],
-                               record['online'][-1][0])  # it trained
+        assert not torch.equal(
+            record['online'][0][0], record['online'][-1][0]
+        )  # it trained
         # The forward of iteration k uses the target after k updates.
         for k, (inputs, output) in enumerate(record['forwards']):
-            weights = replay_ema(record['initial'], record['online'][:k],
-                                 momenta[:k])
+            weights = replay_ema(
+                record['initial'], record['online'][:k], momenta[:k]
+            )
             expected = torch.func.functional_call(
-                network, dict(zip(names, weights)), (inputs.double(),))
-            torch.testing.assert_close(output.double(), expected, rtol=1e-5,
-                                       atol=1e-6, msg=f'forward {k}')
-        assert_matches_reference(record['final'], replay_ema(
-            record['initial'], record['online'], momenta))
+                network, dict(zip(names, weights)), (inputs.double(),)
+            )
+            torch.testing.assert_close(
+                output.double(),
+                expected,
+                rtol=1e-5,
+                atol=1e-6,
+                msg=f'forward {k}',
+            )
+        assert_matches_reference(
+            record['final'],
+            replay_ema(record['initial'], record['online'], momenta),
+        )
 
 
 @pytest.mark.parametrize('option', QUANTIZED)
@@ -149,5 +193,7 @@ def test_zero_plus_plus_quantized_weights_are_refused(results, option):
         message = raised(errors[option])
         assert f'the DeepSpeed config sets {option}=True' in message
         assert 'int8' in message
-        assert ('zero_quantized_weights=False, '
-                'zero_quantized_nontrainable_weights=False') in message
+        assert (
+            'zero_quantized_weights=False, '
+            'zero_quantized_nontrainable_weights=False'
+        ) in message

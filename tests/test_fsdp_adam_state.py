@@ -20,6 +20,7 @@ The test of ``exp_avg`` with the offload is an expected failure
 (``xfail(strict=True)``): once a torch release fixes the bug, it passes, and
 the strict xfail turns that into a failure whose reason says what can go.
 """
+
 import os
 
 import pytest
@@ -36,7 +37,8 @@ TORCH_BUG = (
     'returns exp_avg_sq as exp_avg too (torch 2.14.1 and 2.15.0). If this '
     'passes, torch fixed it: the CPU route of '
     "momentum_hook.FSDPResumeStrategy and docs/sharded.md's note on it can "
-    'go')
+    'go'
+)
 
 
 def network():
@@ -51,30 +53,46 @@ def batch(rank):
 def full_adam_state(rank, offload_to_cpu):
     """The reproduction: one AdamW step under FSDP1, then torch's full
     optimizer state dict; ``{name: (exp_avg, exp_avg_sq)}``."""
-    from torch.distributed.fsdp import FullOptimStateDictConfig
+    from torch.distributed.fsdp import (
+        FullOptimStateDictConfig,
+        FullStateDictConfig,
+        StateDictType,
+    )
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    model = FSDP(network(), use_orig_params=True,
-                 device_id=torch.device('cpu'))
+
+    model = FSDP(
+        network(), use_orig_params=True, device_id=torch.device('cpu')
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(batch(rank)).pow(2).mean().backward()
     optimizer.step()
     FSDP.set_state_dict_type(
-        model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(),
-        FullOptimStateDictConfig(offload_to_cpu=offload_to_cpu))
+        model,
+        StateDictType.FULL_STATE_DICT,
+        FullStateDictConfig(),
+        FullOptimStateDictConfig(offload_to_cpu=offload_to_cpu),
+    )
     state = FSDP.optim_state_dict(model, optimizer)['state']
-    return {name: (s['exp_avg'].clone(), s['exp_avg_sq'].clone())
-            for name, s in state.items()}
+    return {
+        name: (s['exp_avg'].clone(), s['exp_avg_sq'].clone())
+        for name, s in state.items()
+    }
 
 
 def rank_main(rank, port, out_dir):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
     dist.init_process_group('gloo', rank=rank, world_size=WORLD_SIZE)
-    run_scenarios(rank, {
-        f'offload_to_cpu={offload}': (
-            lambda rank, offload=offload: full_adam_state(rank, offload))
-        for offload in (True, False)}, out_dir)
+    run_scenarios(
+        rank,
+        {
+            f'offload_to_cpu={offload}': (
+                lambda rank, offload=offload: full_adam_state(rank, offload)
+            )
+            for offload in (True, False)
+        },
+        out_dir,
+    )
 
 
 @pytest.fixture(scope='module')
@@ -89,12 +107,17 @@ def reference():
     averages the ranks' gradients): ``{name: (exp_avg, exp_avg_sq)}``."""
     model = network()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    sum(model(batch(rank)).pow(2).mean()
-        for rank in range(WORLD_SIZE)).div(WORLD_SIZE).backward()
+    sum(model(batch(rank)).pow(2).mean() for rank in range(WORLD_SIZE)).div(
+        WORLD_SIZE
+    ).backward()
     optimizer.step()
-    return {name: (optimizer.state[param]['exp_avg'],
-                   optimizer.state[param]['exp_avg_sq'])
-            for name, param in model.named_parameters()}
+    return {
+        name: (
+            optimizer.state[param]['exp_avg'],
+            optimizer.state[param]['exp_avg_sq'],
+        )
+        for name, param in model.named_parameters()
+    }
 
 
 def test_without_offload_the_full_adam_state_is_right(results, reference):

@@ -5,6 +5,7 @@ None``: ``import name`` then raises ``ModuleNotFoundError`` and
 ``importlib.util.find_spec(name)`` returns None, as for a package that is not
 installed.
 """
+
 import json
 import os
 import subprocess
@@ -30,15 +31,22 @@ def run_hiding(hidden, code):
     prelude = ''.join(f'sys.modules[{name!r}] = None\n' for name in hidden)
     source = 'import sys\n' + prelude + textwrap.dedent(code)
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS='ignore')
-    process = subprocess.run([sys.executable, '-c', source], cwd=ROOT,
-                             env=env, capture_output=True, text=True,
-                             timeout=120)
+    process = subprocess.run(
+        [sys.executable, '-c', source],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert process.returncode == 0, process.stderr
     return json.loads(process.stdout.strip().splitlines()[-1])
 
 
 def test_the_core_needs_only_torch():
-    report = run_hiding(['mmcv', 'mmengine'], '''
+    report = run_hiding(
+        ['mmcv', 'mmengine'],
+        """
         import json, sys
         import torch
         import momentum_hook
@@ -61,7 +69,8 @@ def test_the_core_needs_only_torch():
             loaded=sorted(m for m, module in sys.modules.items()
                           if module is not None and
                           m.split('.')[0] in ('mmcv', 'mmengine')))))
-    ''')
+    """,
+    )
     assert report['target'] == [0.25] * 3
     assert report['momentum'] == 0.99
     assert report['loaded'] == []
@@ -73,7 +82,9 @@ def test_the_core_needs_only_torch():
 
 @pytest.mark.mmcv
 def test_only_mmcv_registers_the_mmcv_hook():
-    report = run_hiding(['mmengine'], f'''
+    report = run_hiding(
+        ['mmengine'],
+        f"""
         import json, sys
         import momentum_hook
         from mmcv.runner import HOOKS
@@ -82,14 +93,19 @@ def test_only_mmcv_registers_the_mmcv_hook():
             loaded=sorted(m for m in sys.modules
                           if m.startswith('momentum_hook.') and
                           m.endswith('_hook')))))
-    ''')
-    assert report == dict(registered=['momentum_hook.mmcv_hook'] * 2,
-                          loaded=['momentum_hook.mmcv_hook'])
+    """,
+    )
+    assert report == dict(
+        registered=['momentum_hook.mmcv_hook'] * 2,
+        loaded=['momentum_hook.mmcv_hook'],
+    )
 
 
 @pytest.mark.mmengine
 def test_only_mmengine_registers_through_custom_imports():
-    report = run_hiding(['mmcv'], f'''
+    report = run_hiding(
+        ['mmcv'],
+        f"""
         import json, sys
         from mmengine.config import Config
         from mmengine.registry import HOOKS
@@ -102,10 +118,14 @@ def test_only_mmengine_registers_through_custom_imports():
             loaded=sorted(m for m in sys.modules
                           if m.startswith('momentum_hook.') and
                           m.endswith('_hook')))))
-    ''')
-    assert report == dict(before=False, built='momentum_hook.mmengine_hook',
-                          registered=['momentum_hook.mmengine_hook'] * 2,
-                          loaded=['momentum_hook.mmengine_hook'])
+    """,
+    )
+    assert report == dict(
+        before=False,
+        built='momentum_hook.mmengine_hook',
+        registered=['momentum_hook.mmengine_hook'] * 2,
+        loaded=['momentum_hook.mmengine_hook'],
+    )
 
 
 @pytest.mark.mmcv
@@ -115,6 +135,7 @@ def test_both_frameworks_register_their_own_adapter():
     from mmengine.registry import HOOKS as MMENGINE_HOOKS
 
     from momentum_hook import mmcv_hook, mmengine_hook
+
     for name in SCOPED:
         assert MMCV_HOOKS.get(name) is mmcv_hook.MomentumUpdateHook
         assert MMENGINE_HOOKS.get(name) is mmengine_hook.MomentumUpdateHook

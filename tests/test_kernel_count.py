@@ -6,17 +6,26 @@ dispatches from Python (a ``torch._foreach`` op is one op, one CUDA
 multi-tensor launch or a few); not timed. Each count is checked against the
 float64 reference too, so that an update that skipped work cannot pass.
 """
+
 import copy
 
 import pytest
 import torch
-from momentum_testing import (assert_matches_reference, ema_step,
-                              float64_copy, params)
+from momentum_testing import (
+    assert_matches_reference,
+    ema_step,
+    float64_copy,
+    params,
+)
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from momentum_hook import ModuleUpdatePlan, MomentumTargetMixin
-from momentum_hook import kernels, momentum_update_
+from momentum_hook import (
+    ModuleUpdatePlan,
+    MomentumTargetMixin,
+    kernels,
+    momentum_update_,
+)
 
 MOMENTUM = 0.99
 
@@ -37,12 +46,12 @@ def network(layers, width, dtype):
     """``2 * layers`` parameter tensors of about ``width ** 2`` elements
     each (one group), in ``dtype``."""
     torch.manual_seed(layers)
-    return nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)]
-                         ).to(dtype)
+    return nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)]).to(
+        dtype
+    )
 
 
 class Pair(MomentumTargetMixin, nn.Module):
-
     def __init__(self, online):
         super().__init__()
         self.online = online
@@ -80,8 +89,9 @@ def ops_of_updates(update, target, online, updates=3):
     """The op names of each of ``updates`` calls of ``update()``, after a
     first call (which may plan); the target checked against the float64
     EMA of all the calls, rounded to its dtype."""
-    reference = ema_step(float64_copy(params(target)), params(online),
-                         MOMENTUM)
+    reference = ema_step(
+        float64_copy(params(target)), params(online), MOMENTUM
+    )
     update()
     logs = []
     for _ in range(updates):
@@ -118,21 +128,29 @@ def stateless_update(target_dtype, online_dtype, layers, width):
     return lambda: momentum_update_(target, online, MOMENTUM), target, online
 
 
-CALLS = {'mixin': mixin_update, 'plan': plan_update,
-         'stateless': stateless_update}
+CALLS = {
+    'mixin': mixin_update,
+    'plan': plan_update,
+    'stateless': stateless_update,
+}
 
 
 @pytest.mark.parametrize('call', CALLS)
-@pytest.mark.parametrize('target_dtype,online_dtype,most', PATHS,
-                         ids=lambda value: str(value).replace('torch.', ''))
+@pytest.mark.parametrize(
+    'target_dtype,online_dtype,most',
+    PATHS,
+    ids=lambda value: str(value).replace('torch.', ''),
+)
 def test_ops_per_update_do_not_grow_with_the_tensors(
-        call, target_dtype, online_dtype, most):
+    call, target_dtype, online_dtype, most
+):
     if call == 'stateless' and target_dtype == torch.bfloat16:
         pytest.skip('the stateless call refuses a bfloat16 target')
     counts = []
     for layers, width in SIZES:
-        update, target, online = CALLS[call](target_dtype, online_dtype,
-                                             layers, width)
+        update, target, online = CALLS[call](
+            target_dtype, online_dtype, layers, width
+        )
         logs = ops_of_updates(update, target, online)
         assert all(log == logs[0] for log in logs), logs
         assert all('_foreach_' in name for name in logs[0]), logs[0]
@@ -146,15 +164,24 @@ def test_a_small_group_is_one_piece():
     for layers in (5, 100):
         target, online = make(layers, 4, torch.float32, torch.bfloat16)
         plan = ModuleUpdatePlan(target, online)
-        logs = ops_of_updates(lambda plan=plan: plan.update_(MOMENTUM),
-                              target, online)
-        assert logs[0] == ['aten._foreach_copy_.default',
-                           'aten._foreach_lerp_.Scalar'], logs[0]
+        logs = ops_of_updates(
+            lambda plan=plan: plan.update_(MOMENTUM), target, online
+        )
+        assert logs[0] == [
+            'aten._foreach_copy_.default',
+            'aten._foreach_lerp_.Scalar',
+        ], logs[0]
 
 
 #: The ops that only make views or allocate, without a kernel.
-METADATA_OPS = ('aten.permute.', 'aten.view.', 'aten.slice.', 'aten.detach.',
-                'aten.as_strided.', 'aten.empty.')
+METADATA_OPS = (
+    'aten.permute.',
+    'aten.view.',
+    'aten.slice.',
+    'aten.detach.',
+    'aten.as_strided.',
+    'aten.empty.',
+)
 
 
 def test_a_list_call_of_another_dtype_is_bounded():
@@ -168,8 +195,11 @@ def test_a_list_call_of_another_dtype_is_bounded():
         targets, onlines = params(target), params(online)
         logs = ops_of_updates(
             lambda targets=targets, onlines=onlines: momentum_update_(
-                targets, onlines, MOMENTUM),
-            target, online)
+                targets, onlines, MOMENTUM
+            ),
+            target,
+            online,
+        )
         kernels = [name for name in logs[0] if '_foreach_' in name]
         others = [name for name in logs[0] if '_foreach_' not in name]
         assert all(name.startswith(METADATA_OPS) for name in others), others
@@ -183,31 +213,46 @@ def one_rank_group():
     """A one-rank gloo process group in this process, torn down after."""
     import torch.distributed as dist
     from momentum_testing import free_port
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:'
-                            f'{free_port()}', rank=0, world_size=1)
+
+    dist.init_process_group(
+        'gloo',
+        init_method=f'tcp://127.0.0.1:{free_port()}',
+        rank=0,
+        world_size=1,
+    )
     try:
         yield
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize('target_dtype,online_dtype,most', PATHS,
-                         ids=lambda value: str(value).replace('torch.', ''))
+@pytest.mark.parametrize(
+    'target_dtype,online_dtype,most',
+    PATHS,
+    ids=lambda value: str(value).replace('torch.', ''),
+)
 def test_fsdp2_updates_its_local_tensors_in_as_few_ops(
-        one_rank_group, target_dtype, online_dtype, most):
+    one_rank_group, target_dtype, online_dtype, most
+):
     """FSDP2 (``fully_shard_pair``, each Linear a group): the update runs
     on the DTensors' local tensors, with the same bound."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from momentum_hook.sharding import fully_shard_pair
+
     counts = []
     for layers, width in SIZES:
         target, online = make(layers, width, target_dtype, online_dtype)
-        fully_shard_pair(online=online, target=target, submodules=nn.Linear,
-                         mesh=init_device_mesh('cpu', (1, )))
+        fully_shard_pair(
+            online=online,
+            target=target,
+            submodules=nn.Linear,
+            mesh=init_device_mesh('cpu', (1,)),
+        )
         plan = ModuleUpdatePlan(target, online)
-        logs = ops_of_updates(lambda plan=plan: plan.update_(MOMENTUM),
-                              target, online)
+        logs = ops_of_updates(
+            lambda plan=plan: plan.update_(MOMENTUM), target, online
+        )
         assert all('_foreach_' in name for name in logs[0]), logs[0]
         counts.append(len(logs[0]))
     assert counts[0] == counts[1] <= most, counts
@@ -220,8 +265,9 @@ def test_a_converted_group_of_empty_tensors_is_no_call(master):
     empty target."""
     dtype = torch.bfloat16 if master else torch.float32
     targets = [torch.zeros(0, 3, dtype=dtype), torch.zeros(0, dtype=dtype)]
-    onlines = [torch.zeros(tensor.shape, dtype=torch.float16)
-               for tensor in targets]
+    onlines = [
+        torch.zeros(tensor.shape, dtype=torch.float16) for tensor in targets
+    ]
     masters = [tensor.float() for tensor in targets] if master else None
     calls = kernels.plan_lerp(targets, onlines, masters)
     kernels.run_lerp(calls, 0.5)
@@ -241,8 +287,9 @@ def test_copied_buffers_are_one_op_however_many():
         for module in target:
             module.running_mean.zero_()
         plan = ModuleUpdatePlan(target, online, buffers='copy')
-        logs = ops_of_updates(lambda plan=plan: plan.update_(MOMENTUM),
-                              target, online)
+        logs = ops_of_updates(
+            lambda plan=plan: plan.update_(MOMENTUM), target, online
+        )
         counts.append(sum('copy' in name for name in logs[0]))
         for got, want in zip(target.buffers(), online.buffers()):
             assert torch.equal(got, want)

@@ -4,6 +4,7 @@ A launch has no fixed deadline: it fails when its ranks stop making
 progress, says which rank was still running and where, and kills every
 process the ranks started.
 """
+
 import subprocess
 import sys
 import time
@@ -18,8 +19,9 @@ def rank_main(rank, out_dir, child_pid_file):
     """Rank 0 finishes; rank 1 starts a child process and then hangs."""
     if rank == 1:
         note_progress(out_dir, rank, 'scenario "hangs"')
-        child = subprocess.Popen([sys.executable, '-c',
-                                  'import time; time.sleep(600)'])
+        child = subprocess.Popen(
+            [sys.executable, '-c', 'import time; time.sleep(600)']
+        )
         child_pid_file.write_text(str(child.pid))
         waits_forever()
 
@@ -33,8 +35,13 @@ def test_a_stalled_launch_names_the_rank_and_kills_its_processes(tmp_path):
     child_pid_file = tmp_path / 'child.pid'
     started = time.monotonic()
     with pytest.raises(TimeoutError) as error:
-        launch_ranks(rank_main, (tmp_path, child_pid_file), tmp_path, 'fork',
-                     stall_floor=3)
+        launch_ranks(
+            rank_main,
+            (tmp_path, child_pid_file),
+            tmp_path,
+            'fork',
+            stall_floor=3,
+        )
     assert time.monotonic() - started < 60
     message = str(error.value)
     assert 'no rank made progress for' in message

@@ -10,16 +10,22 @@ target with a float64 EMA replayed from the recorded online weights, and the
 target network's forward output with the same bfloat16 network holding that
 EMA rounded to bfloat16.
 """
+
 import functools
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-from momentum_testing import (SHARDED_WORLD_SIZE, TinyBYOL,
-                              record_sharded_training, replay_ema,
-                              run_scenarios, set_rank_environment,
-                              sharded_results)
+from momentum_testing import (
+    SHARDED_WORLD_SIZE,
+    TinyBYOL,
+    record_sharded_training,
+    replay_ema,
+    run_scenarios,
+    set_rank_environment,
+    sharded_results,
+)
 from test_sharded import fsdp1, gather_fsdp2, sgd_step
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -44,7 +50,8 @@ class LayerNormBYOL(TinyBYOL):
     def __init__(self):
         nn.Module.__init__(self)
         self.online_net = nn.Sequential(
-            nn.Linear(4, 3), nn.LayerNorm(3), nn.ReLU(), nn.Linear(3, 2))
+            nn.Linear(4, 3), nn.LayerNorm(3), nn.ReLU(), nn.Linear(3, 2)
+        )
         self.target_net = self.init_momentum_target(self.online_net)
 
 
@@ -64,24 +71,31 @@ def in_bf16(train_step):
     return lambda batch: train_step(batch.to(BF16))
 
 
-def bf16_training(rank, model, online, target, train_step, gather,
-                  forward):
+def bf16_training(rank, model, online, target, train_step, gather, forward):
     """Train and record (see :func:`record_sharded_training`), then run
     ``forward(probe)``, the target network's forward in bfloat16."""
     # The online network starts away from the target, as after warm-up.
     with torch.no_grad():
         for param in online.parameters():
             param.add_(0.25)
-    record = record_sharded_training(rank, model, online, target,
-                                     in_bf16(train_step), gather,
-                                     momenta=MOMENTA)
+    record = record_sharded_training(
+        rank,
+        model,
+        online,
+        target,
+        in_bf16(train_step),
+        gather,
+        momenta=MOMENTA,
+    )
     record['forward'] = forward(probe().to(BF16)).detach().clone()
     return record
 
 
 def buffers_of(network):
-    return {name: buffer.detach().clone()
-            for name, buffer in network.named_buffers()}
+    return {
+        name: buffer.detach().clone()
+        for name, buffer in network.named_buffers()
+    }
 
 
 def plain(rank):
@@ -89,21 +103,27 @@ def plain(rank):
     model.to(BF16)
 
     def gather(network):
-        return ([param.detach().clone() for param in network.parameters()],
-                buffers_of(network))
-    return bf16_training(rank, model, online, target, sgd_step(model),
-                         gather, target)
+        return (
+            [param.detach().clone() for param in network.parameters()],
+            buffers_of(network),
+        )
+
+    return bf16_training(
+        rank, model, online, target, sgd_step(model), gather, target
+    )
 
 
 def fsdp2(rank):
     model, online, target = build_bf16()
     model.to(BF16)
     mesh = init_device_mesh('cpu', (SHARDED_WORLD_SIZE,))
-    fully_shard_pair(online=online, target=target, submodules=nn.Linear,
-                     mesh=mesh)
+    fully_shard_pair(
+        online=online, target=target, submodules=nn.Linear, mesh=mesh
+    )
     fully_shard(model, mesh=mesh)
-    return bf16_training(rank, model, online, target, sgd_step(model),
-                         gather_fsdp2, target)
+    return bf16_training(
+        rank, model, online, target, sgd_step(model), gather_fsdp2, target
+    )
 
 
 def fsdp1_bf16(rank):
@@ -113,24 +133,35 @@ def fsdp1_bf16(rank):
 
     def gather(network):
         with FSDP.summon_full_params(wrapped, writeback=False):
-            params = [param.detach().clone() for param in
-                      network.parameters()]
+            params = [param.detach().clone() for param in network.parameters()]
         return params, buffers_of(network)
-    return bf16_training(rank, model, online, target, sgd_step(wrapped),
-                         gather, lambda x: model.target_net(x))
+
+    return bf16_training(
+        rank,
+        model,
+        online,
+        target,
+        sgd_step(wrapped),
+        gather,
+        lambda x: model.target_net(x),
+    )
 
 
 def deepspeed_bf16(stage, rank, **zero):
     import deepspeed
     from test_sharded_deepspeed import config
+
     model, online, target = build_bf16()
-    engine = deepspeed.initialize(model=model, config=dict(
-        config(stage, **zero), bf16=dict(enabled=True)))[0]
+    engine = deepspeed.initialize(
+        model=model,
+        config=dict(config(stage, **zero), bf16=dict(enabled=True)),
+    )[0]
     assert next(target.parameters()).dtype == BF16  # the engine's doing
 
     def train_step(batch):
         engine.backward(engine(batch))
         engine.step()
+
     def gather(network):
         if stage == 3:
             # DeepSpeed's own gather of bfloat16 partitions over gloo now
@@ -138,11 +169,12 @@ def deepspeed_bf16(stage, rank, **zero):
             # from the partitions in float32 instead.
             params = [rebuilt.to(BF16) for rebuilt in partitions(network)]
         else:
-            params = [param.detach().clone() for param in
-                      network.parameters()]
+            params = [param.detach().clone() for param in network.parameters()]
         return params, buffers_of(network)
-    record = bf16_training(rank, model, online, target, train_step, gather,
-                           target)
+
+    record = bf16_training(
+        rank, model, online, target, train_step, gather, target
+    )
     return record
 
 
@@ -154,8 +186,9 @@ def partitions(network):
         mine = param.ds_tensor.detach().float()
         pieces = [torch.empty_like(mine) for _ in range(SHARDED_WORLD_SIZE)]
         dist.all_gather(pieces, mine)
-        rebuilt.append(torch.cat(pieces)[:param.ds_numel].view(
-            param.ds_shape))
+        rebuilt.append(
+            torch.cat(pieces)[: param.ds_numel].view(param.ds_shape)
+        )
     return rebuilt
 
 
@@ -167,9 +200,11 @@ SCENARIOS = {
     # bias, BatchNorm and the 2x3 Linear persistent (a gathered copy each),
     # the first Linear's weight partitioned only.
     'deepspeed zero3 bf16, some persistent': functools.partial(
-        deepspeed_bf16, 3, stage3_param_persistence_threshold=10),
+        deepspeed_bf16, 3, stage3_param_persistence_threshold=10
+    ),
     'deepspeed zero3 bf16, none persistent': functools.partial(
-        deepspeed_bf16, 3, stage3_param_persistence_threshold=0),
+        deepspeed_bf16, 3, stage3_param_persistence_threshold=0
+    ),
 }
 
 
@@ -182,9 +217,9 @@ def rank_main(rank, port, out_dir):
 @pytest.fixture(scope='module')
 def results(tmp_path_factory):
     pytest.importorskip('deepspeed')
-    return sharded_results(rank_main,
-                           tmp_path_factory.mktemp('low_precision_sharded'),
-                           SCENARIOS)
+    return sharded_results(
+        rank_main, tmp_path_factory.mktemp('low_precision_sharded'), SCENARIOS
+    )
 
 
 def reference_forward(weights, buffers, x):
@@ -207,8 +242,10 @@ def test_a_bf16_target_follows_the_float64_ema(results, name):
         online = [params for params, _ in record['online']]
         reference = replay_ema(initial, online, record['momenta'])
         assert {tensor.dtype for tensor in final} == {BF16}
-        moved = max(float((ref - start.double()).abs().max())
-                    for ref, start in zip(reference, initial))
+        moved = max(
+            float((ref - start.double()).abs().max())
+            for ref, start in zip(reference, initial)
+        )
         assert moved > 0.05  # the EMA moved: a stalled target is far off
         # The target is the EMA rounded once to bfloat16: equal to it
         # rounded, but for an element at a rounding boundary now and then.
@@ -216,11 +253,13 @@ def test_a_bf16_target_follows_the_float64_ema(results, name):
         equal = sum(int((a == b).sum()) for a, b in zip(final, rounded))
         assert equal / sum(t.numel() for t in final) > 0.95
         for tensor, ref in zip(final, reference):
-            torch.testing.assert_close(tensor.double(), ref, rtol=2**-8,
-                                       atol=1e-5)
+            torch.testing.assert_close(
+                tensor.double(), ref, rtol=2**-8, atol=1e-5
+            )
         # What the target computes: the EMA's forward, in bfloat16 (under
         # ZeRO-3 through the gathered copies of persistent parameters, which
         # DeepSpeed may gather anew from the partitions between updates).
         expected = reference_forward(reference, buffers, probe())
-        torch.testing.assert_close(record['forward'], expected, rtol=2**-7,
-                                   atol=2**-7)
+        torch.testing.assert_close(
+            record['forward'], expected, rtol=2**-7, atol=2**-7
+        )

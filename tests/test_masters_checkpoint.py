@@ -9,21 +9,30 @@ step: with masters that only round to the target, a resume that loses or
 mixes them rounds differently from then on. Every resumed model starts from
 other weights (all moved by 1), so that only what it loads can make it equal.
 """
+
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from momentum_testing import (SHARDED_WORLD_SIZE, free_port, launch_ranks,
-                              replay_ema, run_scenarios, set_rank_environment,
-                              sharded_batch)
+from momentum_testing import (
+    SHARDED_WORLD_SIZE,
+    free_port,
+    launch_ranks,
+    replay_ema,
+    run_scenarios,
+    set_rank_environment,
+    sharded_batch,
+)
 from test_low_precision_sharded import BF16, build_bf16, probe
 from test_sharded import fsdp1
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                     get_model_state_dict,
-                                                     set_model_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from momentum_hook.export import full_state_dict
@@ -39,24 +48,27 @@ FULL = StateDictOptions(full_state_dict=True)
 
 # --- What every rank runs --------------------------------------------------
 
+
 def fresh(moved=False):
     """A seeded bfloat16 model whose online network starts away from its
     target; ``moved``: every weight moved by 1 (a model that must load)."""
     model, online, target = build_bf16()
     model.to(BF16)
     with torch.no_grad():
-        for param in (model.parameters() if moved else online.parameters()):
-            param.add_(1. if moved else 0.25)
+        for param in model.parameters() if moved else online.parameters():
+            param.add_(1.0 if moved else 0.25)
     return model, online, target
 
 
 def sharded_fsdp2(moved=False):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
     model, online, target = fresh(moved)
     mesh = init_device_mesh('cpu', (SHARDED_WORLD_SIZE,))
-    fully_shard_pair(online=online, target=target, submodules=nn.Linear,
-                     mesh=mesh)
+    fully_shard_pair(
+        online=online, target=target, submodules=nn.Linear, mesh=mesh
+    )
     fully_shard(model, mesh=mesh)
     return model, model, model.target_net
 
@@ -73,8 +85,10 @@ def sharded_fsdp1(moved=False, use_orig_params=False):
 def full_state(wrapped):
     """The whole state dict, on every rank (a collective), as plain CPU
     tensors."""
-    return {key: value.detach().cpu().clone() for key, value in
-            get_model_state_dict(wrapped, options=FULL).items()}
+    return {
+        key: value.detach().cpu().clone()
+        for key, value in get_model_state_dict(wrapped, options=FULL).items()
+    }
 
 
 def train(model, wrapped, rank, steps):
@@ -89,8 +103,13 @@ def train(model, wrapped, rank, steps):
         model.momentum = MOMENTUM
         model.momentum_update()
         state = full_state(wrapped)
-        history.append([value for key, value in state.items()
-                        if key.startswith('online_net.')])
+        history.append(
+            [
+                value
+                for key, value in state.items()
+                if key.startswith('online_net.')
+            ]
+        )
     return history
 
 
@@ -98,8 +117,11 @@ def ending(model, wrapped, rank, target):
     """Train the steps after the checkpoint; the state and what the target
     computes then."""
     history = train(model, wrapped, rank, range(BEFORE, BEFORE + AFTER))
-    return dict(after=history, final=full_state(wrapped),
-                forward=target(probe().to(BF16)).detach().clone())
+    return dict(
+        after=history,
+        final=full_state(wrapped),
+        forward=target(probe().to(BF16)).detach().clone(),
+    )
 
 
 def straight(rank, shard, save):
@@ -111,14 +133,20 @@ def straight(rank, shard, save):
     checkpoint = full_state(wrapped)
     exported = full_state_dict(wrapped)  # CPU, on rank 0 (FSDP1: rank0_only)
     saved = save(model, wrapped)
-    return dict(initial=initial, history=history, checkpoint=checkpoint,
-                exported=exported, saved=saved,
-                **ending(model, wrapped, rank, target))
+    return dict(
+        initial=initial,
+        history=history,
+        checkpoint=checkpoint,
+        exported=exported,
+        saved=saved,
+        **ending(model, wrapped, rank, target),
+    )
 
 
 def dcp_save(directory):
     def save(model, wrapped):
         checkpointed(dcp.save, model.state_dict(), checkpoint_id=directory)
+
     return save
 
 
@@ -145,8 +173,9 @@ def fsdp2_resumed(rank, directory, planned):
         state = get_model_state_dict(model)
         checkpointed(dcp.load, state, checkpoint_id=directory)
         set_model_state_dict(model, state)
-    return dict(loaded=full_state(wrapped),
-                **ending(model, wrapped, rank, target))
+    return dict(
+        loaded=full_state(wrapped), **ending(model, wrapped, rank, target)
+    )
 
 
 def fsdp2_loads_one_process(rank, directory):
@@ -159,8 +188,11 @@ def fsdp2_loads_one_process(rank, directory):
     loaded = full_state(wrapped)
     model.momentum = 0.9
     model.momentum_update()
-    return dict(loaded=loaded, updated=full_state(wrapped),
-                forward=target(probe().to(BF16)).detach().clone())
+    return dict(
+        loaded=loaded,
+        updated=full_state(wrapped),
+        forward=target(probe().to(BF16)).detach().clone(),
+    )
 
 
 def fsdp1_full_save(model, wrapped):
@@ -169,9 +201,12 @@ def fsdp1_full_save(model, wrapped):
 
 def dcp_save_sharded(directory):
     """Save torch's sharded state dict (FSDP1: ``SHARDED_STATE_DICT``)."""
+
     def save(model, wrapped):
-        checkpointed(dcp.save, get_model_state_dict(wrapped),
-                     checkpoint_id=directory)
+        checkpointed(
+            dcp.save, get_model_state_dict(wrapped), checkpoint_id=directory
+        )
+
     return save
 
 
@@ -181,16 +216,18 @@ def fsdp1_dcp_resumed(rank, directory):
     state = get_model_state_dict(wrapped)
     checkpointed(dcp.load, state, checkpoint_id=directory)
     set_model_state_dict(wrapped, state)
-    return dict(loaded=full_state(wrapped),
-                **ending(model, wrapped, rank, target))
+    return dict(
+        loaded=full_state(wrapped), **ending(model, wrapped, rank, target)
+    )
 
 
 def fsdp1_resumed(rank, saved, use_orig_params):
     """A fresh FSDP1 model that loads the straight run's full state dict."""
     model, wrapped, target = sharded_fsdp1(True, use_orig_params)
     set_model_state_dict(wrapped, saved, options=FULL)
-    return dict(loaded=full_state(wrapped),
-                **ending(model, wrapped, rank, target))
+    return dict(
+        loaded=full_state(wrapped), **ending(model, wrapped, rank, target)
+    )
 
 
 def rank_main(rank, port, out_dir, directory):
@@ -203,31 +240,51 @@ def rank_main(rank, port, out_dir, directory):
     def fsdp1_straight(orig):
         def run(rank):
             results[orig] = straight(
-                rank, lambda: sharded_fsdp1(False, orig), fsdp1_full_save)
+                rank, lambda: sharded_fsdp1(False, orig), fsdp1_full_save
+            )
             return results[orig]
+
         return run
-    run_scenarios(rank, {
-        'fsdp2 straight': lambda rank: straight(
-            rank, sharded_fsdp2, dcp_save(fsdp2_dir)),
-        'fsdp2 resumed, planned': lambda rank: fsdp2_resumed(
-            rank, fsdp2_dir, True),
-        'fsdp2 resumed, not planned': lambda rank: fsdp2_resumed(
-            rank, fsdp2_dir, False),
-        'fsdp2 loads one process': lambda rank: fsdp2_loads_one_process(
-            rank, single_dir),
-        **{f'fsdp1{suffix} {run}': (
-            fsdp1_straight(orig) if run == 'straight' else
-            lambda rank, orig=orig: fsdp1_resumed(
-                rank, results[orig]['saved'], orig))
-           for orig, suffix in ((False, ''), (True, ' orig'))
-           for run in ('straight', 'resumed')},
-        'fsdp1 dcp straight': lambda rank: straight(
-            rank, sharded_fsdp1, dcp_save_sharded(fsdp1_dir)),
-        'fsdp1 dcp resumed': lambda rank: fsdp1_dcp_resumed(rank, fsdp1_dir),
-    }, out_dir)
+
+    run_scenarios(
+        rank,
+        {
+            'fsdp2 straight': lambda rank: straight(
+                rank, sharded_fsdp2, dcp_save(fsdp2_dir)
+            ),
+            'fsdp2 resumed, planned': lambda rank: fsdp2_resumed(
+                rank, fsdp2_dir, True
+            ),
+            'fsdp2 resumed, not planned': lambda rank: fsdp2_resumed(
+                rank, fsdp2_dir, False
+            ),
+            'fsdp2 loads one process': lambda rank: fsdp2_loads_one_process(
+                rank, single_dir
+            ),
+            **{
+                f'fsdp1{suffix} {run}': (
+                    fsdp1_straight(orig)
+                    if run == 'straight'
+                    else lambda rank, orig=orig: fsdp1_resumed(
+                        rank, results[orig]['saved'], orig
+                    )
+                )
+                for orig, suffix in ((False, ''), (True, ' orig'))
+                for run in ('straight', 'resumed')
+            },
+            'fsdp1 dcp straight': lambda rank: straight(
+                rank, sharded_fsdp1, dcp_save_sharded(fsdp1_dir)
+            ),
+            'fsdp1 dcp resumed': lambda rank: fsdp1_dcp_resumed(
+                rank, fsdp1_dir
+            ),
+        },
+        out_dir,
+    )
 
 
 # --- The tests -------------------------------------------------------------
+
 
 def one_process_model():
     """A plain bfloat16 model after 5 updates towards moving weights, with
@@ -249,8 +306,9 @@ def runs(tmp_path_factory):
     dcp.save(single.state_dict(), checkpoint_id=str(base / 'single'))
     out_dir = base / 'ranks'
     out_dir.mkdir()
-    ranks = launch_ranks(rank_main, (free_port(), out_dir, base), out_dir,
-                         'spawn')
+    ranks = launch_ranks(
+        rank_main, (free_port(), out_dir, base), out_dir, 'spawn'
+    )
     return base, single, ranks
 
 
@@ -263,8 +321,11 @@ def records(runs, name):
 
 
 def masters_of(state):
-    return {key: value for key, value in state.items()
-            if key.startswith(MASTER_KEY)}
+    return {
+        key: value
+        for key, value in state.items()
+        if key.startswith(MASTER_KEY)
+    }
 
 
 def assert_states_equal(actual, expected):
@@ -278,27 +339,34 @@ def assert_masters_are_the_ema(record):
     """The full state dict's masters, every rank's part of them, are the
     float64 EMA of the recorded online weights to float32 rounding, and the
     target is them rounded."""
-    names = [key[len('target_net.'):] for key in record['initial']
-             if key.startswith('target_net.')]
+    names = [
+        key[len('target_net.') :]
+        for key in record['initial']
+        if key.startswith('target_net.')
+    ]
     initial = [record['initial'][f'target_net.{name}'] for name in names]
-    reference = replay_ema(initial, record['history'],
-                           [MOMENTUM] * len(record['history']))
+    reference = replay_ema(
+        initial, record['history'], [MOMENTUM] * len(record['history'])
+    )
     state = record['checkpoint']
     assert list(masters_of(state)) == [MASTER_KEY + name for name in names]
     for name, ref in zip(names, reference):
         master = state[MASTER_KEY + name]
         assert master.dtype == torch.float32 and master.shape == ref.shape
-        torch.testing.assert_close(master.double(), ref, rtol=1e-6,
-                                   atol=1e-6)
+        torch.testing.assert_close(master.double(), ref, rtol=1e-6, atol=1e-6)
         assert torch.equal(master.to(BF16), state[f'target_net.{name}'])
     # more than bfloat16: the masters carry what the target cannot hold
-    assert any(not torch.equal(state[MASTER_KEY + name],
-                               state[MASTER_KEY + name].to(BF16).float())
-               for name in names)
+    assert any(
+        not torch.equal(
+            state[MASTER_KEY + name], state[MASTER_KEY + name].to(BF16).float()
+        )
+        for name in names
+    )
 
 
-@pytest.mark.parametrize('name', ['fsdp2 straight', 'fsdp1 straight',
-                                  'fsdp1 orig straight'])
+@pytest.mark.parametrize(
+    'name', ['fsdp2 straight', 'fsdp1 straight', 'fsdp1 orig straight']
+)
 def test_a_full_state_dict_holds_every_rank_s_masters_whole(runs, name):
     for rank, record in enumerate(records(runs, name)):
         assert_masters_are_the_ema(record)
@@ -309,25 +377,39 @@ def test_a_full_state_dict_holds_every_rank_s_masters_whole(runs, name):
             assert record['exported'] == {}
 
 
-@pytest.mark.parametrize('name', ['fsdp2 resumed, planned',
-                                  'fsdp2 resumed, not planned',
-                                  'fsdp1 resumed', 'fsdp1 orig resumed',
-                                  'fsdp1 dcp resumed'])
+@pytest.mark.parametrize(
+    'name',
+    [
+        'fsdp2 resumed, planned',
+        'fsdp2 resumed, not planned',
+        'fsdp1 resumed',
+        'fsdp1 orig resumed',
+        'fsdp1 dcp resumed',
+    ],
+)
 def test_a_resume_on_the_same_world_size_is_bit_for_bit(runs, name):
     straight_name = name.split(' resumed')[0] + ' straight'
-    for expected, resumed in zip(records(runs, straight_name),
-                                 records(runs, name)):
+    for expected, resumed in zip(
+        records(runs, straight_name), records(runs, name)
+    ):
         assert masters_of(expected['final'])
         assert_states_equal(resumed['loaded'], expected['checkpoint'])
         assert_states_equal(resumed['final'], expected['final'])
         assert torch.equal(resumed['forward'], expected['forward'])
 
 
-@pytest.mark.parametrize('name,checkpoint', [
-    ('fsdp2 straight', 'fsdp2'), ('fsdp1 dcp straight', 'fsdp1'),
-    ('fsdp1 straight', None), ('fsdp1 orig straight', None)])
-def test_a_two_rank_checkpoint_loads_in_one_process_resharded(runs, name,
-                                                              checkpoint):
+@pytest.mark.parametrize(
+    'name,checkpoint',
+    [
+        ('fsdp2 straight', 'fsdp2'),
+        ('fsdp1 dcp straight', 'fsdp1'),
+        ('fsdp1 straight', None),
+        ('fsdp1 orig straight', None),
+    ],
+)
+def test_a_two_rank_checkpoint_loads_in_one_process_resharded(
+    runs, name, checkpoint
+):
     """Two ranks' checkpoint (DCP, or FSDP1's full state dict) into a plain
     model in one process without a process group; the same updates then
     give the same target bit for bit, and the same forward."""
@@ -356,16 +438,22 @@ def test_a_two_rank_checkpoint_loads_in_one_process_resharded(runs, name,
 
 def test_a_one_process_checkpoint_loads_on_two_ranks_resharded(runs):
     single = runs[1]
-    expected = {key: value.detach().clone()
-                for key, value in single.state_dict().items()}
-    assert any(not torch.equal(
-        master, expected['target_net.' + key[len(MASTER_KEY):]].float())
-        for key, master in masters_of(expected).items())
+    expected = {
+        key: value.detach().clone()
+        for key, value in single.state_dict().items()
+    }
+    assert any(
+        not torch.equal(
+            master, expected['target_net.' + key[len(MASTER_KEY) :]].float()
+        )
+        for key, master in masters_of(expected).items()
+    )
     single.momentum = 0.9
     single.momentum_update()
     updated = single.state_dict()
     for record in records(runs, 'fsdp2 loads one process'):
         assert_states_equal(record['loaded'], expected)
         assert_states_equal(record['updated'], updated)
-        assert torch.equal(record['forward'],
-                           single.target_net(probe().to(BF16)))
+        assert torch.equal(
+            record['forward'], single.target_net(probe().to(BF16))
+        )

@@ -5,6 +5,7 @@ The MMSelfSup order is that of its ``tools/train.py``: MMSelfSup is imported
 first (registering ``'MomentumUpdateHook'`` and ``'BYOLHook'``), then
 ``Config.fromfile`` runs the config's ``custom_imports``.
 """
+
 import json
 import os
 import subprocess
@@ -14,29 +15,45 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.mmselfsup, pytest.mark.mmcv, pytest.mark.mmengine,
-              pytest.mark.slow]
+pytestmark = [
+    pytest.mark.mmselfsup,
+    pytest.mark.mmcv,
+    pytest.mark.mmengine,
+    pytest.mark.slow,
+]
 pytest.importorskip('mmselfsup')
 ROOT = Path(__file__).resolve().parents[1]
 
 SELFSUP_HOOK = 'mmselfsup.core.hooks.momentum_update_hook.MomentumUpdateHook'
-OURS = {'mmcv': 'momentum_hook.mmcv_hook.MomentumUpdateHook',
-        'mmengine': 'momentum_hook.mmengine_hook.MomentumUpdateHook'}
+OURS = {
+    'mmcv': 'momentum_hook.mmcv_hook.MomentumUpdateHook',
+    'mmengine': 'momentum_hook.mmengine_hook.MomentumUpdateHook',
+}
 
 
 def run_python(code, tmp_path):
     """Run ``code`` in a fresh Python with warnings ignored, as log-only
     set-ups have them; return (the JSON it printed last, its stderr)."""
-    env = dict(os.environ, PYTHONPATH=f'{ROOT}{os.pathsep}{ROOT / "tests"}',
-               PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1')
+    env = dict(
+        os.environ,
+        PYTHONPATH=f'{ROOT}{os.pathsep}{ROOT / "tests"}',
+        PYTHONWARNINGS='ignore',
+        OMP_NUM_THREADS='1',
+    )
     process = subprocess.run(
-        [sys.executable, '-c', textwrap.dedent(code)], cwd=tmp_path, env=env,
-        capture_output=True, text=True, timeout=300)
+        [sys.executable, '-c', textwrap.dedent(code)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert process.returncode == 0, process.stderr
-    return json.loads(process.stdout.strip().splitlines()[-1]), \
-        process.stderr
+    return json.loads(process.stdout.strip().splitlines()[-1]), process.stderr
 
 
+# The script's replacement fields hold quotes: kept as written.
+# fmt: off
 MMSELFSUP_ORDER = f'''
 import glob, json, os, os.path as osp
 import torch
@@ -141,6 +158,7 @@ print(json.dumps(dict(
     hook_line=[line for line in log.splitlines()
                if 'momentum_hook.mmcv_hook.MomentumUpdateHook(' in line])))
 '''
+# fmt: on
 
 
 @pytest.fixture(scope='module')
@@ -148,22 +166,26 @@ def mmselfsup_order(tmp_path_factory):
     return run_python(MMSELFSUP_ORDER, tmp_path_factory.mktemp('selfsup'))
 
 
-def test_plain_import_tells_which_class_the_plain_names_build(
-        mmselfsup_order):
+def test_plain_import_tells_which_class_the_plain_names_build(mmselfsup_order):
     report, stderr = mmselfsup_order
     assert report['plain_before'] == SELFSUP_HOOK
-    message, = {line for line in stderr.splitlines() if SELFSUP_HOOK in line}
+    (message,) = {line for line in stderr.splitlines() if SELFSUP_HOOK in line}
     assert "type='MomentumUpdateHook' and type='BYOLHook'" in message
     assert "custom_imports = dict(imports=['momentum_hook_dropin']" in message
 
 
 def test_every_shipped_config_builds_our_hook_in_an_mmselfsup_process(
-        mmselfsup_order):
+    mmselfsup_order,
+):
     report, _ = mmselfsup_order
     shipped = report['shipped']
-    assert set(shipped) >= {'mmcv_momentum_hook.py', 'mmcv_byol_fragment.py',
-                            'mmengine_momentum_hook.py',
-                            'mmengine_byol_fragment.py', 'byol_digits.py'}
+    assert set(shipped) >= {
+        'mmcv_momentum_hook.py',
+        'mmcv_byol_fragment.py',
+        'mmengine_momentum_hook.py',
+        'mmengine_byol_fragment.py',
+        'byol_digits.py',
+    }
     for config, built in shipped.items():
         framework = 'mmengine' if 'mmengine' in config else 'mmcv'
         assert built == [OURS[framework]] * len(built), config
@@ -171,8 +193,10 @@ def test_every_shipped_config_builds_our_hook_in_an_mmselfsup_process(
 
 
 def test_dropin_gives_mmselfsup_momenta_and_targets_bit_for_bit(
-        mmselfsup_order):
+    mmselfsup_order,
+):
     from momentum_testing import reference_momentum
+
     report, _ = mmselfsup_order
     assert report['built'] == OURS['mmcv']
     max_iters = report['max_iters']
@@ -188,11 +212,13 @@ def test_dropin_gives_mmselfsup_momenta_and_targets_bit_for_bit(
 
 
 def test_dropin_refuses_an_interval_off_distoptimizerhook_steps(
-        mmselfsup_order):
+    mmselfsup_order,
+):
     report, _ = mmselfsup_order
     assert report['refused'].startswith(
         'update_interval=1 does not follow the optimizer, which steps every '
-        '2 iterations (DistOptimizerHook accumulates over 2)')
+        '2 iterations (DistOptimizerHook accumulates over 2)'
+    )
 
 
 def test_our_hook_beside_mmselfsups_own_is_refused(mmselfsup_order):
@@ -200,22 +226,27 @@ def test_our_hook_beside_mmselfsups_own_is_refused(mmselfsup_order):
     message = report['both']
     assert message.startswith('the runner has 2 momentum hooks, ')
     assert f'{SELFSUP_HOOK}(end_momentum=1.0, update_interval=2)' in message
-    keep = message[message.index('Keep one: '):]
-    assert keep.startswith("Keep one: keep runner.hooks[")
-    assert f"{OURS['mmcv']}(end_momentum=1.0, update_interval=2) and " \
+    keep = message[message.index('Keep one: ') :]
+    assert keep.startswith('Keep one: keep runner.hooks[')
+    assert (
+        f'{OURS["mmcv"]}(end_momentum=1.0, update_interval=2) and '
         "delete the other package's hook" in keep
+    )
 
 
 def test_the_run_log_names_the_hook_and_its_arguments(mmselfsup_order):
     report, _ = mmselfsup_order
-    line, = report['hook_line']
-    assert ('MomentumUpdateHook(end_momentum=1.0, update_interval=2, '
-            'reach_end_momentum=False) schedules the target momentum of BYOL '
-            'from base_momentum=0.99 over 8 iterations') in line
+    (line,) = report['hook_line']
+    assert (
+        'MomentumUpdateHook(end_momentum=1.0, update_interval=2, '
+        'reach_end_momentum=False) schedules the target momentum of BYOL '
+        'from base_momentum=0.99 over 8 iterations'
+    ) in line
 
 
 def test_dropin_before_mmselfsup_keeps_mmselfsup_importable(tmp_path):
-    report, stderr = run_python('''
+    report, stderr = run_python(
+        """
         import json
         import momentum_hook_dropin
         from mmselfsup.apis import train_model  # no duplicate-name KeyError
@@ -232,12 +263,17 @@ def test_dropin_before_mmselfsup_keeps_mmselfsup_importable(tmp_path):
             theirs=name(hooks.MomentumUpdateHook),
             replaced={k: {n: name(c) for n, c in v.items()}
                       for k, v in momentum_hook_dropin.REPLACED.items()})))
-    ''', tmp_path)
+    """,
+        tmp_path,
+    )
     assert report['mmcv'] == [OURS['mmcv']] * 2
     assert report['mmengine'] == [OURS['mmengine']] * 2
     assert report['theirs'] == SELFSUP_HOOK
     assert report['replaced'] == {
-        'momentum_hook.mmcv_hook': {'MomentumUpdateHook': SELFSUP_HOOK,
-                                    'BYOLHook': SELFSUP_HOOK},
-        'momentum_hook.mmengine_hook': {}}
+        'momentum_hook.mmcv_hook': {
+            'MomentumUpdateHook': SELFSUP_HOOK,
+            'BYOLHook': SELFSUP_HOOK,
+        },
+        'momentum_hook.mmengine_hook': {},
+    }
     assert SELFSUP_HOOK not in stderr  # no report of a fallback

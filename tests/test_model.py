@@ -5,16 +5,26 @@ follows every change, and a real mmcv 1.x runner.
 References are float64 EMAs replayed here from recorded online weights, with
 the convention ``target = m * target + (1 - m) * online``.
 """
+
 import copy
 import io
 import pickle
 
 import pytest
 import torch
-from momentum_testing import (Interrupt, TinyBYOL,
-                              assert_all_equal, assert_matches_reference,
-                              cuda_only, ema_step, float64_copy, params,
-                              reference_momentum, replay_ema, snapshot)
+from momentum_testing import (
+    Interrupt,
+    TinyBYOL,
+    assert_all_equal,
+    assert_matches_reference,
+    cuda_only,
+    ema_step,
+    float64_copy,
+    params,
+    reference_momentum,
+    replay_ema,
+    snapshot,
+)
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -42,7 +52,8 @@ def test_target_is_a_frozen_deep_copy_registered_as_a_submodule():
     assert_all_equal(model.target_net.buffers(), model.online_net.buffers())
     online_storages = {p.untyped_storage().data_ptr() for p in online}
     assert not online_storages & {
-        p.untyped_storage().data_ptr() for p in target}
+        p.untyped_storage().data_ptr() for p in target
+    }
     assert all(p.requires_grad for p in online)
     assert not any(p.requires_grad for p in target)
     assert model.target_net in model.children()
@@ -62,12 +73,19 @@ def test_contract_is_satisfied():
     assert tiny_model().base_momentum == 0.99  # the default
 
 
-@pytest.mark.parametrize('kwargs,error,match', [
-    (dict(base_momentum=1.5), ValueError, r'base_momentum .*got 1\.5'),
-    (dict(base_momentum=-0.5), ValueError, r'base_momentum .*got -0\.5'),
-    (dict(base_momentum='0.99'), TypeError, r"base_momentum .*got '0\.99'"),
-    (dict(buffers='sync'), ValueError, "got 'sync'"),
-])
+@pytest.mark.parametrize(
+    'kwargs,error,match',
+    [
+        (dict(base_momentum=1.5), ValueError, r'base_momentum .*got 1\.5'),
+        (dict(base_momentum=-0.5), ValueError, r'base_momentum .*got -0\.5'),
+        (
+            dict(base_momentum='0.99'),
+            TypeError,
+            r"base_momentum .*got '0\.99'",
+        ),
+        (dict(buffers='sync'), ValueError, "got 'sync'"),
+    ],
+)
 def test_bad_arguments_are_refused(kwargs, error, match):
     with pytest.raises(error, match=match):
         tiny_model(**kwargs)
@@ -77,20 +95,24 @@ def test_online_must_be_a_module():
     class NotAModule(MomentumTargetMixin, nn.Module):
         pass
 
-    with pytest.raises(TypeError, match='online must be an nn.Module, got '
-                       'list'):
+    with pytest.raises(
+        TypeError, match='online must be an nn.Module, got list'
+    ):
         NotAModule().init_momentum_target([torch.zeros(2)])
 
 
-@pytest.mark.parametrize('method', ['momentum_update',
-                                    'check_momentum_target'])
+@pytest.mark.parametrize(
+    'method', ['momentum_update', 'check_momentum_target']
+)
 def test_momentum_update_before_init_is_refused(method):
     class Forgetful(MomentumTargetMixin, nn.Module):
         base_momentum = momentum = 0.99
 
-    with pytest.raises(RuntimeError,
-                       match=rf'Forgetful.{method}\(\).*before '
-                       r'init_momentum_target\(\)'):
+    with pytest.raises(
+        RuntimeError,
+        match=rf'Forgetful.{method}\(\).*before '
+        r'init_momentum_target\(\)',
+    ):
         getattr(Forgetful(), method)()
 
 
@@ -112,8 +134,9 @@ def test_buffer_policy_reaches_the_update(policy):
     model(torch.randn(4, 4))  # moves both networks' running statistics
     target_before = snapshot(model.target_net.buffers())
     model.momentum_update()
-    expected = (target_before if policy == 'keep' else
-                list(model.online_net.buffers()))
+    expected = (
+        target_before if policy == 'keep' else list(model.online_net.buffers())
+    )
     assert_all_equal(model.target_net.buffers(), expected)
 
 
@@ -136,16 +159,18 @@ def test_moves_keep_values_and_the_update_follows(move):
     assert move(model) is model
     assert [id(p) for p in model.parameters()] == identities
     for moved, before in zip(model.state_dict().values(), values):
-        torch.testing.assert_close(moved.cpu(), before.to(moved.dtype),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            moved.cpu(), before.to(moved.dtype), rtol=0, atol=0
+        )
     # An optimizer built before the move still trains the same parameters,
     # and the update follows them to their new memory.
     dtype = params(model)[0].dtype
     reference = float64_copy(params(model.target_net))
     torch.manual_seed(1)
     optimizer.zero_grad()
-    model(torch.randn(4, 4, dtype=dtype, device=params(model)[0].device)) \
-        .backward()
+    model(
+        torch.randn(4, 4, dtype=dtype, device=params(model)[0].device)
+    ).backward()
     optimizer.step()
     model.momentum_update()
     reference = ema_step(reference, params(model.online_net), 0.5)
@@ -171,8 +196,9 @@ def test_saved_state_dict_round_trip(tmp_path):
         model.momentum_update()
     torch.save(model.state_dict(), tmp_path / 'model.pth')
     fresh = tiny_model(seed=1)
-    assert not torch.equal(params(fresh.target_net)[0],
-                           params(model.target_net)[0])
+    assert not torch.equal(
+        params(fresh.target_net)[0], params(model.target_net)[0]
+    )
     fresh.load_state_dict(torch.load(tmp_path / 'model.pth'))
     assert_all_equal(fresh.state_dict().values(), model.state_dict().values())
     # Both go on identically from there.
@@ -182,9 +208,11 @@ def test_saved_state_dict_round_trip(tmp_path):
     assert_all_equal(params(fresh.target_net), params(model.target_net))
 
 
-@pytest.mark.parametrize('duplicate', [
-    copy.deepcopy, lambda model: pickle.loads(pickle.dumps(model))
-], ids=['deepcopy', 'pickle'])
+@pytest.mark.parametrize(
+    'duplicate',
+    [copy.deepcopy, lambda model: pickle.loads(pickle.dumps(model))],
+    ids=['deepcopy', 'pickle'],
+)
 def test_a_copy_updates_its_own_networks(duplicate):
     model = tiny_model()
     original_target = snapshot(model.target_net.parameters())
@@ -198,8 +226,8 @@ def test_a_copy_updates_its_own_networks(duplicate):
     assert_all_equal(params(model.target_net), original_target)
     assert_matches_reference(
         params(clone.target_net),
-        ema_step(float64_copy(original_target), params(clone.online_net),
-                 0.5))
+        ema_step(float64_copy(original_target), params(clone.online_net), 0.5),
+    )
 
 
 def record_online():
@@ -208,7 +236,6 @@ def record_online():
     from mmcv.runner import Hook
 
     class RecordOnline(Hook):
-
         def __init__(self):
             self.online, self.momenta = [], []
 
@@ -226,13 +253,17 @@ def make_runner(model, work_dir, max_iters):
     from mmcv.runner import IterBasedRunner
 
     from momentum_hook.mmcv_hook import MomentumUpdateHook
+
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    runner = IterBasedRunner(model, optimizer=optimizer,
-                             work_dir=str(work_dir),
-                             logger=mmcv.utils.get_logger('test_model'),
-                             max_iters=max_iters)
+    runner = IterBasedRunner(
+        model,
+        optimizer=optimizer,
+        work_dir=str(work_dir),
+        logger=mmcv.utils.get_logger('test_model'),
+        max_iters=max_iters,
+    )
     runner.register_optimizer_hook(dict(grad_clip=None))
-    runner.register_hook(MomentumUpdateHook(end_momentum=1.))
+    runner.register_hook(MomentumUpdateHook(end_momentum=1.0))
     return runner
 
 
@@ -253,8 +284,9 @@ def test_mixin_with_the_hook_on_a_real_runner(tmp_path):
     runner.run([batches()], [('train', 5)])
     momenta = [reference_momentum(k, 5, 0.9) for k in range(5)]
     assert recorder.momenta == pytest.approx(momenta, abs=1e-12)
-    assert_matches_reference(params(model.target_net),
-                             replay_ema(initial, recorder.online, momenta))
+    assert_matches_reference(
+        params(model.target_net), replay_ema(initial, recorder.online, momenta)
+    )
     assert not torch.equal(params(model.target_net)[0], initial[0])
 
 
@@ -262,13 +294,15 @@ def test_mixin_with_the_hook_on_a_real_runner(tmp_path):
 def test_checkpoint_resume_gives_the_uninterrupted_target(tmp_path):
     whole = tiny_model(seed=0)
     make_runner(whole, tmp_path / 'whole', max_iters=6).run(
-        [batches()], [('train', 6)])
+        [batches()], [('train', 6)]
+    )
 
     # The same run, interrupted after 3 iterations and checkpointed there.
     # (Not by CheckpointHook: mmcv 1.7.2 saves from after_train_iter with
     # meta['iter'] one short of the iterations done, so a resume would
     # repeat one.)
     from momentum_testing import InterruptBefore
+
     interrupted = tiny_model(seed=0)
     runner = make_runner(interrupted, tmp_path / 'first', max_iters=6)
     runner.register_hook(InterruptBefore(3), priority='HIGHEST')
@@ -278,19 +312,26 @@ def test_checkpoint_resume_gives_the_uninterrupted_target(tmp_path):
 
     resumed = tiny_model(seed=1)  # other weights, all to be overwritten
     runner = make_runner(resumed, tmp_path / 'resumed', max_iters=6)
-    runner.resume(str(tmp_path / 'first' / 'interrupted.pth'),
-                  map_location='cpu')
+    runner.resume(
+        str(tmp_path / 'first' / 'interrupted.pth'), map_location='cpu'
+    )
     assert runner.iter == 3
-    assert_all_equal(resumed.state_dict().values(),
-                     interrupted.state_dict().values())
+    assert_all_equal(
+        resumed.state_dict().values(), interrupted.state_dict().values()
+    )
     runner.run([batches()], [('train', 6)])
 
-    assert not torch.equal(params(resumed.target_net)[0],
-                           params(interrupted.target_net)[0])
-    assert_all_equal(resumed.target_net.state_dict().values(),
-                     whole.target_net.state_dict().values())
-    assert_all_equal(resumed.online_net.state_dict().values(),
-                     whole.online_net.state_dict().values())
+    assert not torch.equal(
+        params(resumed.target_net)[0], params(interrupted.target_net)[0]
+    )
+    assert_all_equal(
+        resumed.target_net.state_dict().values(),
+        whole.target_net.state_dict().values(),
+    )
+    assert_all_equal(
+        resumed.online_net.state_dict().values(),
+        whole.online_net.state_dict().values(),
+    )
     assert resumed.momentum == whole.momentum
 
 
@@ -302,12 +343,12 @@ def test_a_second_target_is_refused():
 
 def _replace_parameter(model):
     layer = model.online_net[0]
-    layer.weight = nn.Parameter(torch.full_like(layer.weight, 2.))
+    layer.weight = nn.Parameter(torch.full_like(layer.weight, 2.0))
 
 
 def _replace_data(model):
     layer = model.online_net[0]
-    layer.weight.data = torch.full_like(layer.weight, 3.)
+    layer.weight.data = torch.full_like(layer.weight, 3.0)
 
 
 def _replace_layer(model):
@@ -326,12 +367,20 @@ def _to_float64(model):
 
 def _replace_buffer(model):
     norm = model.online_net[1]
-    norm.running_mean = torch.full_like(norm.running_mean, 4.)
+    norm.running_mean = torch.full_like(norm.running_mean, 4.0)
 
 
-@pytest.mark.parametrize('change', [_replace_parameter, _replace_data,
-                                    _replace_layer, _assign_state,
-                                    _to_float64, _replace_buffer])
+@pytest.mark.parametrize(
+    'change',
+    [
+        _replace_parameter,
+        _replace_data,
+        _replace_layer,
+        _assign_state,
+        _to_float64,
+        _replace_buffer,
+    ],
+)
 def test_planned_update_follows_changes_to_the_networks(change):
     """The mixin reuses its plan between calls; no change may make it stale.
 
@@ -349,14 +398,22 @@ def test_planned_update_follows_changes_to_the_networks(change):
 
     change(model)
     expected = copy.deepcopy(model)
-    momentum_hook.momentum_update_(expected.target_net, expected.online_net,
-                                   0.5, buffers='copy')
-    assert not all(map(torch.equal, expected.target_net.state_dict().values(),
-                       model.target_net.state_dict().values()))
+    momentum_hook.momentum_update_(
+        expected.target_net, expected.online_net, 0.5, buffers='copy'
+    )
+    assert not all(
+        map(
+            torch.equal,
+            expected.target_net.state_dict().values(),
+            model.target_net.state_dict().values(),
+        )
+    )
     model.momentum = 0.5
     model.momentum_update()
-    assert_all_equal(model.target_net.state_dict().values(),
-                     expected.target_net.state_dict().values())
+    assert_all_equal(
+        model.target_net.state_dict().values(),
+        expected.target_net.state_dict().values(),
+    )
 
 
 class ConvBYOL(MomentumTargetMixin, nn.Module):
@@ -365,8 +422,9 @@ class ConvBYOL(MomentumTargetMixin, nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.online_net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(),
-                                        nn.Conv2d(8, 4, 3))
+        self.online_net = nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)
+        )
         self.target_net = self.init_momentum_target(self.online_net)
 
 
@@ -383,7 +441,8 @@ def test_channels_last_stays_channels_last():
     for net in (model.online_net, model.target_net):
         for layer in (net[0], net[2]):
             assert layer.weight.is_contiguous(
-                memory_format=torch.channels_last)
+                memory_format=torch.channels_last
+            )
     assert_matches_reference(params(model.target_net), reference)
 
 
@@ -398,10 +457,12 @@ def test_a_submodule_state_dict_saves_only_its_own_weights():
     model = ConvBYOL()
     model.momentum_update()
     first = model.online_net[0]
-    own_bytes = sum(t.numel() * t.element_size()
-                    for t in first.state_dict().values())
-    whole_bytes = sum(t.numel() * t.element_size()
-                      for t in model.state_dict().values())
+    own_bytes = sum(
+        t.numel() * t.element_size() for t in first.state_dict().values()
+    )
+    whole_bytes = sum(
+        t.numel() * t.element_size() for t in model.state_dict().values()
+    )
     assert own_bytes * 3 < whole_bytes
     assert saved_size(first.state_dict()) < own_bytes + 2048
 
@@ -411,7 +472,7 @@ def test_fsdp2_then_a_dtype_move(single_rank_group):
     from torch.distributed.fsdp import fully_shard
 
     model = tiny_model()
-    mesh = init_device_mesh('cpu', (1, ))
+    mesh = init_device_mesh('cpu', (1,))
     for net in (model.online_net, model.target_net):
         fully_shard(net, mesh=mesh)
     model.to(torch.float64)
@@ -425,5 +486,6 @@ def test_fsdp2_then_a_dtype_move(single_rank_group):
     online = [p.full_tensor() for p in model.online_net.parameters()]
     target = [p.full_tensor() for p in model.target_net.parameters()]
     assert {t.dtype for t in target} == {torch.float64}
-    assert_matches_reference(target, ema_step(float64_copy(full), online, 0.5),
-                             torch.float64)
+    assert_matches_reference(
+        target, ema_step(float64_copy(full), online, 0.5), torch.float64
+    )

@@ -6,6 +6,7 @@ exactly as MMSelfSup 0.x does:
 ``@HOOKS.register_module(name=['BYOLHook', 'MomentumUpdateHook'])``.
 The real MMSelfSup 0.11 in a real process is tested in ``test_mmselfsup.py``.
 """
+
 import logging
 
 import pytest
@@ -17,13 +18,15 @@ import mmcv.utils
 import mmengine.registry
 
 from momentum_hook import mmcv_hook, mmengine_hook
-from momentum_hook.registration import (DROPIN_LINE, register_hook_class,
-                                        take_plain_names)
+from momentum_hook.registration import (
+    DROPIN_LINE,
+    register_hook_class,
+    take_plain_names,
+)
 
 FRAMEWORKS = {
     'mmcv': (mmcv.utils.Registry, mmcv_hook.MomentumUpdateHook),
-    'mmengine': (mmengine.registry.Registry,
-                 mmengine_hook.MomentumUpdateHook),
+    'mmengine': (mmengine.registry.Registry, mmengine_hook.MomentumUpdateHook),
 }
 PLAIN = ('MomentumUpdateHook', 'BYOLHook')
 SCOPED = tuple(f'momentum_hook.{name}' for name in PLAIN)
@@ -39,14 +42,16 @@ def framework(request):
         @root.register_module(name=['BYOLHook', 'MomentumUpdateHook'])
         class StandinHook(ours.__mro__[-2]):  # the framework's Hook
             pass
+
         return StandinHook
 
     return root, ours, register_standin
 
 
 def built(root, name):
-    return type(root.build(dict(type=name, end_momentum=0.999,
-                                update_interval=4)))
+    return type(
+        root.build(dict(type=name, end_momentum=0.999, update_interval=4))
+    )
 
 
 def test_import_registers_the_scoped_names_only(framework, caplog):
@@ -54,10 +59,16 @@ def test_import_registers_the_scoped_names_only(framework, caplog):
     register_hook_class(root, ours)
     assert [root.get(name) for name in SCOPED] == [ours, ours]
     assert [root.get(name) for name in PLAIN] == [None, None]
-    hook = root.build(dict(type='momentum_hook.BYOLHook', end_momentum=0.9,
-                           update_interval=4))
+    hook = root.build(
+        dict(
+            type='momentum_hook.BYOLHook', end_momentum=0.9, update_interval=4
+        )
+    )
     assert (type(hook), hook.end_momentum, hook.update_interval) == (
-        ours, 0.9, 4)
+        ours,
+        0.9,
+        4,
+    )
     assert not caplog.records
 
 
@@ -74,7 +85,7 @@ def test_plain_names_held_by_another_package_are_reported(framework, caplog):
     standin = register_standin()
     with caplog.at_level(logging.WARNING, logger='momentum_hook'):
         register_hook_class(root, ours)
-    record, = caplog.records
+    (record,) = caplog.records
     assert record.levelno == logging.WARNING
     message = record.getMessage()
     assert f'{standin.__module__}.{standin.__qualname__}' in message
@@ -84,8 +95,9 @@ def test_plain_names_held_by_another_package_are_reported(framework, caplog):
     assert built(root, 'momentum_hook.MomentumUpdateHook') is ours
 
 
-def test_the_dropin_takes_the_plain_names_and_says_from_whom(framework,
-                                                             caplog):
+def test_the_dropin_takes_the_plain_names_and_says_from_whom(
+    framework, caplog
+):
     root, ours, register_standin = framework
     standin = register_standin()
     register_hook_class(root, ours)
@@ -94,8 +106,9 @@ def test_the_dropin_takes_the_plain_names_and_says_from_whom(framework,
         replaced = take_plain_names(root, ours)
     assert replaced == {'MomentumUpdateHook': standin, 'BYOLHook': standin}
     assert [built(root, name) for name in PLAIN + SCOPED] == [ours] * 4
-    assert [standin.__qualname__ in r.getMessage()
-            for r in caplog.records] == [True, True]
+    assert [
+        standin.__qualname__ in r.getMessage() for r in caplog.records
+    ] == [True, True]
 
 
 def test_the_dropin_on_free_names_replaces_nothing(framework):

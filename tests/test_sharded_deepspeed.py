@@ -8,15 +8,25 @@ each rank's partition (``ds_tensor``), and a *persistent* one (below
 steps; the target is checked both ways: gathered by DeepSpeed, and rebuilt
 here from the ranks' partitions.
 """
+
 import functools
 
 import pytest
 import torch
-from momentum_testing import (SHARDED_WORLD_SIZE, TinyBYOL, ZERO3_ON_GLOO,
-                              assert_trainings_match, build_sharded,
-                              gather_zero3, init_deepspeed_rank, raised,
-                              record_sharded_training, replay_ema,
-                              run_scenarios, sharded_results)
+from momentum_testing import (
+    SHARDED_WORLD_SIZE,
+    ZERO3_ON_GLOO,
+    TinyBYOL,
+    assert_trainings_match,
+    build_sharded,
+    gather_zero3,
+    init_deepspeed_rank,
+    raised,
+    record_sharded_training,
+    replay_ema,
+    run_scenarios,
+    sharded_results,
+)
 
 from momentum_hook import momentum_update_
 
@@ -27,10 +37,12 @@ deepspeed = pytest.importorskip('deepspeed')
 def config(stage, **zero):
     if stage == 3:  # see ZERO3_ON_GLOO
         zero = {**ZERO3_ON_GLOO, **zero}
-    return dict(train_micro_batch_size_per_gpu=4,
-                optimizer=dict(type='SGD', params=dict(lr=0.1, momentum=0.9)),
-                zero_optimization=dict(stage=stage, **zero),
-                zero_allow_untested_optimizer=True)
+    return dict(
+        train_micro_batch_size_per_gpu=4,
+        optimizer=dict(type='SGD', params=dict(lr=0.1, momentum=0.9)),
+        zero_optimization=dict(stage=stage, **zero),
+        zero_allow_untested_optimizer=True,
+    )
 
 
 def engine(model, stage, **zero):
@@ -41,30 +53,44 @@ def partitions(network):
     """``network``'s ZeRO-3 parameters rebuilt from every rank's partition."""
     rebuilt = []
     for param in network.parameters():
-        pieces = [torch.empty_like(param.ds_tensor)
-                  for _ in range(SHARDED_WORLD_SIZE)]
+        pieces = [
+            torch.empty_like(param.ds_tensor)
+            for _ in range(SHARDED_WORLD_SIZE)
+        ]
         torch.distributed.all_gather(pieces, param.ds_tensor.detach())
-        rebuilt.append(torch.cat(pieces)[:param.ds_numel].view(
-            param.ds_shape))
+        rebuilt.append(
+            torch.cat(pieces)[: param.ds_numel].view(param.ds_shape)
+        )
     return rebuilt
 
 
 def gather(network):
     return gather_zero3(network.parameters()), {
         name: buffer.detach().clone()
-        for name, buffer in network.named_buffers()}
+        for name, buffer in network.named_buffers()
+    }
 
 
 def record_forward(network):
     """``network``'s forward passes: a list of ``(input, output)``."""
     calls = []
-    network.register_forward_hook(lambda module, args, output: calls.append(
-        (args[0].detach().clone(), output.detach().clone())))
+    network.register_forward_hook(
+        lambda module, args, output: calls.append(
+            (args[0].detach().clone(), output.detach().clone())
+        )
+    )
     return calls
 
 
-def training(stage, buffers, functional=False, zero_init=False,
-             read_online=False, rank=0, **zero):
+def training(
+    stage,
+    buffers,
+    functional=False,
+    zero_init=False,
+    read_online=False,
+    rank=0,
+    **zero,
+):
     """Train and record (``record_sharded_training``), with the target's
     forward passes. ``read_online``: gather the online network between each
     optimizer step and the update, as a user's hook may (which releases the
@@ -86,10 +112,17 @@ def training(stage, buffers, functional=False, zero_init=False,
 
     def update():
         momentum_update_(target, online, model.momentum, buffers)
+
     initial_online = gather(online)
-    record = record_sharded_training(rank, model, online, target,
-                                     train_step, gather,
-                                     update if functional else None)
+    record = record_sharded_training(
+        rank,
+        model,
+        online,
+        target,
+        train_step,
+        gather,
+        update if functional else None,
+    )
     record['initial_online'] = initial_online
     if stage == 3:
         record['partitions'] = partitions(target)
@@ -108,8 +141,12 @@ def persistence_differs(rank):
     """The model's persistence budget (29 elements) holds the online network
     alone: its parameters stay gathered between steps, the target's not."""
     model, online, target = build_sharded('keep')
-    engine(model, 3, stage3_param_persistence_threshold=100,
-           stage3_model_persistence_threshold=29)
+    engine(
+        model,
+        3,
+        stage3_param_persistence_threshold=100,
+        stage3_model_persistence_threshold=29,
+    )
     model.momentum_update()
 
 
@@ -119,33 +156,79 @@ TRAININGS = {
     'zero2 copy': ('copy', functools.partial(training, 2, 'copy')),
     # Small parameters persistent (bias, BatchNorm, the 2x3 Linear), the
     # first Linear's weight (12 elements) partitioned only.
-    'zero3 average, some persistent': ('average', functools.partial(
-        training, 3, 'average', stage3_param_persistence_threshold=10)),
-    'zero3 keep, all persistent': ('keep', functools.partial(
-        training, 3, 'keep')),
-    'zero3 average, built under zero.Init': ('average', functools.partial(
-        training, 3, 'average', zero_init=True,
-        stage3_param_persistence_threshold=10)),
+    'zero3 average, some persistent': (
+        'average',
+        functools.partial(
+            training, 3, 'average', stage3_param_persistence_threshold=10
+        ),
+    ),
+    'zero3 keep, all persistent': (
+        'keep',
+        functools.partial(training, 3, 'keep'),
+    ),
+    'zero3 average, built under zero.Init': (
+        'average',
+        functools.partial(
+            training,
+            3,
+            'average',
+            zero_init=True,
+            stage3_param_persistence_threshold=10,
+        ),
+    ),
     'zero3 copy, none persistent, momentum_update_': (
-        'copy', functools.partial(training, 3, 'copy', True,
-                                  stage3_param_persistence_threshold=0)),
+        'copy',
+        functools.partial(
+            training, 3, 'copy', True, stage3_param_persistence_threshold=0
+        ),
+    ),
     # ZeRO++ hpZ: frozen parameters are gathered from secondary partitions.
-    'zero3 hpz, none persistent': ('keep', functools.partial(
-        training, 3, 'keep', zero_hpz_partition_size=2,
-        stage3_param_persistence_threshold=0)),
-    'zero3 hpz, some persistent': ('keep', functools.partial(
-        training, 3, 'keep', zero_hpz_partition_size=2,
-        stage3_param_persistence_threshold=10)),
-    'zero3 all persistent, online read before the update': (
-        'keep', functools.partial(training, 3, 'keep', read_online=True)),
-    'zero3 hpz, some persistent, online read before the update': (
-        'average', functools.partial(
-            training, 3, 'average', read_online=True,
+    'zero3 hpz, none persistent': (
+        'keep',
+        functools.partial(
+            training,
+            3,
+            'keep',
             zero_hpz_partition_size=2,
-            stage3_param_persistence_threshold=10)),
-    'zero3 hpz, momentum_update_': ('keep', functools.partial(
-        training, 3, 'keep', True, zero_hpz_partition_size=2,
-        stage3_param_persistence_threshold=0)),
+            stage3_param_persistence_threshold=0,
+        ),
+    ),
+    'zero3 hpz, some persistent': (
+        'keep',
+        functools.partial(
+            training,
+            3,
+            'keep',
+            zero_hpz_partition_size=2,
+            stage3_param_persistence_threshold=10,
+        ),
+    ),
+    'zero3 all persistent, online read before the update': (
+        'keep',
+        functools.partial(training, 3, 'keep', read_online=True),
+    ),
+    'zero3 hpz, some persistent, online read before the update': (
+        'average',
+        functools.partial(
+            training,
+            3,
+            'average',
+            read_online=True,
+            zero_hpz_partition_size=2,
+            stage3_param_persistence_threshold=10,
+        ),
+    ),
+    'zero3 hpz, momentum_update_': (
+        'keep',
+        functools.partial(
+            training,
+            3,
+            'keep',
+            True,
+            zero_hpz_partition_size=2,
+            stage3_param_persistence_threshold=0,
+        ),
+    ),
 }
 
 SCENARIOS = {
@@ -182,8 +265,9 @@ def test_the_target_starts_as_the_online_network(results, name):
     # Under zero.Init the target is copied from gathered partitions.
     for record in results[name]:
         assert isinstance(record, dict), record
-        for target, online in zip(record['initial'][0],
-                                  record['initial_online'][0]):
+        for target, online in zip(
+            record['initial'][0], record['initial_online'][0]
+        ):
             assert torch.equal(target, online)
 
 
@@ -192,9 +276,11 @@ def replayed_forward(record, steps, buffers):
     float64 copy of the target after ``steps`` replayed updates, its
     buffers as the ``buffers`` policy made them."""
     momenta = record['momenta'][:steps]
-    weights = replay_ema(record['initial'][0],
-                         [params for params, _ in record['online'][:steps]],
-                         momenta)
+    weights = replay_ema(
+        record['initial'][0],
+        [params for params, _ in record['online'][:steps]],
+        momenta,
+    )
     network = TinyBYOL().target_net.double().eval()
     names = [name for name, _ in network.named_parameters()]
     state = dict(zip(names, weights))
@@ -225,22 +311,29 @@ def test_the_target_forward_uses_the_updated_weights(results, name):
             torch.testing.assert_close(
                 forwards[steps][1].double(),
                 replayed_forward(record, steps, TRAININGS[name][0]),
-                rtol=1e-5, atol=1e-6, msg=f'{name}: forward {steps}')
+                rtol=1e-5,
+                atol=1e-6,
+                msg=f'{name}: forward {steps}',
+            )
 
 
 def test_a_target_outside_the_engine_is_refused(results):
     for result in results['zero3 target outside the engine']:
         message = raised(result)
-        assert ("parameters 0 differs between target (0.weight: tensor "
-                "(3, 4)) and online (0.weight: ZeRO-3 partition") in message
+        assert (
+            'parameters 0 differs between target (0.weight: tensor '
+            '(3, 4)) and online (0.weight: ZeRO-3 partition'
+        ) in message
         assert 'DeepSpeed' in message
 
 
 def test_a_target_kept_partitioned_while_online_persists_is_refused(results):
     for result in results['zero3 persistence differs']:
         message = raised(result)
-        assert "parameters 0 differs between target (0.weight: ZeRO-3 " \
-            "partition (3, 4), 12, 6" in message
+        assert (
+            'parameters 0 differs between target (0.weight: ZeRO-3 '
+            'partition (3, 4), 12, 6' in message
+        )
         assert 'partitioned) and online' in message
         assert 'persistent)' in message
         assert 'persistence thresholds' in message

@@ -11,6 +11,7 @@
 And the stateless call's cached plan: reused only while it describes the
 networks, and never keeps a dead network alive.
 """
+
 import copy
 import gc
 import warnings
@@ -20,10 +21,15 @@ import pytest
 import torch
 from torch import nn
 
-from momentum_hook import MomentumTargetMixin, MomentumUpdater, \
-    fully_shard_pair, momentum_update_, scaled_momentum
+from momentum_hook import (
+    MomentumTargetMixin,
+    MomentumUpdater,
+    fully_shard_pair,
+    momentum_update_,
+    scaled_momentum,
+    validation,
+)
 from momentum_hook import plan as plan_module
-from momentum_hook import validation
 
 
 def networks():
@@ -32,13 +38,14 @@ def networks():
     target = copy.deepcopy(online).requires_grad_(False)
     with torch.no_grad():
         for param in target.parameters():
-            param.add_(1.)
+            param.add_(1.0)
     return online, target
 
 
 def snapshot(*modules):
-    return [[t.detach().clone() for t in m.state_dict().values()]
-            for m in modules]
+    return [
+        [t.detach().clone() for t in m.state_dict().values()] for m in modules
+    ]
 
 
 def assert_unchanged(before, *modules):
@@ -49,8 +56,10 @@ def assert_unchanged(before, *modules):
 
 def expected_lerp(target, online, momentum):
     """The update written out in float64, independently of the package."""
-    return [(t.double() * momentum + o.double() * (1 - momentum)).float()
-            for t, o in zip(target.parameters(), online.parameters())]
+    return [
+        (t.double() * momentum + o.double() * (1 - momentum)).float()
+        for t, o in zip(target.parameters(), online.parameters())
+    ]
 
 
 @pytest.fixture
@@ -76,6 +85,7 @@ def test_swapped_arguments_are_refused_before_anything_is_written(form):
 
 def test_fully_shard_pair_refuses_positional_networks():
     from torch.distributed.fsdp import FSDPModule
+
     online, target = networks()
     with pytest.raises(TypeError, match='positional argument'):
         fully_shard_pair(online, target)
@@ -122,7 +132,7 @@ def test_a_momentum_below_one_half_warns_once(fresh_warning, momentum):
     online, target = networks()
     with pytest.warns(UserWarning) as record:
         momentum_update_(target, online, momentum)
-    (warning, ) = record
+    (warning,) = record
     text = str(warning.message)
     assert f'momentum={momentum!r} is below 0.5' in text
     assert 'm weighs the old target' in text
@@ -138,13 +148,16 @@ class SmallBase(MomentumTargetMixin, nn.Module):
     def __init__(self):
         super().__init__()
         self.online_net = nn.Linear(2, 2)
-        self.target_net = self.init_momentum_target(self.online_net,
-                                                    base_momentum=0.004)
+        self.target_net = self.init_momentum_target(
+            self.online_net, base_momentum=0.004
+        )
 
 
-@pytest.mark.parametrize('make', [
-    lambda: MomentumUpdater(end_momentum=0.004), SmallBase
-], ids=['hook-argument', 'mixin-base-momentum'])
+@pytest.mark.parametrize(
+    'make',
+    [lambda: MomentumUpdater(end_momentum=0.004), SmallBase],
+    ids=['hook-argument', 'mixin-base-momentum'],
+)
 def test_small_momenta_in_the_hook_and_the_mixin_warn(fresh_warning, make):
     with pytest.warns(UserWarning, match='is below 0.5'):
         make()
@@ -157,7 +170,7 @@ def test_the_mmcv_hook_warns_for_mmengine_s_convention(fresh_warning):
         mmcv_hook.MomentumUpdateHook(end_momentum=0.0002)
 
 
-@pytest.mark.parametrize('momentum', [0., 0.5, 0.9, 0.99, 0.9998, 1.])
+@pytest.mark.parametrize('momentum', [0.0, 0.5, 0.9, 0.99, 0.9998, 1.0])
 def test_correct_calls_stay_silent(fresh_warning, momentum):
     online, target = networks()
     model = Model()
@@ -183,6 +196,7 @@ def test_a_scaled_momentum_below_one_half_stays_silent(fresh_warning):
 
 
 # --- The stateless call's cached plan --------------------------------------
+
 
 def assert_update_matches_reference(target, online, momentum):
     expected = expected_lerp(target, online, momentum)
@@ -214,8 +228,10 @@ def test_a_layer_added_to_one_network_is_refused():
     online, target = networks()
     momentum_update_(target, online, 0.5)
     online.add_module('3', nn.Linear(2, 2))
-    with pytest.raises(ValueError, match='target has 4 parameters but the '
-                       'online network has 6'):
+    with pytest.raises(
+        ValueError,
+        match='target has 4 parameters but the online network has 6',
+    ):
         momentum_update_(target, online, 0.5)
 
 
@@ -229,7 +245,7 @@ def test_another_online_network_and_another_buffer_policy_replan():
     assert_update_matches_reference(target, other, 0.5)
     bn_online = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     bn_target = copy.deepcopy(bn_online).requires_grad_(False)
-    bn_online[1].running_mean.fill_(1.)
+    bn_online[1].running_mean.fill_(1.0)
     momentum_update_(bn_target, bn_online, 0.5)  # 'keep'
     assert torch.equal(bn_target[1].running_mean, torch.zeros(2))
     momentum_update_(bn_target, bn_online, 0.5, buffers='copy')

@@ -8,6 +8,7 @@ here and nowhere else, and a version that lacks it stops the run with an
 error naming the attribute, the installed version and the range this
 package is tested on (read from its installed metadata).
 """
+
 import importlib.metadata
 import re
 
@@ -34,8 +35,13 @@ def tested_range(distribution):
         if match and match.group(1).lower() == distribution.lower():
             # Lower bounds first: '>=2.14,<2.16', as people write ranges.
             specifiers = sorted(
-                (part.strip() for part in match.group(2).split(',')
-                 if part.strip()), key=lambda part: not part.startswith('>'))
+                (
+                    part.strip()
+                    for part in match.group(2).split(',')
+                    if part.strip()
+                ),
+                key=lambda part: not part.startswith('>'),
+            )
             return ','.join(specifiers) or ' (any version)'
     return "as pinned in momentum_hook's pyproject.toml"
 
@@ -43,8 +49,11 @@ def tested_range(distribution):
 def release(text):
     """A version string's release as a tuple: ``'0.19.6+abc'`` ->
     ``(0, 19, 6)``."""
-    return tuple(int(part) for part in
-                 re.split(r'[+-]', text)[0].split('.')[:3] if part.isdigit())
+    return tuple(
+        int(part)
+        for part in re.split(r'[+-]', text)[0].split('.')[:3]
+        if part.isdigit()
+    )
 
 
 def missing_attribute(library, version, owner, name):
@@ -54,4 +63,5 @@ def missing_attribute(library, version, owner, name):
         f"momentum_hook reads {library}'s {owner}.{name}, which {library} "
         f'{version} does not have: use a {library} version within '
         f"momentum_hook's tested range ({library}"
-        f'{tested_range(library)})')
+        f'{tested_range(library)})'
+    )

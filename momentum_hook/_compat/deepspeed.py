@@ -6,15 +6,28 @@ ZeRO++ secondary partition ``ds_secondary_tensor``, ...); they are touched
 here and nowhere else. Nothing here imports DeepSpeed: a parameter can only
 be a ZeRO-3 parameter once DeepSpeed is imported.
 """
+
 import sys
 
 from . import missing_attribute, release
 
-__all__ = ['is_zero3_param', 'partition', 'secondary_partition',
-           'drop_secondary_partition', 'is_quantized', 'is_persistent',
-           'full_shape', 'full_numel', 'process_group', 'hpz_group',
-           'is_gathered', 'release_gathered', 'gathered_parameters',
-           'version', 'version_text']
+__all__ = [
+    'is_zero3_param',
+    'partition',
+    'secondary_partition',
+    'drop_secondary_partition',
+    'is_quantized',
+    'is_persistent',
+    'full_shape',
+    'full_numel',
+    'process_group',
+    'hpz_group',
+    'is_gathered',
+    'release_gathered',
+    'gathered_parameters',
+    'version',
+    'version_text',
+]
 
 
 def _deepspeed():
@@ -35,8 +48,9 @@ def _attribute(param, name):
     try:
         return getattr(param, name)
     except AttributeError:
-        raise missing_attribute('deepspeed', version_text(), 'Parameter',
-                                name) from None
+        raise missing_attribute(
+            'deepspeed', version_text(), 'Parameter', name
+        ) from None
 
 
 def is_zero3_param(tensor):

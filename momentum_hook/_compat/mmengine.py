@@ -4,10 +4,15 @@ MMEngine exports its strategies and the DeepSpeed engine wrapper only from
 the private package ``mmengine._strategy``, and an optimizer wrapper's
 accumulation only as ``_accumulative_counts``; they are read here.
 """
+
 import sys
 
-__all__ = ['accumulative_counts', 'auto_scale_lr', 'deepspeed_engine_wrapper',
-           'fsdp_strategy']
+__all__ = [
+    'accumulative_counts',
+    'auto_scale_lr',
+    'deepspeed_engine_wrapper',
+    'fsdp_strategy',
+]
 
 
 def auto_scale_lr(runner):
@@ -28,11 +33,15 @@ def accumulative_counts(optim_wrapper):
 def deepspeed_engine_wrapper():
     """MMEngine's ``MMDeepSpeedEngineWrapper`` class once its module is
     imported (by a ``DeepSpeedStrategy``), else None."""
-    return getattr(sys.modules.get('mmengine._strategy.deepspeed'),
-                   'MMDeepSpeedEngineWrapper', None)
+    return getattr(
+        sys.modules.get('mmengine._strategy.deepspeed'),
+        'MMDeepSpeedEngineWrapper',
+        None,
+    )
 
 
 def fsdp_strategy():
     """MMEngine's ``FSDPStrategy`` class (imports MMEngine's strategies)."""
     from mmengine._strategy import FSDPStrategy
+
     return FSDPStrategy

@@ -5,6 +5,7 @@ DTensor's local tensor without autograd, or a tensor's version counter;
 they are read here. Nothing here imports a distributed package: FSDP1's
 internals are looked up only once ``torch.distributed.fsdp`` is imported.
 """
+
 import importlib
 import sys
 
@@ -12,11 +13,23 @@ import torch
 
 from . import missing_attribute
 
-__all__ = ['internal', 'version_counter', 'dtensor_local',
-           'fsdp1_flat_param', 'flat_param_layout', 'flat_param_members',
-           'flat_param_padding', 'flat_param_shard', 'is_fsdp1_flattened',
-           'is_flat_param', 'module_slots', 'wrapped_attribute',
-           'WRAPPER_ATTRIBUTES', 'view_base', 'NO_GRAD_DECORATOR']
+__all__ = [
+    'internal',
+    'version_counter',
+    'dtensor_local',
+    'fsdp1_flat_param',
+    'flat_param_layout',
+    'flat_param_members',
+    'flat_param_padding',
+    'flat_param_shard',
+    'is_fsdp1_flattened',
+    'is_flat_param',
+    'module_slots',
+    'wrapped_attribute',
+    'WRAPPER_ATTRIBUTES',
+    'view_base',
+    'NO_GRAD_DECORATOR',
+]
 
 #: The file of torch's ``no_grad`` decorator, whose frames a warning skips.
 NO_GRAD_DECORATOR = ('torch', 'utils', '_contextlib.py')
@@ -32,8 +45,9 @@ def internal(obj, name):
     try:
         return getattr(obj, name)
     except AttributeError:
-        raise missing_attribute('torch', torch.__version__,
-                                type(obj).__name__, name) from None
+        raise missing_attribute(
+            'torch', torch.__version__, type(obj).__name__, name
+        ) from None
 
 
 def version_counter(tensor):
@@ -57,8 +71,9 @@ def _fsdp1(module_name, name):
 
 def is_fsdp1_flattened(tensor):
     """Whether FSDP1 flattened ``tensor`` into a unit (torch's own test)."""
-    flattened = _fsdp1('torch.distributed.fsdp._common_utils',
-                       '_is_fsdp_flattened')
+    flattened = _fsdp1(
+        'torch.distributed.fsdp._common_utils', '_is_fsdp_flattened'
+    )
     return flattened is not None and flattened(tensor)
 
 
@@ -80,9 +95,11 @@ def flat_param_members(flat):
 
 def flat_param_layout(flat):
     """``(names, shapes, numels with padding)`` of a ``FlatParameter``."""
-    return (tuple(internal(flat, '_fqns')),
-            tuple(tuple(shape) for shape in internal(flat, '_shapes')),
-            tuple(internal(flat, '_numels_with_padding')))
+    return (
+        tuple(internal(flat, '_fqns')),
+        tuple(tuple(shape) for shape in internal(flat, '_shapes')),
+        tuple(internal(flat, '_numels_with_padding')),
+    )
 
 
 def flat_param_padding(flat):
@@ -112,8 +129,14 @@ def module_slots(module, buffers):
 #: (``module``), FSDP1 (``_fsdp_wrapped_module``), ``checkpoint_wrapper``
 #: (``_checkpoint_wrapped_module``) and ``torch.compile``
 #: (``_orig_mod``). They prefix the names of everything inside.
-WRAPPER_ATTRIBUTES = frozenset({'module', '_fsdp_wrapped_module',
-                                '_checkpoint_wrapped_module', '_orig_mod'})
+WRAPPER_ATTRIBUTES = frozenset(
+    {
+        'module',
+        '_fsdp_wrapped_module',
+        '_checkpoint_wrapped_module',
+        '_orig_mod',
+    }
+)
 
 
 def wrapped_attribute(module):
@@ -132,5 +155,8 @@ def wrapped_attribute(module):
 
 def view_base(value):
     """The tensor that ``value`` views (``value._base``), or None."""
-    return getattr(value, '_base', None) if isinstance(
-        value, torch.Tensor) else None
+    return (
+        getattr(value, '_base', None)
+        if isinstance(value, torch.Tensor)
+        else None
+    )

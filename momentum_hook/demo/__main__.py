@@ -15,6 +15,7 @@ DeepSpeed ZeRO-3) instead; see :mod:`.flexible`.
 Mistakes in the input end the program with one line on stderr and exit
 status 2.
 """
+
 import argparse
 import importlib
 import os.path as osp
@@ -26,9 +27,16 @@ import torch.distributed as dist
 from ..mmcv_hook import unwrap
 from .plot import momentum_schedule, plot_training, read_train_log
 from .report import compare_features, format_table, write_results
-from .train import (CfgOptionsAction, DemoError, default_config_path,
-                    init_distributed, is_flexible, load_config,
-                    prepare_work_dir, train)
+from .train import (
+    CfgOptionsAction,
+    DemoError,
+    default_config_path,
+    init_distributed,
+    is_flexible,
+    load_config,
+    prepare_work_dir,
+    train,
+)
 
 __all__ = ['main', 'parse_args', 'run']
 
@@ -48,34 +56,54 @@ def parse_args(argv=None):
         prog=_PROG,
         description='Train BYOL on the digits that ship with scikit-learn, '
         'with the momentum hook in a real mmcv EpochBasedRunner, and compare '
-        'its features with two baselines on held-out images.')
+        'its features with two baselines on held-out images.',
+    )
     parser.add_argument(
-        'config', nargs='?',
-        help='an MMCV-style config; defaults to configs/byol_digits.py')
+        'config',
+        nargs='?',
+        help='an MMCV-style config; defaults to configs/byol_digits.py',
+    )
     parser.add_argument(
-        '--work-dir', help='where logs, checkpoints, results.json and the '
-        'plot go; defaults to ./work_dirs/<config name>')
+        '--work-dir',
+        help='where logs, checkpoints, results.json and the '
+        'plot go; defaults to ./work_dirs/<config name>',
+    )
     parser.add_argument(
-        '--cfg-options', nargs='+', action=CfgOptionsAction,
+        '--cfg-options',
+        nargs='+',
+        action=CfgOptionsAction,
         metavar='KEY=VALUE',
         help='override config entries, e.g. runner.max_epochs=2 '
-        'optimizer.lr=0.001 data.train.repeat=1')
-    parser.add_argument('--launcher', choices=['none', 'pytorch'],
-                        default='none',
-                        help="'pytorch' under torchrun (distributed)")
-    parser.add_argument('--resume-from', metavar='CKPT',
-                        help='a checkpoint of this config to continue from')
-    parser.add_argument('--device', choices=['cpu', 'cuda'],
-                        help='defaults to cuda when available, else cpu')
-    parser.add_argument('--seed', type=int,
-                        help="overrides the config's seed (default 0)")
+        'optimizer.lr=0.001 data.train.repeat=1',
+    )
+    parser.add_argument(
+        '--launcher',
+        choices=['none', 'pytorch'],
+        default='none',
+        help="'pytorch' under torchrun (distributed)",
+    )
+    parser.add_argument(
+        '--resume-from',
+        metavar='CKPT',
+        help='a checkpoint of this config to continue from',
+    )
+    parser.add_argument(
+        '--device',
+        choices=['cpu', 'cuda'],
+        help='defaults to cuda when available, else cpu',
+    )
+    parser.add_argument(
+        '--seed', type=int, help="overrides the config's seed (default 0)"
+    )
     return parser.parse_args(argv)
 
 
 def _check_requirements():
     missing = []
-    for module, package in (('sklearn', 'scikit-learn'),
-                            ('matplotlib', 'matplotlib')):
+    for module, package in (
+        ('sklearn', 'scikit-learn'),
+        ('matplotlib', 'matplotlib'),
+    ):
         try:
             importlib.import_module(module)
         except ImportError:
@@ -94,14 +122,18 @@ def _train_log(runner, flexible):
     or None without one."""
     if flexible:  # MMEngine's FlexibleRunner
         from .flexible import read_scalars
+
         logger = next(h for h in runner.hooks if hasattr(h, 'json_log_path'))
         return read_scalars(runner.log_dir), logger.interval
-    logger = next((h for h in runner.hooks if hasattr(h, 'json_log_path')),
-                  None)
+    logger = next(
+        (h for h in runner.hooks if hasattr(h, 'json_log_path')), None
+    )
     if logger is None or not osp.isfile(logger.json_log_path):
         return None
-    return (read_train_log(logger.json_log_path, len(runner.data_loader)),
-            logger.interval)
+    return (
+        read_train_log(logger.json_log_path, len(runner.data_loader)),
+        logger.interval,
+    )
 
 
 def _plot(runner, model, work_dir, flexible):
@@ -110,10 +142,13 @@ def _plot(runner, model, work_dir, flexible):
         return None
     records, interval = log
     out_file = osp.join(work_dir, 'momentum_and_loss.png')
-    plot_training(records, out_file, interval=interval,
-                  schedule=momentum_schedule(runner.hooks, runner.max_iters,
-                                             model),
-                  title='The momentum hook at work in BYOL')
+    plot_training(
+        records,
+        out_file,
+        interval=interval,
+        schedule=momentum_schedule(runner.hooks, runner.max_iters, model),
+        title='The momentum hook at work in BYOL',
+    )
     return out_file
 
 
@@ -121,22 +156,31 @@ def _evaluate(cfg, dataset, model, initial_model, device, work_dir):
     heldout = getattr(dataset, 'heldout', None)
     heldout = heldout() if cfg.get('evaluation') and heldout else None
     if heldout is None:
-        print('No evaluation: the config has no `evaluation` or its dataset '
-              'no held-out split.')
+        print(
+            'No evaluation: the config has no `evaluation` or its dataset '
+            'no held-out split.'
+        )
         return
     images, labels = heldout
     from threadpoolctl import threadpool_limits  # scikit-learn's dependency
+
     try:
         # scikit-learn's OpenMP threads as many as torch's (the config's
         # omp_num_threads): two on two shared cores made the
         # nearest-centroid episodes ten times slower.
         with threadpool_limits(limits=torch.get_num_threads()):
             results = compare_features(
-                model.encoder, initial_model.encoder, images,
-                labels, device=device, **cfg.evaluation)
+                model.encoder,
+                initial_model.encoder,
+                images,
+                labels,
+                device=device,
+                **cfg.evaluation,
+            )
     except (TypeError, ValueError) as error:
-        raise DemoError(f'cannot evaluate (the checkpoints are saved): '
-                        f'{error}') from None
+        raise DemoError(
+            f'cannot evaluate (the checkpoints are saved): {error}'
+        ) from None
     path = osp.join(work_dir, 'results.json')
     write_results(results, path)
     print(format_table(results))
@@ -151,21 +195,26 @@ def run(args):
     """
     missing = _check_requirements()
     if missing:
-        raise DemoError(f'the demo needs {" and ".join(missing)}, missing '
-                        'here: in a clone of momentum_hook, pip install '
-                        '--no-build-isolation -e ".[demo]"')
+        raise DemoError(
+            f'the demo needs {" and ".join(missing)}, missing '
+            'here: in a clone of momentum_hook, pip install '
+            '--no-build-isolation -e ".[demo]"'
+        )
     device = _device(args.device)
     if device is None:
-        raise DemoError('--device cuda, but torch sees no CUDA GPU: use '
-                        '--device cpu')
+        raise DemoError(
+            '--device cuda, but torch sees no CUDA GPU: use --device cpu'
+        )
     config = args.config or default_config_path()
     cfg = load_config(config, args.cfg_options)
     if args.seed is not None:
         cfg.seed = args.seed
     cfg.setdefault('seed', 0)
     work_dir = prepare_work_dir(
-        args.work_dir or cfg.get('work_dir') or osp.join(
-            'work_dirs', osp.splitext(osp.basename(config))[0]))
+        args.work_dir
+        or cfg.get('work_dir')
+        or osp.join('work_dirs', osp.splitext(osp.basename(config))[0])
+    )
     resume_from = args.resume_from or cfg.get('resume_from')
     if resume_from and not osp.isfile(resume_from):
         raise DemoError(f'checkpoint not found: {resume_from}')
@@ -174,13 +223,19 @@ def run(args):
     try:
         if distributed:
             rank, _ = init_distributed(
-                device, cfg.get('dist_params', {}).get('backend'))
+                device, cfg.get('dist_params', {}).get('backend')
+            )
         runner, initial_model = train(
-            cfg, work_dir, device=device, distributed=distributed,
-            resume_from=resume_from)
+            cfg,
+            work_dir,
+            device=device,
+            distributed=distributed,
+            resume_from=resume_from,
+        )
         flexible = is_flexible(cfg)
         if flexible:
             from .flexible import trained_copy
+
             model = trained_copy(runner, initial_model, work_dir)
             dataset = runner.train_dataloader.dataset
         else:

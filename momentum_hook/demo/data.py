@@ -13,6 +13,7 @@ augmentation is BYOL's recipe shrunk to 8x8: a small random affine warp
 contrast change (its colour jitter) and Gaussian noise (its blur/solarize,
 which mean little at this size).
 """
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,12 @@ from mmcv.utils import Registry
 from torch.utils.data import Dataset
 
 __all__ = [
-    'DATASETS', 'load_digits_split', 'random_affine', 'two_views',
-    'TwoViewsDataset', 'DigitsTwoViews'
+    'DATASETS',
+    'load_digits_split',
+    'random_affine',
+    'two_views',
+    'TwoViewsDataset',
+    'DigitsTwoViews',
 ]
 
 #: Dataset types a config can name in ``data.train.type``.
@@ -53,8 +58,12 @@ def load_digits_split(split, heldout_fraction=0.3, split_seed=0):
     digits = load_digits()
     images = digits.images.astype(np.float32) / _DIGITS_MAX
     train_x, heldout_x, train_y, heldout_y = train_test_split(
-        images, digits.target, test_size=heldout_fraction,
-        random_state=split_seed, stratify=digits.target)
+        images,
+        digits.target,
+        test_size=heldout_fraction,
+        random_state=split_seed,
+        stratify=digits.target,
+    )
     x, y = (train_x, train_y) if split == 'train' else (heldout_x, heldout_y)
     return torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y).long()
 
@@ -63,8 +72,14 @@ def _uniform(n, low, high, generator):
     return torch.empty(n).uniform_(low, high, generator=generator)
 
 
-def random_affine(images, degrees=15., scale=(0.85, 1.15), shear=10.,
-                  shift=1., generator=None):
+def random_affine(
+    images,
+    degrees=15.0,
+    scale=(0.85, 1.15),
+    shear=10.0,
+    shift=1.0,
+    generator=None,
+):
     """Warp each image by its own small random affine transform.
 
     Args:
@@ -87,18 +102,32 @@ def random_affine(images, degrees=15., scale=(0.85, 1.15), shear=10.,
     # reads a smaller input region, hence the division.
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     tan = torch.tan(shear_angle)
-    theta = torch.stack([
-        torch.stack([cos, -sin + cos * tan, _uniform(
-            n, -shift, shift, generator) * 2 / width], 1),
-        torch.stack([sin, cos + sin * tan, _uniform(
-            n, -shift, shift, generator) * 2 / height], 1),
-    ], 1)
+    theta = torch.stack(
+        [
+            torch.stack(
+                [
+                    cos,
+                    -sin + cos * tan,
+                    _uniform(n, -shift, shift, generator) * 2 / width,
+                ],
+                1,
+            ),
+            torch.stack(
+                [
+                    sin,
+                    cos + sin * tan,
+                    _uniform(n, -shift, shift, generator) * 2 / height,
+                ],
+                1,
+            ),
+        ],
+        1,
+    )
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, align_corners=False)
 
 
-def two_views(images, brightness=0.4, noise=0.1, generator=None,
-              **affine):
+def two_views(images, brightness=0.4, noise=0.1, generator=None, **affine):
     """Two independently augmented views of each image.
 
     Each view is a random affine warp (:func:`random_affine`), then a
@@ -147,8 +176,11 @@ class TwoViewsDataset(Dataset):
     """
 
     def __init__(self, images, repeat=1, **augment):
-        if isinstance(repeat, bool) or not isinstance(repeat, int) \
-                or repeat < 1:
+        if (
+            isinstance(repeat, bool)
+            or not isinstance(repeat, int)
+            or repeat < 1
+        ):
             raise ValueError(f'repeat must be an int >= 1, got {repeat!r}')
         self.images = images
         self.repeat = repeat
@@ -178,10 +210,12 @@ class DigitsTwoViews(TwoViewsDataset):
         **augment: Options of :func:`two_views` and :func:`random_affine`.
     """
 
-    def __init__(self, repeat=1, heldout_fraction=0.3, split_seed=0,
-                 **augment):
-        self.split = dict(heldout_fraction=heldout_fraction,
-                          split_seed=split_seed)
+    def __init__(
+        self, repeat=1, heldout_fraction=0.3, split_seed=0, **augment
+    ):
+        self.split = dict(
+            heldout_fraction=heldout_fraction, split_seed=split_seed
+        )
         images, _ = load_digits_split('train', **self.split)
         super().__init__(images, repeat=repeat, **augment)
 

@@ -16,6 +16,7 @@ batch ``B``.
 :func:`product_form_gap` compares, on a schedule alone, ``κ`` updates at
 the scheduled momenta with one update at the ``κ``-th power of the first.
 """
+
 import argparse
 import json
 import math
@@ -47,31 +48,43 @@ class ShadowTargets:
         end_momentum (float): The momentum the cosine rises to.
     """
 
-    def __init__(self, target, kappas, base_momentum, end_momentum=1.):
+    def __init__(self, target, kappas, base_momentum, end_momentum=1.0):
         start = _flat(target).double()
         self.base_momentum, self.end_momentum = base_momentum, end_momentum
-        self.shadows = {(kappa, rule): start.clone() for kappa in kappas
-                        for rule in ('m ** kappa', 'm')}
+        self.shadows = {
+            (kappa, rule): start.clone()
+            for kappa in kappas
+            for rule in ('m ** kappa', 'm')
+        }
         #: ``{(kappa, rule): [(update, ||shadow - target||)]}``
         self.distances = {key: [] for key in self.shadows}
 
     def __call__(self, update, updates, model):
         """After real update ``update`` (0-based) of ``updates``."""
-        online, target = (_flat(model.online_net).double(),
-                          _flat(model.target_net).double())
+        online, target = (
+            _flat(model.online_net).double(),
+            _flat(model.target_net).double(),
+        )
         for (kappa, rule), shadow in self.shadows.items():
             if (update + 1) % kappa:
                 continue
             if updates % kappa:
-                raise ValueError(f'kappa={kappa} does not divide the run '
-                                 f'of {updates} updates')
-            momentum = cosine_momentum(update // kappa, updates // kappa,
-                                       self.base_momentum, self.end_momentum)
+                raise ValueError(
+                    f'kappa={kappa} does not divide the run '
+                    f'of {updates} updates'
+                )
+            momentum = cosine_momentum(
+                update // kappa,
+                updates // kappa,
+                self.base_momentum,
+                self.end_momentum,
+            )
             if rule == 'm ** kappa':
                 momentum = scaled_momentum(momentum, kappa)
             shadow.mul_(momentum).add_(online, alpha=1 - momentum)
             self.distances[kappa, rule].append(
-                (update + 1, float((shadow - target).norm())))
+                (update + 1, float((shadow - target).norm()))
+            )
 
 
 def replay(settings, kappas=(2, 4, 8), seed=0):
@@ -94,11 +107,17 @@ def replay(settings, kappas=(2, 4, 8), seed=0):
     from .data import load_digits_split
     from .model import DigitsBYOL
     from .scaling import arms, sample_views, train_arm
+
     images = settings.get('images')
     if images is None:
         images = load_digits_split('train')[0]
-    views = sample_views(images, settings['samples'], settings['batch'],
-                         seed, settings['augment'])
+    views = sample_views(
+        images,
+        settings['samples'],
+        settings['batch'],
+        seed,
+        settings['augment'],
+    )
     arm = arms(settings['batch'], 1, settings['optimizer'])[0]
     torch.manual_seed(seed)  # train_arm builds the same weights again
     reference = DigitsBYOL(**settings['model'])
@@ -110,12 +129,19 @@ def replay(settings, kappas=(2, 4, 8), seed=0):
         shadows(update, updates, model)
         end.update(target=model.target_net, updates=updates)
 
-    train_arm(arm, seed, views, None, dict(settings, eval_every=0),
-              on_update=on_update)
+    train_arm(
+        arm,
+        seed,
+        views,
+        None,
+        dict(settings, eval_every=0),
+        on_update=on_update,
+    )
     total = float((_flat(end['target']) - _flat(start)).double().norm())
-    curves = {f'kappa={kappa}, {rule}': [[u, d / total] for u, d in points]
-              for (kappa, rule), points in
-              shadows.distances.items()}
+    curves = {
+        f'kappa={kappa}, {rule}': [[u, d / total] for u, d in points]
+        for (kappa, rule), points in shadows.distances.items()
+    }
     return dict(updates=end['updates'], total_move=total, curves=curves)
 
 
@@ -139,11 +165,16 @@ def product_form_gap(base_momentum, end_momentum, max_iters, kappa):
     gaps = []
     for j in range(max_iters // kappa):
         product = math.prod(
-            cosine_momentum(j * kappa + i, max_iters, base_momentum,
-                            end_momentum) for i in range(kappa))
-        power = cosine_momentum(j * kappa, max_iters, base_momentum,
-                                end_momentum)**kappa
-        gap = (1 - power) / (1 - product) - 1 if product < 1 else 0.
+            cosine_momentum(
+                j * kappa + i, max_iters, base_momentum, end_momentum
+            )
+            for i in range(kappa)
+        )
+        power = (
+            cosine_momentum(j * kappa, max_iters, base_momentum, end_momentum)
+            ** kappa
+        )
+        gap = (1 - power) / (1 - product) - 1 if product < 1 else 0.0
         gaps.append((j * kappa / max_iters, gap))
     return gaps
 
@@ -151,18 +182,28 @@ def product_form_gap(base_momentum, end_momentum, max_iters, kappa):
 def plot(result, path, caption):
     """Save the curves of :func:`replay` as a small PNG."""
     import matplotlib
+
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+
     figure, axes = plt.subplots(figsize=(6.4, 3.4), dpi=100)
-    colours = dict(zip(sorted({k.split(',')[0] for k in result['curves']}),
-                       ('tab:blue', 'tab:orange', 'tab:green', 'tab:red')))
+    colours = dict(
+        zip(
+            sorted({k.split(',')[0] for k in result['curves']}),
+            ('tab:blue', 'tab:orange', 'tab:green', 'tab:red'),
+        )
+    )
     for name, points in result['curves'].items():
         kappa, rule = name.split(', ')
         updates, distance = zip(*points)
-        axes.plot(updates, distance, color=colours[kappa],
-                  linestyle='-' if rule == 'm ** kappa' else '--',
-                  label=f'{kappa.replace("kappa", "κ")}, '
-                  f'{rule.replace("kappa", "κ")}')
+        axes.plot(
+            updates,
+            distance,
+            color=colours[kappa],
+            linestyle='-' if rule == 'm ** kappa' else '--',
+            label=f'{kappa.replace("kappa", "κ")}, '
+            f'{rule.replace("kappa", "κ")}',
+        )
     axes.set_yscale('log')
     axes.set_xlabel('update of the run at batch B')
     axes.set_ylabel('|shadow - target| / total move')
@@ -179,38 +220,48 @@ def summary(result):
     and the end of the run, and its largest."""
     updates = result['updates']
     marks = [updates // 4, updates // 2, 3 * updates // 4, updates]
-    lines = ['| shadow | 1/4 | 1/2 | 3/4 | end | largest |',
-             '| --- | --- | --- | --- | --- | --- |']
+    lines = [
+        '| shadow | 1/4 | 1/2 | 3/4 | end | largest |',
+        '| --- | --- | --- | --- | --- | --- |',
+    ]
     for name, points in result['curves'].items():
         at = dict((u, d) for u, d in points)
-        cells = [f'{at[min(at, key=lambda u: abs(u - m))]:.4f}'
-                 for m in marks]
-        lines.append(f'| {name} | ' + ' | '.join(cells)
-                     + f' | {max(d for _, d in points):.4f} |')
+        cells = [f'{at[min(at, key=lambda u: abs(u - m))]:.4f}' for m in marks]
+        lines.append(
+            f'| {name} | '
+            + ' | '.join(cells)
+            + f' | {max(d for _, d in points):.4f} |'
+        )
     return '\n'.join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog='python -m momentum_hook.demo.ema_replay', description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog='python -m momentum_hook.demo.ema_replay',
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument('--plot', metavar='PNG')
     parser.add_argument('--json', metavar='FILE')
     parser.add_argument('--caption', default='')
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     from .scaling import demo_settings
+
     settings = demo_settings()
     result = replay(settings)
     print(summary(result))
     for kappa in (4, 8):
-        gaps = product_form_gap(0.99, 1., 980, kappa)
-        quarters = [min(gaps, key=lambda g: abs(g[0] - q))
-                    for q in (.25, .5, .75)]
-        print(f'product form, the demo schedule (0.99 -> 1 over 980 '
-              f'updates), kappa={kappa}: ' + ', '.join(
-                  f'{f:.2f}: {g:+.3%}' for f, g in quarters)
-              + f', last block {gaps[-1][1]:+.1%}')
+        gaps = product_form_gap(0.99, 1.0, 980, kappa)
+        quarters = [
+            min(gaps, key=lambda g: abs(g[0] - q)) for q in (0.25, 0.5, 0.75)
+        ]
+        print(
+            f'product form, the demo schedule (0.99 -> 1 over 980 '
+            f'updates), kappa={kappa}: '
+            + ', '.join(f'{f:.2f}: {g:+.3%}' for f, g in quarters)
+            + f', last block {gaps[-1][1]:+.1%}'
+        )
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(result, f)

@@ -17,20 +17,24 @@ Only :func:`extract_features` touches a network; the rest are pure functions
 of arrays. scikit-learn is imported when they are called, so that the demo
 can say it is missing in one line.
 """
+
 import warnings
 
 import numpy as np
 import torch
 
 __all__ = [
-    'extract_features', 'nearest_centroid_accuracy', 'knn_accuracy',
-    'evaluate_features'
+    'extract_features',
+    'nearest_centroid_accuracy',
+    'knn_accuracy',
+    'evaluate_features',
 ]
 
 
 @torch.no_grad()
-def extract_features(encoder, images, batch_size=256, device='cpu',
-                     progress=None):
+def extract_features(
+    encoder, images, batch_size=256, device='cpu', progress=None
+):
     """Features of ``images`` from ``encoder`` in eval mode.
 
     Args:
@@ -48,7 +52,7 @@ def extract_features(encoder, images, batch_size=256, device='cpu',
     encoder.eval()
     features = []
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size].to(device)
+        batch = images[start : start + batch_size].to(device)
         features.append(encoder(batch).flatten(1).float().cpu())
         if progress is not None:
             progress.update(len(batch))
@@ -61,8 +65,10 @@ def _class_members(labels, shots):
     members = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     smallest = min(len(m) for m in members)
     if smallest <= shots:
-        raise ValueError(f'{shots}-shot episodes need more than {shots} '
-                         f'examples per class, but a class has {smallest}')
+        raise ValueError(
+            f'{shots}-shot episodes need more than {shots} '
+            f'examples per class, but a class has {smallest}'
+        )
     return members
 
 
@@ -95,7 +101,8 @@ def nearest_centroid_accuracy(features, labels, shots, seeds=range(10)):
     for seed in seeds:
         rng = np.random.default_rng(seed)
         support = np.concatenate(
-            [rng.choice(m, shots, replace=False) for m in members])
+            [rng.choice(m, shots, replace=False) for m in members]
+        )
         query = np.ones(len(features), dtype=bool)
         query[support] = False
         with warnings.catch_warnings(), np.errstate(invalid='ignore'):
@@ -103,8 +110,9 @@ def nearest_centroid_accuracy(features, labels, shots, seeds=range(10)):
             # shrinkage this function does not use: 0 / 0 with one shot,
             # and a warning wherever a feature is constant in a class.
             warnings.filterwarnings('ignore', 'self.within_class_std_dev_')
-            classifier = NearestCentroid().fit(features[support],
-                                               labels[support])
+            classifier = NearestCentroid().fit(
+                features[support], labels[support]
+            )
         accuracies.append(classifier.score(features[query], labels[query]))
     return float(np.mean(accuracies))
 
@@ -134,8 +142,7 @@ def knn_accuracy(features, labels, k=10):
     return float((predicted == labels).mean())
 
 
-def evaluate_features(features, labels, shots=(1, 5), seeds=range(10),
-                      k=10):
+def evaluate_features(features, labels, shots=(1, 5), seeds=range(10), k=10):
     """Few-shot and kNN accuracy of one set of features.
 
     Returns:

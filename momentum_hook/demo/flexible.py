@@ -13,6 +13,7 @@ runner and, after training, gathers the sharded weights with
 ordinary, unsharded copy and writes the target (the teacher) to
 ``target_net.pth`` with :func:`momentum_hook.export.export_target`.
 """
+
 import copy
 import glob
 import json
@@ -25,8 +26,14 @@ from torch import nn
 from ..export import export_target, full_state_dict
 from .model import MODELS, DigitsBYOL
 
-__all__ = ['FlexibleDigitsBYOL', 'sequential_wrap_policy',
-           'train_flexible', 'trained_copy', 'read_scalars', 'TARGET_FILE']
+__all__ = [
+    'FlexibleDigitsBYOL',
+    'sequential_wrap_policy',
+    'train_flexible',
+    'trained_copy',
+    'read_scalars',
+    'TARGET_FILE',
+]
 
 #: Where rank 0 writes the full target network's state dict.
 TARGET_FILE = 'target_net.pth'
@@ -60,11 +67,14 @@ def sequential_wrap_policy(module, recurse, nonwrapped_numel):
 def read_scalars(log_dir):
     """The training records of MMEngine's ``vis_data/scalars.json``, with
     ``global_iter`` (1-based) from their ``step``, as the plot wants them."""
-    (path, ) = glob.glob(osp.join(log_dir, 'vis_data', 'scalars.json'))
+    (path,) = glob.glob(osp.join(log_dir, 'vis_data', 'scalars.json'))
     with open(path) as f:
         records = [json.loads(line) for line in f]
-    return [dict(record, global_iter=record['step']) for record in records
-            if 'loss' in record]
+    return [
+        dict(record, global_iter=record['step'])
+        for record in records
+        if 'loss' in record
+    ]
 
 
 def _strategy_and_optim_wrapper(cfg):
@@ -75,15 +85,20 @@ def _strategy_and_optim_wrapper(cfg):
     ``train_micro_batch_size_per_gpu`` defaults to the batch of each
     process, ``cfg.data.samples_per_gpu``.
     """
-    strategy = (cfg.strategy.to_dict() if hasattr(cfg.strategy, 'to_dict')
-                else dict(cfg.strategy))
+    strategy = (
+        cfg.strategy.to_dict()
+        if hasattr(cfg.strategy, 'to_dict')
+        else dict(cfg.strategy)
+    )
     optim_wrapper = dict(optimizer=dict(cfg.optimizer))
     if strategy.get('type') == 'DeepSpeedStrategy':
         optim_wrapper['type'] = 'DeepSpeedOptimWrapper'
-        if 'train_micro_batch_size_per_gpu' not in (strategy.get('config')
-                                                    or {}):
-            strategy.setdefault('train_micro_batch_size_per_gpu',
-                                cfg.data.samples_per_gpu)
+        if 'train_micro_batch_size_per_gpu' not in (
+            strategy.get('config') or {}
+        ):
+            strategy.setdefault(
+                'train_micro_batch_size_per_gpu', cfg.data.samples_per_gpu
+            )
     return strategy, optim_wrapper
 
 
@@ -92,26 +107,41 @@ def _runner(cfg, model, dataset, work_dir, distributed, hooks):
     checkpoint = cfg.get('checkpoint_config') or {}
     strategy, optim_wrapper = _strategy_and_optim_wrapper(cfg)
     return FlexibleRunner(
-        model=model, work_dir=work_dir, strategy=strategy,
+        model=model,
+        work_dir=work_dir,
+        strategy=strategy,
         launcher='pytorch' if distributed else 'none',
         train_dataloader=dict(
-            dataset=dataset, batch_size=cfg.data.samples_per_gpu,
-            num_workers=cfg.data.get('workers_per_gpu', 0), drop_last=True,
+            dataset=dataset,
+            batch_size=cfg.data.samples_per_gpu,
+            num_workers=cfg.data.get('workers_per_gpu', 0),
+            drop_last=True,
             sampler=dict(type='DefaultSampler', shuffle=True, seed=cfg.seed),
-            collate_fn=dict(type='default_collate')),
+            collate_fn=dict(type='default_collate'),
+        ),
         optim_wrapper=optim_wrapper,
         train_cfg=dict(by_epoch=True, max_epochs=cfg.runner.max_epochs),
         default_hooks=dict(
             logger=dict(type='LoggerHook', interval=log_interval),
-            checkpoint=dict(type='CheckpointHook',
-                            interval=checkpoint.get('interval', 1))),
+            checkpoint=dict(
+                type='CheckpointHook', interval=checkpoint.get('interval', 1)
+            ),
+        ),
         custom_hooks=[*cfg.get('custom_hooks', []), *hooks],
         randomness=dict(seed=cfg.seed),
         # Both logged as means over the interval, as mmcv's logger does.
-        log_processor=dict(window_size=log_interval, custom_cfg=[dict(
-            data_src='target_momentum', method_name='mean',
-            window_size=log_interval)]),
-        env_cfg=dict(dist_cfg=dict(backend='gloo')))
+        log_processor=dict(
+            window_size=log_interval,
+            custom_cfg=[
+                dict(
+                    data_src='target_momentum',
+                    method_name='mean',
+                    window_size=log_interval,
+                )
+            ],
+        ),
+        env_cfg=dict(dist_cfg=dict(backend='gloo')),
+    )
 
 
 def train_flexible(cfg, work_dir, model, dataset, distributed, hooks=()):

@@ -13,6 +13,7 @@ The images are resized, centre-cropped and loaded into memory once, which
 suits a few thousand small images; the views are made as for the digits
 (:func:`~.data.two_views`).
 """
+
 import torch
 
 from .data import DATASETS, TwoViewsDataset
@@ -40,8 +41,11 @@ def load_image_folder(root, size, grayscale=False):
     from torchvision import datasets, transforms
 
     steps = [transforms.Grayscale()] if grayscale else []
-    steps += [transforms.Resize(size), transforms.CenterCrop(size),
-              transforms.ToTensor()]
+    steps += [
+        transforms.Resize(size),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+    ]
     folder = datasets.ImageFolder(root, transform=transforms.Compose(steps))
     images = torch.stack([image for image, _ in folder])
     return images, torch.tensor(folder.targets)
@@ -63,8 +67,15 @@ class ImageFolderTwoViews(TwoViewsDataset):
         **augment: Options of :func:`~.data.two_views`.
     """
 
-    def __init__(self, root, size=32, grayscale=False, heldout_root=None,
-                 repeat=1, **augment):
+    def __init__(
+        self,
+        root,
+        size=32,
+        grayscale=False,
+        heldout_root=None,
+        repeat=1,
+        **augment,
+    ):
         self.size, self.grayscale = size, grayscale
         self.heldout_root = heldout_root
         images, _ = load_image_folder(root, size, grayscale)

@@ -6,6 +6,7 @@ predictor; the target network is a frozen copy of encoder + projector made by
 gives the model the ``base_momentum``, ``momentum`` and ``momentum_update()``
 that the hook drives. Nothing in the model schedules or applies the EMA.
 """
+
 import torch
 import torch.nn.functional as F
 from mmcv.cnn import MODELS as MMCV_MODELS
@@ -28,13 +29,18 @@ MODELS = Registry('model', parent=MMCV_MODELS, scope='momentum_hook')
 def _conv_block(in_channels, out_channels):
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
 
 
 def _mlp(in_dim, hidden_dim, out_dim):
     return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
-        nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+        nn.Linear(in_dim, hidden_dim, bias=False),
+        nn.BatchNorm1d(hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim),
+    )
 
 
 def byol_loss(prediction, target):
@@ -68,8 +74,14 @@ class DigitsBYOL(MomentumTargetMixin, nn.Module):
             hook raises to its ``end_momentum``. Defaults to 0.99.
     """
 
-    def __init__(self, in_channels=1, widths=(32, 64, 128), hidden_dim=256,
-                 proj_dim=64, base_momentum=0.99):
+    def __init__(
+        self,
+        in_channels=1,
+        widths=(32, 64, 128),
+        hidden_dim=256,
+        proj_dim=64,
+        base_momentum=0.99,
+    ):
         super().__init__()
         blocks, channels = [], in_channels
         for index, width in enumerate(widths):
@@ -77,14 +89,15 @@ class DigitsBYOL(MomentumTargetMixin, nn.Module):
             if index == 1:
                 blocks.append(nn.MaxPool2d(2))
             channels = width
-        encoder = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1),
-                                nn.Flatten())
+        encoder = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.feat_dim = channels
-        self.online_net = nn.Sequential(encoder,
-                                        _mlp(channels, hidden_dim, proj_dim))
+        self.online_net = nn.Sequential(
+            encoder, _mlp(channels, hidden_dim, proj_dim)
+        )
         self.predictor = _mlp(proj_dim, hidden_dim, proj_dim)
         self.target_net = self.init_momentum_target(
-            self.online_net, base_momentum=base_momentum)
+            self.online_net, base_momentum=base_momentum
+        )
 
     @property
     def encoder(self):
@@ -111,11 +124,13 @@ class DigitsBYOL(MomentumTargetMixin, nn.Module):
         """
         views = torch.cat([img1, img2])
         prediction1, prediction2 = self.predictor(
-            self.online_net(views)).chunk(2)
+            self.online_net(views)
+        ).chunk(2)
         with torch.no_grad():
             target1, target2 = self.target_net(views).chunk(2)
-        return (byol_loss(prediction1, target2) +
-                byol_loss(prediction2, target1)) / 2
+        return (
+            byol_loss(prediction1, target2) + byol_loss(prediction2, target1)
+        ) / 2
 
     def train_step(self, data, optimizer=None):
         """One BYOL step's loss (:meth:`loss`), in the form mmcv runners
@@ -130,5 +145,8 @@ class DigitsBYOL(MomentumTargetMixin, nn.Module):
             ``num_samples`` (for the logger).
         """
         loss = self.loss(data['img1'], data['img2'])
-        return dict(loss=loss, log_vars=dict(loss=loss.item()),
-                    num_samples=len(data['img1']))
+        return dict(
+            loss=loss,
+            log_vars=dict(loss=loss.item()),
+            num_samples=len(data['img1']),
+        )

@@ -5,6 +5,7 @@ mmcv's ``TextLoggerHook`` appends one JSON object per log interval to
 ``iter`` (from 1 within the epoch) and the interval's mean of every logged
 value, among them ``loss`` and the hook's ``target_momentum``.
 """
+
 import json
 
 __all__ = ['read_train_log', 'momentum_schedule', 'plot_training']
@@ -28,8 +29,9 @@ def read_train_log(json_log, iters_per_epoch):
             record = json.loads(line)
             if record.get('mode') != 'train':
                 continue  # the first line holds the environment and seed
-            record['global_iter'] = ((record['epoch'] - 1) * iters_per_epoch +
-                                     record['iter'])
+            record['global_iter'] = (
+                record['epoch'] - 1
+            ) * iters_per_epoch + record['iter']
             records.append(record)
     return records
 
@@ -47,14 +49,25 @@ def momentum_schedule(hooks, max_iters, model):
         update the target and their momenta; None without a momentum hook.
     """
     from momentum_hook import MomentumUpdater
-    updater = next((h.updater for h in hooks if isinstance(
-        getattr(h, 'updater', None), MomentumUpdater)), None)
+
+    updater = next(
+        (
+            h.updater
+            for h in hooks
+            if isinstance(getattr(h, 'updater', None), MomentumUpdater)
+        ),
+        None,
+    )
     if updater is None:
         return None
     iters = [k for k in range(max_iters) if updater.is_update_iter(k)]
-    return ([k + 1 for k in iters],
-            [updater.momentum_at(k, max_iters, model.base_momentum)
-             for k in iters])
+    return (
+        [k + 1 for k in iters],
+        [
+            updater.momentum_at(k, max_iters, model.base_momentum)
+            for k in iters
+        ],
+    )
 
 
 def plot_training(records, out_file, interval=1, schedule=None, title=None):
@@ -72,16 +85,23 @@ def plot_training(records, out_file, interval=1, schedule=None, title=None):
         title (str, optional): The figure title.
     """
     import matplotlib
+
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     iters = [r['global_iter'] - (interval - 1) / 2 for r in records]
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 5.5))
     if schedule is not None:
-        top.plot(*schedule, color='0.6', lw=2,
-                 label='cosine schedule (formula)')
-    top.plot(iters, [r.get('target_momentum') for r in records], '.',
-             color='C0', label='target_momentum (logged by the hook)')
+        top.plot(
+            *schedule, color='0.6', lw=2, label='cosine schedule (formula)'
+        )
+    top.plot(
+        iters,
+        [r.get('target_momentum') for r in records],
+        '.',
+        color='C0',
+        label='target_momentum (logged by the hook)',
+    )
     top.set_ylabel('target momentum')
     top.legend(loc='lower right')
     bottom.plot(iters, [r.get('loss') for r in records], color='C1')

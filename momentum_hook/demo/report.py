@@ -5,6 +5,7 @@ random initialisation and the raw pixels with
 :func:`~.evaluate.evaluate_features`; :func:`format_table` and
 :func:`write_results` print and save the scores.
 """
+
 import json
 
 import mmcv
@@ -22,8 +23,16 @@ FEATURES = {
 }
 
 
-def compare_features(trained, untrained, images, labels, device='cpu',
-                     shots=(1, 5), episodes=10, knn_k=10):
+def compare_features(
+    trained,
+    untrained,
+    images,
+    labels,
+    device='cpu',
+    shots=(1, 5),
+    episodes=10,
+    knn_k=10,
+):
     """Few-shot and kNN accuracy of three feature sets of ``images``.
 
     Args:
@@ -43,17 +52,20 @@ def compare_features(trained, untrained, images, labels, device='cpu',
         dict: ``{'byol': {'1-shot': .., '5-shot': .., 'knn': ..},
         'random_init': {...}, 'pixels': {...}}``.
     """
-    encoders = dict(byol=trained, random_init=untrained,
-                    pixels=nn.Flatten())
-    print(f'Evaluating {len(encoders)} feature sets on {len(images)} '
-          'held-out images:')
+    encoders = dict(byol=trained, random_init=untrained, pixels=nn.Flatten())
+    print(
+        f'Evaluating {len(encoders)} feature sets on {len(images)} '
+        'held-out images:'
+    )
     progress = mmcv.ProgressBar(len(encoders) * len(images))  # one per image
     results = {}
     for name, encoder in encoders.items():
-        features = extract_features(encoder.to(device), images,
-                                    device=device, progress=progress)
-        results[name] = evaluate_features(features, labels.numpy(), shots,
-                                          range(episodes), knn_k)
+        features = extract_features(
+            encoder.to(device), images, device=device, progress=progress
+        )
+        results[name] = evaluate_features(
+            features, labels.numpy(), shots, range(episodes), knn_k
+        )
     print()
     return results
 
@@ -64,8 +76,10 @@ def format_table(results):
     header = f'{"features":<28}' + ''.join(f'{m:>8}' for m in metrics)
     rows = [header, '-' * len(header)]
     for name, scores in results.items():
-        rows.append(f'{FEATURES.get(name, name):<28}' +
-                    ''.join(f'{scores[m]:>8.3f}' for m in metrics))
+        rows.append(
+            f'{FEATURES.get(name, name):<28}'
+            + ''.join(f'{scores[m]:>8.3f}' for m in metrics)
+        )
     return '\n'.join(rows)
 
 

@@ -10,6 +10,7 @@ Mistakes in what a user gives (a config that does not exist or does not
 build, an option that does not parse, a work dir that cannot be written)
 raise :class:`DemoError` with a one-line message.
 """
+
 import argparse
 import copy
 import os
@@ -23,8 +24,14 @@ import torch
 import torch.distributed as dist
 from mmcv.cnn import MODELS
 from mmcv.parallel import MMDataParallel, MMDistributedDataParallel
-from mmcv.runner import (DistSamplerSeedHook, build_optimizer, build_runner,
-                         get_dist_info, init_dist, set_random_seed)
+from mmcv.runner import (
+    DistSamplerSeedHook,
+    build_optimizer,
+    build_runner,
+    get_dist_info,
+    init_dist,
+    set_random_seed,
+)
 from mmcv.utils import build_from_cfg, get_logger, import_modules_from_strings
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -33,11 +40,20 @@ from .data import DATASETS
 from .model import DigitsBYOL  # noqa: F401, as 'momentum_hook.DigitsBYOL'
 
 __all__ = [
-    'DemoError', 'DEFAULT_CONFIG', 'CfgOptionsAction', 'parse_cfg_options',
+    'DemoError',
+    'DEFAULT_CONFIG',
+    'CfgOptionsAction',
+    'parse_cfg_options',
     'is_flexible',
-    'default_config_path', 'load_config', 'prepare_work_dir',
-    'init_distributed', 'build_model', 'build_dataset', 'build_train_loader',
-    'build_demo_runner', 'train'
+    'default_config_path',
+    'load_config',
+    'prepare_work_dir',
+    'init_distributed',
+    'build_model',
+    'build_dataset',
+    'build_train_loader',
+    'build_demo_runner',
+    'train',
 ]
 
 #: The default config's file name, in ``configs/`` of a checkout and in the
@@ -57,12 +73,15 @@ def default_config_path():
             return str(path)
     except ModuleNotFoundError:
         pass
-    path = osp.join(osp.dirname(__file__), '..', '..', 'configs',
-                    DEFAULT_CONFIG)
+    path = osp.join(
+        osp.dirname(__file__), '..', '..', 'configs', DEFAULT_CONFIG
+    )
     if not osp.isfile(path):
-        raise DemoError(f'the default config {DEFAULT_CONFIG} is neither in '
-                        'the package momentum_hook.configs nor in the '
-                        'checkout: reinstall momentum_hook or give a config')
+        raise DemoError(
+            f'the default config {DEFAULT_CONFIG} is neither in '
+            'the package momentum_hook.configs nor in the '
+            'checkout: reinstall momentum_hook or give a config'
+        )
     return osp.normpath(path)
 
 
@@ -76,8 +95,10 @@ class CfgOptionsAction(mmcv.DictAction):
             key, sep, _ = item.partition('=')
             if not sep or not key or key != key.strip():
                 raise argparse.ArgumentError(
-                    self, f'bad item {item!r}: expected key=value, e.g. '
-                    'runner.max_epochs=2')
+                    self,
+                    f'bad item {item!r}: expected key=value, e.g. '
+                    'runner.max_epochs=2',
+                )
         try:
             super().__call__(parser, namespace, values, option_string)
         except AssertionError as error:  # DictAction's bracket check
@@ -120,8 +141,9 @@ def load_config(path, options=None):
     try:
         cfg = mmcv.Config.fromfile(path)
     except Exception as error:  # a user's file: any error is theirs
-        raise DemoError(f'cannot read config {path}: '
-                        f'{type(error).__name__}: {error}') from None
+        raise DemoError(
+            f'cannot read config {path}: {type(error).__name__}: {error}'
+        ) from None
     if options and not isinstance(options, Mapping):
         options = parse_cfg_options(options)
     try:
@@ -149,8 +171,9 @@ def prepare_work_dir(work_dir):
             pass
         os.remove(probe)
     except OSError as error:
-        raise DemoError(f'cannot write to work dir {work_dir}: '
-                        f'{error.strerror or error}') from None
+        raise DemoError(
+            f'cannot write to work dir {work_dir}: {error.strerror or error}'
+        ) from None
     return osp.abspath(work_dir)
 
 
@@ -173,11 +196,16 @@ def init_distributed(device, backend=None):
     Returns:
         tuple[int, int]: ``(rank, world_size)``.
     """
-    missing = [key for key in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR',
-                               'MASTER_PORT') if key not in os.environ]
+    missing = [
+        key
+        for key in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
+        if key not in os.environ
+    ]
     if missing:
-        raise DemoError(f'--launcher pytorch needs {", ".join(missing)} in '
-                        'the environment: start the demo with torchrun')
+        raise DemoError(
+            f'--launcher pytorch needs {", ".join(missing)} in '
+            'the environment: start the demo with torchrun'
+        )
     if device == 'cuda':
         init_dist('pytorch', backend=backend or 'nccl')
     else:
@@ -192,8 +220,9 @@ def _build(cfg, registry, what):
     try:
         return build_from_cfg(cfg, registry)
     except (KeyError, TypeError, ValueError, OSError) as error:
-        raise DemoError(f'cannot build the {what} from {dict(cfg)}: '
-                        f'{error}') from None
+        raise DemoError(
+            f'cannot build the {what} from {dict(cfg)}: {error}'
+        ) from None
 
 
 def build_model(cfg):
@@ -219,18 +248,29 @@ def build_train_loader(dataset, cfg, seed, distributed):
     sampler = None
     if distributed:
         rank, world_size = get_dist_info()
-        sampler = DistributedSampler(dataset, num_replicas=world_size,
-                                     rank=rank, shuffle=True, seed=seed)
+        sampler = DistributedSampler(
+            dataset,
+            num_replicas=world_size,
+            rank=rank,
+            shuffle=True,
+            seed=seed,
+        )
     workers = cfg.data.get('workers_per_gpu', 0)
-    loader = DataLoader(dataset, batch_size=cfg.data.samples_per_gpu,
-                        sampler=sampler, shuffle=sampler is None,
-                        num_workers=workers, persistent_workers=workers > 0,
-                        drop_last=True)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.data.samples_per_gpu,
+        sampler=sampler,
+        shuffle=sampler is None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        drop_last=True,
+    )
     if len(loader) == 0:
         raise DemoError(
             f'the dataset has {len(dataset)} samples, fewer than one batch '
             f'of data.samples_per_gpu={cfg.data.samples_per_gpu} per '
-            'process: lower samples_per_gpu or raise data.train.repeat')
+            'process: lower samples_per_gpu or raise data.train.repeat'
+        )
     return loader
 
 
@@ -239,8 +279,9 @@ def _wrap(model, device, distributed):
         ids = [torch.cuda.current_device()] if device == 'cuda' else None
         return MMDistributedDataParallel(model.to(device), device_ids=ids)
     if device == 'cuda':
-        return MMDataParallel(model.cuda(),
-                              device_ids=[torch.cuda.current_device()])
+        return MMDataParallel(
+            model.cuda(), device_ids=[torch.cuda.current_device()]
+        )
     if torch.cuda.is_available():
         # torch's DataParallel cannot be kept on the CPU where a GPU exists.
         return model
@@ -250,8 +291,9 @@ def _wrap(model, device, distributed):
 def _check_epochs(cfg):
     epochs = cfg.runner.get('max_epochs')
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise DemoError('runner.max_epochs must be an int >= 1, got '
-                        f'{epochs!r}')
+        raise DemoError(
+            f'runner.max_epochs must be an int >= 1, got {epochs!r}'
+        )
 
 
 def build_demo_runner(cfg, model, work_dir, logger, timestamp):
@@ -270,9 +312,16 @@ def build_demo_runner(cfg, model, work_dir, logger, timestamp):
     _check_epochs(cfg)
     try:
         optimizer = build_optimizer(model, cfg.optimizer)
-        runner = build_runner(cfg.runner, default_args=dict(
-            model=model, optimizer=optimizer, work_dir=work_dir,
-            logger=logger, meta=dict(seed=cfg.seed)))
+        runner = build_runner(
+            cfg.runner,
+            default_args=dict(
+                model=model,
+                optimizer=optimizer,
+                work_dir=work_dir,
+                logger=logger,
+                meta=dict(seed=cfg.seed),
+            ),
+        )
         runner.timestamp = timestamp
         runner.register_training_hooks(
             lr_config=cfg.get('lr_config'),
@@ -280,10 +329,13 @@ def build_demo_runner(cfg, model, work_dir, logger, timestamp):
             checkpoint_config=cfg.get('checkpoint_config'),
             log_config=cfg.get('log_config'),
             momentum_config=cfg.get('momentum_config'),
-            custom_hooks_config=cfg.get('custom_hooks'))
+            custom_hooks_config=cfg.get('custom_hooks'),
+        )
     except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise DemoError(f'cannot build the runner and its hooks: '
-                        f'{type(error).__name__}: {error}') from None
+        raise DemoError(
+            f'cannot build the runner and its hooks: '
+            f'{type(error).__name__}: {error}'
+        ) from None
     runner.register_hook(DistSamplerSeedHook())
     return runner
 
@@ -295,8 +347,9 @@ def _set_threads(threads):
         torch.set_num_threads(threads)
 
 
-def train(cfg, work_dir, device='cpu', distributed=False, resume_from=None,
-          hooks=()):
+def train(
+    cfg, work_dir, device='cpu', distributed=False, resume_from=None, hooks=()
+):
     """Train the config's model with an mmcv runner.
 
     ``cfg.seed`` seeds Python, NumPy and torch (the same seed on every
@@ -333,24 +386,30 @@ def train(cfg, work_dir, device='cpu', distributed=False, resume_from=None,
             raise DemoError(
                 'a FlexibleRunner config shards the model over processes: '
                 'start it with torchrun --nproc_per_node=2 -m '
-                'momentum_hook.demo CONFIG --launcher pytorch')
+                'momentum_hook.demo CONFIG --launcher pytorch'
+            )
         if resume_from:
             raise DemoError(
                 'the FlexibleRunner configs do not resume from the command '
-                "line; in runs of your own, FSDP resumes with strategy=dict("
+                'line; in runs of your own, FSDP resumes with strategy=dict('
                 "type='momentum_hook.FSDPResumeStrategy', ...) and DeepSpeed "
                 'with MMEngine\'s own (see docs/mmengine.md, "Resuming FSDP '
-                'in FlexibleRunner")')
+                'in FlexibleRunner")'
+            )
         from .flexible import train_flexible
-        runner = train_flexible(cfg, work_dir, model.to(device), dataset,
-                                distributed, hooks)
+
+        runner = train_flexible(
+            cfg, work_dir, model.to(device), dataset, distributed, hooks
+        )
         return runner, initial_model.to(device)
     timestamp = time.strftime('%Y%m%d_%H%M%S', time.localtime())
-    logger = get_logger('momentum_hook.demo',
-                        log_file=osp.join(work_dir, f'{timestamp}.log'))
+    logger = get_logger(
+        'momentum_hook.demo', log_file=osp.join(work_dir, f'{timestamp}.log')
+    )
     loader = build_train_loader(dataset, cfg, cfg.seed, distributed)
-    runner = build_demo_runner(cfg, _wrap(model, device, distributed),
-                               work_dir, logger, timestamp)
+    runner = build_demo_runner(
+        cfg, _wrap(model, device, distributed), work_dir, logger, timestamp
+    )
     for hook in hooks:
         runner.register_hook(hook, priority='LOWEST')
     if resume_from:

@@ -8,24 +8,48 @@ _base_ = '../../configs/mmselfsup_dropin.py'
 model = dict(
     type='BYOL',
     base_momentum=0.99,
-    backbone=dict(type='ResNet', depth=18, in_channels=3, out_indices=[4],
-                  norm_cfg=dict(type='BN')),
-    neck=dict(type='NonLinearNeck', in_channels=512, hid_channels=32,
-              out_channels=16, num_layers=2, with_bias=True,
-              with_last_bn=False, with_avg_pool=True,
-              norm_cfg=dict(type='BN1d')),
-    head=dict(type='LatentPredictHead',
-              predictor=dict(type='NonLinearNeck', in_channels=16,
-                             hid_channels=32, out_channels=16, num_layers=2,
-                             with_bias=True, with_last_bn=False,
-                             with_avg_pool=False,
-                             norm_cfg=dict(type='BN1d'))))
+    backbone=dict(
+        type='ResNet',
+        depth=18,
+        in_channels=3,
+        out_indices=[4],
+        norm_cfg=dict(type='BN'),
+    ),
+    neck=dict(
+        type='NonLinearNeck',
+        in_channels=512,
+        hid_channels=32,
+        out_channels=16,
+        num_layers=2,
+        with_bias=True,
+        with_last_bn=False,
+        with_avg_pool=True,
+        norm_cfg=dict(type='BN1d'),
+    ),
+    head=dict(
+        type='LatentPredictHead',
+        predictor=dict(
+            type='NonLinearNeck',
+            in_channels=16,
+            hid_channels=32,
+            out_channels=16,
+            num_layers=2,
+            with_bias=True,
+            with_last_bn=False,
+            with_avg_pool=False,
+            norm_cfg=dict(type='BN1d'),
+        ),
+    ),
+)
 
 # additional hooks
 update_interval = 2  # interval for accumulate gradient
 custom_hooks = [
-    dict(type='MomentumUpdateHook', end_momentum=1.,
-         update_interval=update_interval)
+    dict(
+        type='MomentumUpdateHook',
+        end_momentum=1.0,
+        update_interval=update_interval,
+    )
 ]
 
 # optimizer

@@ -7,6 +7,7 @@ widths, batch, epochs, a folder of random images), then trains it with
 MMEngine's ``Runner``. The teacher is checked against a float64 replay of
 mmpretrain's update, once per optimizer step, and against mmpretrain alone.
 """
+
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,13 +18,15 @@ import torch
 
 mmpretrain = pytest.importorskip('mmpretrain')
 
+from doc_snippets import code_block  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
-
-from doc_snippets import code_block  # noqa: E402
-from momentum_testing import (free_port, launch_ranks,  # noqa: E402
-                              set_rank_environment)
+from momentum_testing import (
+    free_port,
+    launch_ranks,  # noqa: E402
+    set_rank_environment,
+)
 
 from momentum_hook.mmpretrain import SkippedUpdate  # noqa: E402
 
@@ -32,10 +35,11 @@ CONFIGS = Path(mmpretrain.__file__).parent / '.mim' / 'configs'
 #: The config files, the teacher's attribute and how to shrink the model.
 MODELS = {
     'byol': ('byol/byol_resnet50_16xb256-coslr-200e_in1k.py', 'target_net'),
-    'mocov3_vit': ('mocov3/mocov3_vit-small-p16_16xb256-amp-coslr-300e_'
-                   'in1k.py', 'momentum_encoder'),
-    'mocov2': ('mocov2/mocov2_resnet50_8xb32-coslr-200e_in1k.py',
-               'encoder_k'),
+    'mocov3_vit': (
+        'mocov3/mocov3_vit-small-p16_16xb256-amp-coslr-300e_in1k.py',
+        'momentum_encoder',
+    ),
+    'mocov2': ('mocov2/mocov2_resnet50_8xb32-coslr-200e_in1k.py', 'encoder_k'),
 }
 IMAGE = 32  # pixels, RandomResizedCrop's scale (224 in the configs)
 WIDTH = 16  # the necks' and heads' widths (256 to 4096 in the configs)
@@ -50,8 +54,7 @@ def config_lines(page, heading):
 
 
 #: The README's two lines, which every test with the hook trains with.
-IMPORTS, HOOK = config_lines('README.md',
-                             'mmpretrain 1.x: the same two lines')
+IMPORTS, HOOK = config_lines('README.md', 'mmpretrain 1.x: the same two lines')
 
 
 def _shrink_views(node):
@@ -68,28 +71,37 @@ def _shrink_views(node):
 
 def _shrink_model(name, model):
     if name == 'mocov3_vit':
-        model.backbone.update(arch=dict(embed_dims=WIDTH, num_layers=2,
-                                        num_heads=2,
-                                        feedforward_channels=2 * WIDTH),
-                              img_size=IMAGE)
+        model.backbone.update(
+            arch=dict(
+                embed_dims=WIDTH,
+                num_layers=2,
+                num_heads=2,
+                feedforward_channels=2 * WIDTH,
+            ),
+            img_size=IMAGE,
+        )
         in_channels = WIDTH
     else:
-        model.backbone.update(depth=18, stem_channels=WIDTH // 2,
-                              base_channels=WIDTH // 2)
+        model.backbone.update(
+            depth=18, stem_channels=WIDTH // 2, base_channels=WIDTH // 2
+        )
         in_channels = 4 * WIDTH  # the last stage: 8 x base_channels
-    model.neck.update(in_channels=in_channels, hid_channels=WIDTH,
-                      out_channels=WIDTH)
+    model.neck.update(
+        in_channels=in_channels, hid_channels=WIDTH, out_channels=WIDTH
+    )
     if name == 'mocov2':
         model.update(queue_len=16, feat_dim=WIDTH)
     else:
-        model.head.predictor.update(in_channels=WIDTH, hid_channels=WIDTH,
-                                    out_channels=WIDTH)
+        model.head.predictor.update(
+            in_channels=WIDTH, hid_channels=WIDTH, out_channels=WIDTH
+        )
 
 
 def random_images(folder, count=8, seed=0):
     """``count`` random RGB PNG images of 40x40 pixels in ``folder`` (kept
     if it exists)."""
     from PIL import Image
+
     if folder.exists():
         return folder
     folder.mkdir(parents=True)
@@ -100,8 +112,17 @@ def random_images(folder, count=8, seed=0):
     return folder
 
 
-def shrunk_config(name, tmp_path, work, hooks=(), epochs=2, batch=4,
-                  accumulation=1, seed=0, workers=0):
+def shrunk_config(
+    name,
+    tmp_path,
+    work,
+    hooks=(),
+    epochs=2,
+    batch=4,
+    accumulation=1,
+    seed=0,
+    workers=0,
+):
     """mmpretrain's config ``name`` shrunk in size, as a ``Config``.
 
     With ``workers`` > 0 the augmentations are seeded per epoch (MMEngine's
@@ -112,11 +133,15 @@ def shrunk_config(name, tmp_path, work, hooks=(), epochs=2, batch=4,
     _shrink_model(name, cfg.model)
     pipeline = cfg.train_dataloader.dataset.pipeline
     _shrink_views(pipeline)
-    cfg.train_dataloader.update(batch_size=batch, num_workers=workers,
-                                persistent_workers=False)
+    cfg.train_dataloader.update(
+        batch_size=batch, num_workers=workers, persistent_workers=False
+    )
     cfg.train_dataloader['dataset'] = dict(
-        type='CustomDataset', with_label=False, pipeline=pipeline,
-        data_root=str(random_images(tmp_path / 'images')))
+        type='CustomDataset',
+        with_label=False,
+        pipeline=pipeline,
+        data_root=str(random_images(tmp_path / 'images')),
+    )
     cfg.train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=epochs)
     # mmpretrain's AmpOptimWrapper needs a GPU; the CPU tests use fp32.
     cfg.optim_wrapper.type = 'OptimWrapper'
@@ -136,15 +161,18 @@ def shrunk_config(name, tmp_path, work, hooks=(), epochs=2, batch=4,
 def online_of(model):
     """The parameters and buffers of ``nn.Sequential(backbone, neck)``,
     by the teacher's names, as float64 copies."""
-    return {f'{index}.{key}': value.detach().to(torch.float64, copy=True)
-            for index, part in enumerate((model.backbone, model.neck))
-            for key, value in part.state_dict().items()}
+    return {
+        f'{index}.{key}': value.detach().to(torch.float64, copy=True)
+        for index, part in enumerate((model.backbone, model.neck))
+        for key, value in part.state_dict().items()
+    }
 
 
 def teacher_of(model, attribute):
-    return {key: value.detach().to(torch.float64, copy=True)
-            for key, value in
-            getattr(model, attribute).module.state_dict().items()}
+    return {
+        key: value.detach().to(torch.float64, copy=True)
+        for key, value in getattr(model, attribute).module.state_dict().items()
+    }
 
 
 class Recorder(Hook):
@@ -163,8 +191,9 @@ class Recorder(Hook):
         model = unwrapped(runner)
         self.start = (online_of(model), teacher_of(model, self.attribute))
 
-    def after_train_iter(self, runner, batch_idx, data_batch=None,
-                         outputs=None):
+    def after_train_iter(
+        self, runner, batch_idx, data_batch=None, outputs=None
+    ):
         model = unwrapped(runner)
         self.online.append(online_of(model))
         self.teacher.append(teacher_of(model, self.attribute))
@@ -202,20 +231,29 @@ def replay(recorder, params, max_iters, mu, mu_end, interval=1, kappa=1):
     replayed = []
     for k in range(max_iters):
         if (k + 1) % interval == 0:
-            m = reference_momentum(k + 1, max_iters, mu, mu_end)**kappa
+            m = reference_momentum(k + 1, max_iters, mu, mu_end) ** kappa
             online = recorder.online[k]
-            teacher = {key: (m * teacher[key] + (1 - m) * online[key]
-                             if key in params else
-                             online[key].clone())
-                       for key in teacher}
+            teacher = {
+                key: (
+                    m * teacher[key] + (1 - m) * online[key]
+                    if key in params
+                    else online[key].clone()
+                )
+                for key in teacher
+            }
         replayed.append(teacher)
     return replayed
 
 
 def assert_close(actual, expected, keys=None):
     for key in keys or expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=1e-6,
-                                   atol=1e-8, msg=lambda m: f'{key}: {m}')
+        torch.testing.assert_close(
+            actual[key],
+            expected[key],
+            rtol=1e-6,
+            atol=1e-8,
+            msg=lambda m, key=key: f'{key}: {m}',
+        )
 
 
 def _momenta(name, model_cfg):
@@ -225,8 +263,10 @@ def _momenta(name, model_cfg):
 
 
 def test_the_docs_show_the_lines_the_tests_train_with():
-    assert config_lines('docs/migrating.md', 'mmpretrain 1.x') == (IMPORTS,
-                                                                   HOOK)
+    assert config_lines('docs/migrating.md', 'mmpretrain 1.x') == (
+        IMPORTS,
+        HOOK,
+    )
     assert HOOK == [dict(type='momentum_hook.MomentumUpdateHook')]
 
 
@@ -242,7 +282,9 @@ def test_teacher_follows_float64_replay(name, tmp_path):
     assert max_iters == 4
     # The teacher starts as the online network's initial weights.
     assert_close(recorder.start[1], recorder.start[0])
-    for k, expected in enumerate(replay(recorder, params, max_iters, mu, mu_end)):
+    for k, expected in enumerate(
+        replay(recorder, params, max_iters, mu, mu_end)
+    ):
         assert_close(recorder.teacher[k], expected)
     # The model's own update ran on no call; its method is back.
     assert 'update_parameters' not in vars(averaged)
@@ -257,8 +299,7 @@ def test_replay_is_mmpretrain_alone(tmp_path):
     by the float32 rounding of the two EMA formulas, grown by LARS at the
     config's learning rate 4.8.)"""
     attribute = MODELS['byol'][1]
-    runner, alone = train(shrunk_config('byol', tmp_path, 'alone'),
-                          attribute)
+    runner, alone = train(shrunk_config('byol', tmp_path, 'alone'), attribute)
     averaged = getattr(runner.model, attribute)
     params = [key for key, _ in averaged.module.named_parameters()]
     mu, mu_end = _momenta('byol', shrunk_config('byol', tmp_path, 'x').model)
@@ -266,30 +307,34 @@ def test_replay_is_mmpretrain_alone(tmp_path):
     assert_close(alone.teacher[0], alone.start[0], params)
     for k in range(1, runner.max_iters):
         assert_close(alone.teacher[k], replayed[k - 1], params)
-    _, hooked = train(shrunk_config('byol', tmp_path, 'hook', hooks=HOOK),
-                      attribute)
-    np.testing.assert_allclose(hooked.losses[:2], alone.losses[:2],
-                               rtol=1e-5)
+    _, hooked = train(
+        shrunk_config('byol', tmp_path, 'hook', hooks=HOOK), attribute
+    )
+    np.testing.assert_allclose(hooked.losses[:2], alone.losses[:2], rtol=1e-5)
 
 
 def test_accumulation_updates_once_per_optimizer_step(tmp_path):
     """With accumulative_counts=4 the teacher moves after every 4th
     iteration, by the replay; the model's own calls are counted, not
     applied."""
-    cfg = shrunk_config('byol', tmp_path, 'hook', hooks=HOOK, epochs=4,
-                        accumulation=4)
+    cfg = shrunk_config(
+        'byol', tmp_path, 'hook', hooks=HOOK, epochs=4, accumulation=4
+    )
     attribute = MODELS['byol'][1]
     calls = []
 
     class CountCalls(Hook):
         priority = 'LOWEST'
 
-        def after_train_iter(self, runner, batch_idx, data_batch=None,
-                             outputs=None):
+        def after_train_iter(
+            self, runner, batch_idx, data_batch=None, outputs=None
+        ):
             skipped = vars(getattr(runner.model, attribute)).get(
-                'update_parameters')
-            calls.append(skipped.calls if isinstance(skipped, SkippedUpdate)
-                         else None)
+                'update_parameters'
+            )
+            calls.append(
+                skipped.calls if isinstance(skipped, SkippedUpdate) else None
+            )
 
     runner = Runner.from_cfg(cfg)
     recorder = Recorder(attribute)
@@ -306,8 +351,9 @@ def test_accumulation_updates_once_per_optimizer_step(tmp_path):
     # statistics (train mode), as in mmpretrain: buffers are checked after
     # updates only.
     for k, expected in enumerate(replay(recorder, params, 8, mu, mu_end, 4)):
-        assert_close(recorder.teacher[k], expected,
-                     None if (k + 1) % 4 == 0 else params)
+        assert_close(
+            recorder.teacher[k], expected, None if (k + 1) % 4 == 0 else params
+        )
     # Between optimizer steps the teacher does not move.
     assert_close(recorder.teacher[1], recorder.teacher[0], params)
     assert_close(recorder.teacher[4], recorder.teacher[3], params)
@@ -317,20 +363,25 @@ def test_base_batch_size_scales_the_teacher_s_momenta(tmp_path):
     """base_batch_size=8 at 4 samples per update: every momentum of the
     teacher's cosine is used as m ** 0.5; the log names the teacher and
     its schedule."""
-    cfg = shrunk_config('byol', tmp_path, 'hook',
-                        hooks=[dict(HOOK[0], base_batch_size=8)])
+    cfg = shrunk_config(
+        'byol', tmp_path, 'hook', hooks=[dict(HOOK[0], base_batch_size=8)]
+    )
     runner, recorder = train(cfg, 'target_net')
-    params = [key for key, _ in
-              runner.model.target_net.module.named_parameters()]
+    params = [
+        key for key, _ in runner.model.target_net.module.named_parameters()
+    ]
     mu, mu_end = _momenta('byol', cfg.model)
-    for k, expected in enumerate(replay(recorder, params, 4, mu, mu_end,
-                                        kappa=0.5)):
+    for k, expected in enumerate(
+        replay(recorder, params, 4, mu, mu_end, kappa=0.5)
+    ):
         assert_close(recorder.teacher[k], expected)
     log = next(Path(cfg.work_dir).glob('*/*.log')).read_text()
-    assert ('momentum_hook takes over BYOL.target_net: CosineEMA('
-            'momentum=0.01, end_momentum=0.0, interval=1, update_buffers='
-            'False), a cosine momentum m = 1 - momentum from 0.99 to 1.0, '
-            "buffers 'copy'") in log
+    assert (
+        'momentum_hook takes over BYOL.target_net: CosineEMA('
+        'momentum=0.01, end_momentum=0.0, interval=1, update_buffers='
+        'False), a cosine momentum m = 1 - momentum from 0.99 to 1.0, '
+        "buffers 'copy'"
+    ) in log
     assert 'kappa = S / base_batch_size = 0.5' in log
 
 
@@ -344,31 +395,44 @@ def test_the_teacher_s_interval_is_honoured(tmp_path):
     recorder = Recorder('target_net')
     runner.register_hook(recorder)
     runner.train()
-    params = [key for key, _ in
-              runner.model.target_net.module.named_parameters()]
+    params = [
+        key for key, _ in runner.model.target_net.module.named_parameters()
+    ]
     mu, mu_end = _momenta('byol', cfg.model)
     for k, expected in enumerate(replay(recorder, params, 4, mu, mu_end, 2)):
-        assert_close(recorder.teacher[k], expected,
-                     None if (k + 1) % 2 == 0 else params)
-    cfg = shrunk_config('byol', tmp_path, 'refused',
-                        hooks=[dict(HOOK[0], update_interval=3)])
+        assert_close(
+            recorder.teacher[k], expected, None if (k + 1) % 2 == 0 else params
+        )
+    cfg = shrunk_config(
+        'byol', tmp_path, 'refused', hooks=[dict(HOOK[0], update_interval=3)]
+    )
     runner = Runner.from_cfg(cfg)
     runner.model.target_net.interval = 2
-    with pytest.raises(ValueError, match=r'update_interval=3 in the momentum '
-                       'hook contradicts BYOL.target_net, a CosineEMA with '
-                       'interval=2'):
+    with pytest.raises(
+        ValueError,
+        match=r'update_interval=3 in the momentum '
+        'hook contradicts BYOL.target_net, a CosineEMA with '
+        'interval=2',
+    ):
         runner.train()
 
 
-@pytest.mark.parametrize('hook, match', [
-    (dict(end_momentum=0.999),
-     r'end_momentum=0.999 in the momentum hook contradicts BYOL.target_net, '
-     r'a CosineEMA with end_momentum=0.0, i.e. end_momentum=1.0'),
-    (dict(reach_end_momentum=True), 'reach_end_momentum=True'),
-])
+@pytest.mark.parametrize(
+    'hook, match',
+    [
+        (
+            dict(end_momentum=0.999),
+            r'end_momentum=0.999 in the momentum hook contradicts '
+            r'BYOL.target_net, '
+            r'a CosineEMA with end_momentum=0.0, i.e. end_momentum=1.0',
+        ),
+        (dict(reach_end_momentum=True), 'reach_end_momentum=True'),
+    ],
+)
 def test_contradicting_hook_arguments_are_refused(hook, match, tmp_path):
-    cfg = shrunk_config('byol', tmp_path, 'hook',
-                        hooks=[dict(HOOK[0], **hook)])
+    cfg = shrunk_config(
+        'byol', tmp_path, 'hook', hooks=[dict(HOOK[0], **hook)]
+    )
     runner = Runner.from_cfg(cfg)
     recorder = Recorder(MODELS['byol'][1])
     runner.register_hook(recorder)
@@ -380,6 +444,7 @@ def test_contradicting_hook_arguments_are_refused(hook, match, tmp_path):
 
 def _ddp_rank(rank, port, tmp_path, out_dir):
     import torch.distributed as dist
+
     set_rank_environment(rank, port)
     dist.init_process_group('gloo', rank=rank, world_size=2)
     try:
@@ -391,20 +456,28 @@ def _ddp_rank(rank, port, tmp_path, out_dir):
             neck.norm_cfg = dict(type='BN1d')
         cfg.launcher = 'pytorch'
         # Runner's default wrapper asks for device_ids=[LOCAL_RANK], a GPU.
-        cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel',
-                                     device_ids=None, broadcast_buffers=False)
+        cfg.model_wrapper_cfg = dict(
+            type='MMDistributedDataParallel',
+            device_ids=None,
+            broadcast_buffers=False,
+        )
         runner = Runner.from_cfg(cfg)
         recorder = Recorder(MODELS['byol'][1])
         runner.register_hook(recorder)
         runner.train()
         averaged = unwrapped(runner).target_net
-        torch.save(dict(wrapper=type(runner.model).__name__,
-                        max_iters=runner.max_iters, start=recorder.start,
-                        online=recorder.online, teacher=recorder.teacher,
-                        params=[key for key, _ in
-                                averaged.module.named_parameters()],
-                        steps=int(averaged.steps)),
-                   out_dir / f'rank{rank}.pth')
+        torch.save(
+            dict(
+                wrapper=type(runner.model).__name__,
+                max_iters=runner.max_iters,
+                start=recorder.start,
+                online=recorder.online,
+                teacher=recorder.teacher,
+                params=[key for key, _ in averaged.module.named_parameters()],
+                steps=int(averaged.steps),
+            ),
+            out_dir / f'rank{rank}.pth',
+        )
     finally:
         dist.destroy_process_group()
 
@@ -416,20 +489,23 @@ def test_byol_on_two_ddp_ranks(tmp_path):
     random_images(tmp_path / 'images')
     out_dir = tmp_path / 'out'
     out_dir.mkdir()
-    ranks = launch_ranks(_ddp_rank, (free_port(), tmp_path, out_dir),
-                         out_dir, 'spawn')
+    ranks = launch_ranks(
+        _ddp_rank, (free_port(), tmp_path, out_dir), out_dir, 'spawn'
+    )
     mu, mu_end = _momenta('byol', shrunk_config('byol', tmp_path, 'x').model)
     for result in ranks:
         assert result['wrapper'] == 'MMDistributedDataParallel'
         assert result['max_iters'] == 4  # 8 images, 2 per rank and batch
         recorder = SimpleNamespace(**result)
-        for k, expected in enumerate(replay(recorder, result['params'], 4,
-                                            mu, mu_end)):
+        for k, expected in enumerate(
+            replay(recorder, result['params'], 4, mu, mu_end)
+        ):
             assert_close(recorder.teacher[k], expected)
         assert result['steps'] == 5
     for key in ranks[0]['params']:
-        torch.testing.assert_close(ranks[0]['teacher'][-1][key],
-                                   ranks[1]['teacher'][-1][key])
+        torch.testing.assert_close(
+            ranks[0]['teacher'][-1][key], ranks[1]['teacher'][-1][key]
+        )
 
 
 class Interrupt(Exception):
@@ -450,11 +526,13 @@ def test_resume_is_bit_for_bit(tmp_path, monkeypatch):
     ``steps``, the online network and the optimizer state of the run that
     was not stopped, bit for bit."""
     monkeypatch.setenv('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
-    whole = Runner.from_cfg(shrunk_config('byol', tmp_path, 'whole',
-                                          hooks=HOOK, workers=1))
+    whole = Runner.from_cfg(
+        shrunk_config('byol', tmp_path, 'whole', hooks=HOOK, workers=1)
+    )
     whole.train()
-    stopped = Runner.from_cfg(shrunk_config('byol', tmp_path, 'stopped',
-                                            hooks=HOOK, workers=1))
+    stopped = Runner.from_cfg(
+        shrunk_config('byol', tmp_path, 'stopped', hooks=HOOK, workers=1)
+    )
     stopped.register_hook(StopAfterFirstEpoch())
     with pytest.raises(Interrupt):
         stopped.train()
