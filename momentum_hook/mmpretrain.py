@@ -46,11 +46,13 @@ from .updater import CONTRACT
 from .validation import check_momentum, check_positive_int
 
 __all__ = ['teacher_of', 'find_teacher', 'AveragedTeacher', 'SkippedUpdate',
-           'TEACHER_CLASSES', 'ONLINE']
+           'TEACHER_CLASSES', 'ONLINE', 'wrap_policy']
 
 _EMA = 'mmengine.model.averaged_model.ExponentialMovingAverage'
 _COSINE = 'mmpretrain.models.utils.ema.CosineEMA'
 _BASE = 'mmengine.model.averaged_model.BaseAveragedModel'
+_BACKBONE = 'mmpretrain.models.backbones.base_backbone.BaseBackbone'
+_NECKS = 'mmpretrain.models.necks.'
 
 #: The averaged models whose update the hook takes over: the schedule each
 #: one follows.
@@ -103,6 +105,31 @@ def find_teacher(model):
     return found[0] if found else None
 
 
+def wrap_policy(module, recurse, nonwrapped_numel):
+    """An FSDP1 ``auto_wrap_policy`` for mmpretrain models: every backbone
+    (a subclass of mmpretrain's ``BaseBackbone``) and every neck (a class of
+    ``mmpretrain.models.necks``) is a unit of its own.
+
+    The online ``backbone`` and ``neck`` and the teacher's copies of them
+    are then separate units laid out alike, as the shard-local update
+    needs. A config names it by its path: ``strategy=dict(
+    type='FSDPStrategy', model_wrapper=dict(type='MMFullyShardedDataParallel',
+    auto_wrap_policy='momentum_hook.mmpretrain.wrap_policy'))``.
+
+    Args:
+        module (nn.Module): The module FSDP asks about.
+        recurse (bool): True when FSDP asks whether to look inside it.
+        nonwrapped_numel (int): Unused.
+
+    Returns:
+        bool: Whether to recurse into, or wrap, ``module``.
+    """
+    if recurse:
+        return True
+    mro = [_qualified(cls) for cls in type(module).__mro__]
+    return _BACKBONE in mro or mro[0].startswith(_NECKS)
+
+
 class SkippedUpdate:
     """What ``update_parameters`` of a taken-over teacher is while the hook
     trains: a call does nothing but count (:attr:`calls`), since the hook
@@ -143,6 +170,15 @@ class AveragedTeacher:
     #: The schedule of the update after iteration ``k`` reads ``k + 1``:
     #: mmpretrain's update at the start of the next iteration.
     schedule_offset = 1
+
+    #: What to set, by FlexibleRunner strategy, when the update cannot be
+    #: planned on the wrapped model.
+    wrap_fix = {'FSDPStrategy': (
+        "strategy=dict(type='FSDPStrategy', model_wrapper=dict("
+        "type='MMFullyShardedDataParallel', auto_wrap_policy="
+        "'momentum_hook.mmpretrain.wrap_policy')), so that the online "
+        "backbone and neck and the teacher's copies of them are separate "
+        'FSDP units')}
 
     def __init__(self, model, name, averaged):
         self.model, self.name, self.averaged = model, name, averaged

@@ -472,3 +472,116 @@ def test_resume_is_bit_for_bit(tmp_path, monkeypatch):
     for index in expected:
         for name, value in expected[index].items():
             assert torch.equal(actual[index][name], value), (index, name)
+
+
+def _named_tensors(module):
+    """The parameters and buffers of ``module`` by their names without
+    FSDP's ``_fsdp_wrapped_module.``, as float64 copies."""
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    return {name.replace('_fsdp_wrapped_module.', ''):
+            value.detach().to(torch.float64, copy=True)
+            for name, value in tensors}
+
+
+class FSDPRecorder(Recorder):
+    """:class:`Recorder` under FSDP1: the networks' whole parameters,
+    gathered by ``summon_full_params`` (the BatchNorm buffers are
+    per rank)."""
+
+    def _networks(self, runner):
+        from torch import nn
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        model = unwrapped(runner)
+        with FSDP.summon_full_params(runner.model, writeback=False):
+            return (_named_tensors(nn.Sequential(model.backbone,
+                                                 model.neck)),
+                    _named_tensors(getattr(model, self.attribute).module))
+
+    def before_train(self, runner):
+        self.start = self._networks(runner)
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None,
+                         outputs=None):
+        online, teacher = self._networks(runner)
+        self.online.append(online)
+        self.teacher.append(teacher)
+
+
+def _fsdp_rank(rank, port, tmp_path, out_dir):
+    import torch.distributed as dist
+    from mmengine.runner._flexible_runner import FlexibleRunner
+    set_rank_environment(rank, port)
+    # Before MMEngine's init_dist, which asks for a GPU.
+    dist.init_process_group('gloo', rank=rank, world_size=2)
+    cfg = shrunk_config('byol', tmp_path, 'fsdp', hooks=HOOK, batch=2)
+    # SyncBN needs CUDA; see _ddp_rank.
+    cfg.model.backbone.norm_cfg = dict(type='BN')
+    for neck in (cfg.model.neck, cfg.model.head.predictor):
+        neck.norm_cfg = dict(type='BN1d')
+    cfg.launcher = 'pytorch'
+    wrapper = dict(type='MMFullyShardedDataParallel', device_id='cpu')
+    try:
+        # Without a policy, one unit for the whole model: refused.
+        cfg.strategy = dict(type='FSDPStrategy', model_wrapper=wrapper)
+        runner = FlexibleRunner.from_cfg(cfg.copy())
+        recorder = FSDPRecorder(MODELS['byol'][1])
+        runner.register_hook(recorder)
+        try:
+            runner.train()
+            refusal = None
+        except ValueError as error:
+            refusal = (str(error), len(recorder.online))
+        # The online backbone and neck and the teacher's copies of them are
+        # FSDP1 units of their own.
+        cfg.strategy = dict(type='FSDPStrategy', model_wrapper=dict(
+            wrapper, auto_wrap_policy='momentum_hook.mmpretrain.wrap_policy'))
+        runner = FlexibleRunner.from_cfg(cfg)
+        recorder = FSDPRecorder(MODELS['byol'][1])
+        runner.register_hook(recorder)
+        runner.train()
+        averaged = unwrapped(runner).target_net
+        torch.save(dict(wrapper=type(runner.model).__name__,
+                        max_iters=runner.max_iters, start=recorder.start,
+                        online=recorder.online, teacher=recorder.teacher,
+                        params=[key.replace('_fsdp_wrapped_module.', '')
+                                for key, _ in
+                                averaged.module.named_parameters()],
+                        steps=int(averaged.steps), refusal=refusal),
+                   out_dir / f'rank{rank}.pth')
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_byol_in_flexible_runner_with_fsdp(tmp_path):
+    """FlexibleRunner with FSDPStrategy on 2 gloo ranks, the online backbone
+    and neck and the teacher's copies in FSDP1 units of their own
+    (``momentum_hook.mmpretrain.wrap_policy``): the teacher, gathered, is
+    the replay of the online network once per optimizer step. Without a
+    policy, the run is refused before iteration 1, naming that policy."""
+    random_images(tmp_path / 'images')
+    out_dir = tmp_path / 'out'
+    out_dir.mkdir()
+    ranks = launch_ranks(_fsdp_rank, (free_port(), tmp_path, out_dir),
+                         out_dir, 'spawn')
+    mu, mu_end = _momenta('byol', shrunk_config('byol', tmp_path, 'x').model)
+    for result in ranks:
+        assert result['wrapper'] == 'MMFullyShardedDataParallel'
+        message, iterations = result['refusal']
+        assert iterations == 0  # before iteration 1
+        assert "'0.conv1.weight' is flattened into an FSDP1 unit" in message
+        assert message.endswith(
+            "In this FlexibleRunner with FSDPStrategy, set strategy=dict("
+            "type='FSDPStrategy', model_wrapper=dict(type='MMFullyShardedData"
+            "Parallel', auto_wrap_policy='momentum_hook.mmpretrain.wrap_"
+            "policy')), so that the online backbone and neck and the "
+            "teacher's copies of them are separate FSDP units")
+        assert result['max_iters'] == 4  # 8 images, 2 per rank and batch
+        recorder = SimpleNamespace(**result)
+        for k, expected in enumerate(replay(recorder, result['params'], 4,
+                                            mu, mu_end)):
+            assert_close(recorder.teacher[k], expected)
+        assert result['steps'] == 5
+    for key in ranks[0]['params']:
+        torch.testing.assert_close(ranks[0]['teacher'][-1][key],
+                                   ranks[1]['teacher'][-1][key])
