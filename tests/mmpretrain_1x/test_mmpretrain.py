@@ -22,8 +22,9 @@ from mmengine.hooks import Hook  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 from doc_snippets import code_block  # noqa: E402
-from momentum_testing import (free_port, launch_ranks,  # noqa: E402
-                              set_rank_environment)
+from momentum_testing import (ZERO3_ON_GLOO, free_port,  # noqa: E402
+                              gather_zero3, init_deepspeed_rank,
+                              launch_ranks, set_rank_environment)
 
 from momentum_hook.mmpretrain import SkippedUpdate  # noqa: E402
 
@@ -585,3 +586,91 @@ def test_byol_in_flexible_runner_with_fsdp(tmp_path):
     for key in ranks[0]['params']:
         torch.testing.assert_close(ranks[0]['teacher'][-1][key],
                                    ranks[1]['teacher'][-1][key])
+
+
+class ZeRO3Recorder(FSDPRecorder):
+    """:class:`Recorder` under DeepSpeed ZeRO-3: each parameter gathered
+    alone (``gather_zero3``), the buffers as they are (not partitioned)."""
+
+    def _networks(self, runner):
+        from torch import nn
+        model = runner.model.model.module  # MMDeepSpeedEngineWrapper
+        networks = []
+        for network in (nn.Sequential(model.backbone, model.neck),
+                        getattr(model, self.attribute).module):
+            names, params = zip(*network.named_parameters())
+            tensors = dict(zip(names, gather_zero3(params)))
+            tensors.update(network.named_buffers())
+            networks.append({name: value.detach().to(torch.float64,
+                                                     copy=True)
+                             for name, value in tensors.items()})
+        return tuple(networks)
+
+
+def _zero3_rank(rank, port, tmp_path, out_dir, hook):
+    from mmengine.runner._flexible_runner import FlexibleRunner
+    init_deepspeed_rank(rank, port)
+    cfg = shrunk_config('byol', tmp_path, f'zero3_{bool(hook)}',
+                        hooks=HOOK if hook else (), batch=2)
+    # SyncBN needs CUDA; see _ddp_rank.
+    cfg.model.backbone.norm_cfg = dict(type='BN')
+    for neck in (cfg.model.neck, cfg.model.head.predictor):
+        neck.norm_cfg = dict(type='BN1d')
+    cfg.launcher = 'pytorch'
+    cfg.optim_wrapper.type = 'DeepSpeedOptimWrapper'
+    cfg.optim_wrapper.pop('accumulative_counts')
+    # Every parameter partitioned (the default keeps small ones whole).
+    cfg.strategy = dict(
+        type='DeepSpeedStrategy',
+        config=dict(zero_allow_untested_optimizer=True),
+        zero_optimization=dict(ZERO3_ON_GLOO, stage=3,
+                               stage3_param_persistence_threshold=0),
+        gradient_accumulation_steps=1, train_micro_batch_size_per_gpu=2)
+    runner = FlexibleRunner.from_cfg(cfg)
+    recorder = ZeRO3Recorder(MODELS['byol'][1])
+    runner.register_hook(recorder)
+    runner.train()
+    averaged = runner.model.model.module.target_net
+    params = list(averaged.module.parameters())
+    torch.save(dict(max_iters=runner.max_iters, start=recorder.start,
+                    online=recorder.online, teacher=recorder.teacher,
+                    params=[key for key, _ in
+                            averaged.module.named_parameters()],
+                    steps=int(averaged.steps),
+                    partitioned=all(p.numel() == 0 for p in params)),
+               out_dir / f'rank{rank}.pth')
+
+
+@pytest.mark.parametrize('hook', [True, False], ids=['hook', 'alone'])
+def test_byol_in_flexible_runner_with_zero3(hook, tmp_path):
+    """FlexibleRunner with DeepSpeedStrategy, ZeRO-3, every parameter
+    partitioned, 2 gloo ranks: with the hook the teacher, gathered, is the
+    replay of the online network once per optimizer step; mmpretrain alone
+    averages the 0-element placeholders of the partitioned parameters, and
+    its teacher never moves from its own random start."""
+    random_images(tmp_path / 'images')
+    out_dir = tmp_path / 'out'
+    out_dir.mkdir()
+    ranks = launch_ranks(_zero3_rank, (free_port(), tmp_path, out_dir, hook),
+                         out_dir, 'spawn')
+    mu, mu_end = _momenta('byol', shrunk_config('byol', tmp_path, 'x').model)
+    for result in ranks:
+        assert result['partitioned']
+        assert result['max_iters'] == 4
+        recorder = SimpleNamespace(**result)
+        if hook:
+            for k, expected in enumerate(replay(recorder, result['params'],
+                                                4, mu, mu_end)):
+                assert_close(recorder.teacher[k], expected)
+            assert result['steps'] == 5
+            continue
+        # mmpretrain's first call copies 0-element placeholders: the
+        # teacher keeps its own random start, never the online network's,
+        # and its later averages leave it there.
+        teacher_start = recorder.start[1]
+        assert not torch.equal(teacher_start['0.conv1.weight'],
+                               recorder.start[0]['0.conv1.weight'])
+        for key in result['params']:
+            for teacher in recorder.teacher:
+                assert torch.equal(teacher[key], teacher_start[key]), key
+        assert result['steps'] == 4
