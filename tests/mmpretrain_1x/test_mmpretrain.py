@@ -379,49 +379,36 @@ def test_contradicting_hook_arguments_are_refused(hook, match, tmp_path):
     assert 'update_parameters' not in vars(runner.model.target_net)
 
 
-def _ddp_rank(rank, port, tmp_path, out_dir):
-    import torch.distributed as dist
-    set_rank_environment(rank, port)
-    dist.init_process_group('gloo', rank=rank, world_size=2)
-    try:
-        cfg = shrunk_config('byol', tmp_path, 'ddp', hooks=HOOK, batch=2)
-        # SyncBN (BYOL's backbone, and its necks' default) needs CUDA under
-        # DDP; BatchNorm is what Runner turns it into in one process.
-        cfg.model.backbone.norm_cfg = dict(type='BN')
-        for neck in (cfg.model.neck, cfg.model.head.predictor):
-            neck.norm_cfg = dict(type='BN1d')
-        cfg.launcher = 'pytorch'
-        # Runner's default wrapper asks for device_ids=[LOCAL_RANK], a GPU.
-        cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel',
-                                     device_ids=None, broadcast_buffers=False)
-        runner = Runner.from_cfg(cfg)
-        recorder = Recorder(MODELS['byol'][1])
-        runner.register_hook(recorder)
-        runner.train()
-        averaged = unwrapped(runner).target_net
-        torch.save(dict(wrapper=type(runner.model).__name__,
-                        max_iters=runner.max_iters, start=recorder.start,
-                        online=recorder.online, teacher=recorder.teacher,
-                        params=[key for key, _ in
-                                averaged.module.named_parameters()],
-                        steps=int(averaged.steps)),
-                   out_dir / f'rank{rank}.pth')
-    finally:
-        dist.destroy_process_group()
+def distributed_byol(tmp_path, work, hooks):
+    """BYOL's config shrunk for 2 ranks on the CPU (2 images per rank and
+    batch), launched by ``pytorch`` in the gloo group the test joined."""
+    cfg = shrunk_config('byol', tmp_path, work, hooks=hooks, batch=2)
+    # SyncBN (BYOL's backbone, and its necks' default) needs CUDA when
+    # distributed; BatchNorm is what Runner turns it into in one process.
+    cfg.model.backbone.norm_cfg = dict(type='BN')
+    for neck in (cfg.model.neck, cfg.model.head.predictor):
+        neck.norm_cfg = dict(type='BN1d')
+    cfg.launcher = 'pytorch'
+    return cfg
 
 
-def test_byol_on_two_ddp_ranks(tmp_path):
-    """MMDistributedDataParallel on 2 gloo ranks: on each rank the teacher
-    is the replay of that rank's online network (identical parameters
-    across ranks, the ranks' own BatchNorm statistics)."""
+def launch_byol(rank_function, tmp_path, *args):
+    """``rank_function(rank, port, tmp_path, out_dir, *args)`` on 2 spawned
+    ranks; what each saved."""
     random_images(tmp_path / 'images')
     out_dir = tmp_path / 'out'
     out_dir.mkdir()
-    ranks = launch_ranks(_ddp_rank, (free_port(), tmp_path, out_dir),
-                         out_dir, 'spawn')
+    return launch_ranks(rank_function, (free_port(), tmp_path, out_dir,
+                                        *args), out_dir, 'spawn')
+
+
+def assert_ranks_follow_replay(ranks, tmp_path):
+    """On each rank the teacher after every iteration is the float64 replay
+    of that rank's online network (identical parameters across ranks, the
+    ranks' own BatchNorm statistics), and its ``steps`` counts the copy and
+    the 4 updates."""
     mu, mu_end = _momenta('byol', shrunk_config('byol', tmp_path, 'x').model)
     for result in ranks:
-        assert result['wrapper'] == 'MMDistributedDataParallel'
         assert result['max_iters'] == 4  # 8 images, 2 per rank and batch
         recorder = SimpleNamespace(**result)
         for k, expected in enumerate(replay(recorder, result['params'], 4,
@@ -431,6 +418,46 @@ def test_byol_on_two_ddp_ranks(tmp_path):
     for key in ranks[0]['params']:
         torch.testing.assert_close(ranks[0]['teacher'][-1][key],
                                    ranks[1]['teacher'][-1][key])
+
+
+def save_record(runner, recorder, averaged, path, **extra):
+    """Save what ``recorder`` saw in ``runner`` and the teacher's parameter
+    names (without FSDP's ``_fsdp_wrapped_module.``) and ``steps``."""
+    torch.save(dict(wrapper=type(runner.model).__name__,
+                    max_iters=runner.max_iters, start=recorder.start,
+                    online=recorder.online, teacher=recorder.teacher,
+                    params=[key.replace('_fsdp_wrapped_module.', '')
+                            for key, _ in averaged.module.named_parameters()],
+                    steps=int(averaged.steps), **extra), path)
+
+
+def _ddp_rank(rank, port, tmp_path, out_dir):
+    import torch.distributed as dist
+    set_rank_environment(rank, port)
+    dist.init_process_group('gloo', rank=rank, world_size=2)
+    try:
+        cfg = distributed_byol(tmp_path, 'ddp', HOOK)
+        # Runner's default wrapper asks for device_ids=[LOCAL_RANK], a GPU.
+        cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel',
+                                     device_ids=None, broadcast_buffers=False)
+        runner = Runner.from_cfg(cfg)
+        recorder = Recorder(MODELS['byol'][1])
+        runner.register_hook(recorder)
+        runner.train()
+        save_record(runner, recorder, unwrapped(runner).target_net,
+                    out_dir / f'rank{rank}.pth')
+    finally:
+        dist.destroy_process_group()
+
+
+def test_byol_on_two_ddp_ranks(tmp_path):
+    """MMDistributedDataParallel on 2 gloo ranks: on each rank the teacher
+    is the replay of that rank's online network (identical parameters
+    across ranks, the ranks' own BatchNorm statistics)."""
+    ranks = launch_byol(_ddp_rank, tmp_path)
+    assert {result['wrapper'] for result in ranks} == {
+        'MMDistributedDataParallel'}
+    assert_ranks_follow_replay(ranks, tmp_path)
 
 
 class Interrupt(Exception):
@@ -514,12 +541,7 @@ def _fsdp_rank(rank, port, tmp_path, out_dir):
     set_rank_environment(rank, port)
     # Before MMEngine's init_dist, which asks for a GPU.
     dist.init_process_group('gloo', rank=rank, world_size=2)
-    cfg = shrunk_config('byol', tmp_path, 'fsdp', hooks=HOOK, batch=2)
-    # SyncBN needs CUDA; see _ddp_rank.
-    cfg.model.backbone.norm_cfg = dict(type='BN')
-    for neck in (cfg.model.neck, cfg.model.head.predictor):
-        neck.norm_cfg = dict(type='BN1d')
-    cfg.launcher = 'pytorch'
+    cfg = distributed_byol(tmp_path, 'fsdp', HOOK)
     wrapper = dict(type='MMFullyShardedDataParallel', device_id='cpu')
     try:
         # Without a policy, one unit for the whole model: refused.
@@ -540,15 +562,8 @@ def _fsdp_rank(rank, port, tmp_path, out_dir):
         recorder = FSDPRecorder(MODELS['byol'][1])
         runner.register_hook(recorder)
         runner.train()
-        averaged = unwrapped(runner).target_net
-        torch.save(dict(wrapper=type(runner.model).__name__,
-                        max_iters=runner.max_iters, start=recorder.start,
-                        online=recorder.online, teacher=recorder.teacher,
-                        params=[key.replace('_fsdp_wrapped_module.', '')
-                                for key, _ in
-                                averaged.module.named_parameters()],
-                        steps=int(averaged.steps), refusal=refusal),
-                   out_dir / f'rank{rank}.pth')
+        save_record(runner, recorder, unwrapped(runner).target_net,
+                    out_dir / f'rank{rank}.pth', refusal=refusal)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -560,12 +575,7 @@ def test_byol_in_flexible_runner_with_fsdp(tmp_path):
     (``momentum_hook.mmpretrain.wrap_policy``): the teacher, gathered, is
     the replay of the online network once per optimizer step. Without a
     policy, the run is refused before iteration 1, naming that policy."""
-    random_images(tmp_path / 'images')
-    out_dir = tmp_path / 'out'
-    out_dir.mkdir()
-    ranks = launch_ranks(_fsdp_rank, (free_port(), tmp_path, out_dir),
-                         out_dir, 'spawn')
-    mu, mu_end = _momenta('byol', shrunk_config('byol', tmp_path, 'x').model)
+    ranks = launch_byol(_fsdp_rank, tmp_path)
     for result in ranks:
         assert result['wrapper'] == 'MMFullyShardedDataParallel'
         message, iterations = result['refusal']
@@ -577,15 +587,7 @@ def test_byol_in_flexible_runner_with_fsdp(tmp_path):
             "Parallel', auto_wrap_policy='momentum_hook.mmpretrain.wrap_"
             "policy')), so that the online backbone and neck and the "
             "teacher's copies of them are separate FSDP units")
-        assert result['max_iters'] == 4  # 8 images, 2 per rank and batch
-        recorder = SimpleNamespace(**result)
-        for k, expected in enumerate(replay(recorder, result['params'], 4,
-                                            mu, mu_end)):
-            assert_close(recorder.teacher[k], expected)
-        assert result['steps'] == 5
-    for key in ranks[0]['params']:
-        torch.testing.assert_close(ranks[0]['teacher'][-1][key],
-                                   ranks[1]['teacher'][-1][key])
+    assert_ranks_follow_replay(ranks, tmp_path)
 
 
 class ZeRO3Recorder(FSDPRecorder):
@@ -610,13 +612,7 @@ class ZeRO3Recorder(FSDPRecorder):
 def _zero3_rank(rank, port, tmp_path, out_dir, hook):
     from mmengine.runner._flexible_runner import FlexibleRunner
     init_deepspeed_rank(rank, port)
-    cfg = shrunk_config('byol', tmp_path, f'zero3_{bool(hook)}',
-                        hooks=HOOK if hook else (), batch=2)
-    # SyncBN needs CUDA; see _ddp_rank.
-    cfg.model.backbone.norm_cfg = dict(type='BN')
-    for neck in (cfg.model.neck, cfg.model.head.predictor):
-        neck.norm_cfg = dict(type='BN1d')
-    cfg.launcher = 'pytorch'
+    cfg = distributed_byol(tmp_path, f'zero3_{hook}', HOOK if hook else ())
     cfg.optim_wrapper.type = 'DeepSpeedOptimWrapper'
     cfg.optim_wrapper.pop('accumulative_counts')
     # Every parameter partitioned (the default keeps small ones whole).
@@ -631,14 +627,9 @@ def _zero3_rank(rank, port, tmp_path, out_dir, hook):
     runner.register_hook(recorder)
     runner.train()
     averaged = runner.model.model.module.target_net
-    params = list(averaged.module.parameters())
-    torch.save(dict(max_iters=runner.max_iters, start=recorder.start,
-                    online=recorder.online, teacher=recorder.teacher,
-                    params=[key for key, _ in
-                            averaged.module.named_parameters()],
-                    steps=int(averaged.steps),
-                    partitioned=all(p.numel() == 0 for p in params)),
-               out_dir / f'rank{rank}.pth')
+    save_record(runner, recorder, averaged, out_dir / f'rank{rank}.pth',
+                partitioned=all(param.numel() == 0
+                                for param in averaged.module.parameters()))
 
 
 @pytest.mark.parametrize('hook', [True, False], ids=['hook', 'alone'])
@@ -648,29 +639,20 @@ def test_byol_in_flexible_runner_with_zero3(hook, tmp_path):
     replay of the online network once per optimizer step; mmpretrain alone
     averages the 0-element placeholders of the partitioned parameters, and
     its teacher never moves from its own random start."""
-    random_images(tmp_path / 'images')
-    out_dir = tmp_path / 'out'
-    out_dir.mkdir()
-    ranks = launch_ranks(_zero3_rank, (free_port(), tmp_path, out_dir, hook),
-                         out_dir, 'spawn')
-    mu, mu_end = _momenta('byol', shrunk_config('byol', tmp_path, 'x').model)
+    ranks = launch_byol(_zero3_rank, tmp_path, hook)
+    assert all(result['partitioned'] for result in ranks)
+    if hook:
+        assert_ranks_follow_replay(ranks, tmp_path)
+        return
     for result in ranks:
-        assert result['partitioned']
         assert result['max_iters'] == 4
-        recorder = SimpleNamespace(**result)
-        if hook:
-            for k, expected in enumerate(replay(recorder, result['params'],
-                                                4, mu, mu_end)):
-                assert_close(recorder.teacher[k], expected)
-            assert result['steps'] == 5
-            continue
         # mmpretrain's first call copies 0-element placeholders: the
         # teacher keeps its own random start, never the online network's,
         # and its later averages leave it there.
-        teacher_start = recorder.start[1]
+        online_start, teacher_start = result['start']
         assert not torch.equal(teacher_start['0.conv1.weight'],
-                               recorder.start[0]['0.conv1.weight'])
+                               online_start['0.conv1.weight'])
         for key in result['params']:
-            for teacher in recorder.teacher:
+            for teacher in result['teacher']:
                 assert torch.equal(teacher[key], teacher_start[key]), key
         assert result['steps'] == 4
