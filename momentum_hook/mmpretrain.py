@@ -10,7 +10,9 @@ such a model, and :class:`AveragedTeacher` gives it the hook's contract
 own arguments. While the hook trains the model, ``update_parameters`` of
 that one averaged model is an instance attribute that only counts its calls
 (:class:`SkippedUpdate`); nothing else, no class, is changed, and the
-method is back when training ends.
+method is back when training ends. :func:`wrap_policy` is an FSDP1
+``auto_wrap_policy`` that keeps such a teacher and its online network in
+units of their own.
 
 Conventions. MMEngine's ``momentum`` :math:`\\mu` is the weight of the
 online network; here :math:`m = 1 - \\mu` weighs the old teacher.
