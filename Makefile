@@ -114,20 +114,28 @@ format: $(LINT_VENV)/.installed
 # 2.x, which cannot share .venv with mmcv 1.x (requirements/mmpretrain*.txt).
 MMPRETRAIN_VENV := .venv-mmpretrain
 MMPRETRAIN_PIP := PIP_CONSTRAINT=$(TORCH) $(MMPRETRAIN_VENV)/bin/python -m pip
+MMPRETRAIN_EXTENSIONS := TORCH_EXTENSIONS_DIR=$(abspath $(MMPRETRAIN_VENV))/torch_extensions
 
 $(MMPRETRAIN_VENV)/.installed: pyproject.toml $(TORCH) requirements/stack.txt \
-	requirements/mmpretrain.txt requirements/mmpretrain-deps.txt
+	requirements/mmpretrain.txt requirements/mmpretrain-deps.txt \
+	requirements/deepspeed.txt
 	$(PYTHON) -m venv $(MMPRETRAIN_VENV)
 	$(MMPRETRAIN_PIP) install -q --upgrade pip "setuptools<81" wheel
 	$(MMPRETRAIN_PIP) install -q -r $(TORCH) -r requirements/stack.txt
 	$(MMPRETRAIN_PIP) install -q --no-build-isolation -r requirements/mmpretrain-deps.txt
 	$(MMPRETRAIN_PIP) install -q --no-deps -r requirements/mmpretrain.txt
+	# DeepSpeed for the ZeRO-3 test, as in .venv (no compiled ops but the
+	# CPU shared-memory one, built now).
+	DS_BUILD_OPS=0 $(MMPRETRAIN_PIP) install -q --no-build-isolation -r requirements/deepspeed.txt
+	DS_ACCELERATOR=cpu $(MMPRETRAIN_EXTENSIONS) $(MMPRETRAIN_VENV)/bin/python -c \
+	    "from deepspeed.comm.torch import build_shm_op; \
+	    assert build_shm_op() is not None, 'deepspeed_shm_comm did not build'"
 	PYTHONWARNINGS="ignore:Editable installation" \
 	    $(MMPRETRAIN_PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 test-mmpretrain: $(MMPRETRAIN_VENV)/.installed
-	$(MMPRETRAIN_VENV)/bin/python -m pytest -q tests/mmpretrain_1x $(ARGS)
+	$(MMPRETRAIN_EXTENSIONS) $(MMPRETRAIN_VENV)/bin/python -m pytest -q tests/mmpretrain_1x $(ARGS)
 
 bench: venv
 	$(QUIET_PYTHON) benchmarks/bench_momentum_update.py $(ARGS)

@@ -209,7 +209,9 @@ class MomentumUpdateHook(HookOptions, Hook):
             self.updater.check_target(self._model(runner))
         except ValueError as error:
             strategy = type(getattr(runner, 'strategy', None)).__name__
-            fix = _WRAP_FIX.get(strategy)
+            fix = getattr(self._teacher, 'wrap_fix', {}).get(
+                strategy, _WRAP_FIX.get(strategy)
+            )
             if fix is None:
                 raise
             raise ValueError(

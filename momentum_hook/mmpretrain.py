@@ -10,7 +10,9 @@ such a model, and :class:`AveragedTeacher` gives it the hook's contract
 own arguments. While the hook trains the model, ``update_parameters`` of
 that one averaged model is an instance attribute that only counts its calls
 (:class:`SkippedUpdate`); nothing else, no class, is changed, and the
-method is back when training ends.
+method is back when training ends. :func:`wrap_policy` is an FSDP1
+``auto_wrap_policy`` that keeps such a teacher and its online network in
+units of their own.
 
 Conventions. MMEngine's ``momentum`` :math:`\\mu` is the weight of the
 online network; here :math:`m = 1 - \\mu` weighs the old teacher.
@@ -53,11 +55,14 @@ __all__ = [
     'SkippedUpdate',
     'TEACHER_CLASSES',
     'ONLINE',
+    'wrap_policy',
 ]
 
 _EMA = 'mmengine.model.averaged_model.ExponentialMovingAverage'
 _COSINE = 'mmpretrain.models.utils.ema.CosineEMA'
 _BASE = 'mmengine.model.averaged_model.BaseAveragedModel'
+_BACKBONE = 'mmpretrain.models.backbones.base_backbone.BaseBackbone'
+_NECKS = 'mmpretrain.models.necks.'
 
 #: The averaged models whose update the hook takes over: the schedule each
 #: one follows.
@@ -112,6 +117,31 @@ def find_teacher(model):
     return found[0] if found else None
 
 
+def wrap_policy(module, recurse, nonwrapped_numel):
+    """An FSDP1 ``auto_wrap_policy`` for mmpretrain models: every backbone
+    (a subclass of mmpretrain's ``BaseBackbone``) and every neck (a class of
+    ``mmpretrain.models.necks``) is a unit of its own.
+
+    The online ``backbone`` and ``neck`` and the teacher's copies of them
+    are then separate units laid out alike, as the shard-local update
+    needs. A config names it by its path: ``strategy=dict(
+    type='FSDPStrategy', model_wrapper=dict(type='MMFullyShardedDataParallel',
+    auto_wrap_policy='momentum_hook.mmpretrain.wrap_policy'))``.
+
+    Args:
+        module (nn.Module): The module FSDP asks about.
+        recurse (bool): True when FSDP asks whether to look inside it.
+        nonwrapped_numel (int): Unused.
+
+    Returns:
+        bool: Whether to recurse into, or wrap, ``module``.
+    """
+    if recurse:
+        return True
+    mro = [_qualified(cls) for cls in type(module).__mro__]
+    return _BACKBONE in mro or mro[0].startswith(_NECKS)
+
+
 class SkippedUpdate:
     """What ``update_parameters`` of a taken-over teacher is while the hook
     trains: a call does nothing but count (:attr:`calls`), since the hook
@@ -130,7 +160,7 @@ class AveragedTeacher:
 
     ``target = m * target + (1 - m) * online`` on ``averaged.module`` (what
     the teacher's forward reads) and ``nn.Sequential(model.backbone,
-    model.neck)``, through a :class:`~momentum_hook.ema.ModuleUpdatePlan`
+    model.neck)``, through a :class:`~momentum_hook.ModuleUpdatePlan`
     (rank-local shards, ``torch._foreach_lerp_``, float32 masters for a
     float16/bfloat16 teacher). The buffers follow the averaged model's
     ``update_buffers``: False (mmpretrain's models) copies the online
@@ -152,6 +182,18 @@ class AveragedTeacher:
     #: The schedule of the update after iteration ``k`` reads ``k + 1``:
     #: mmpretrain's update at the start of the next iteration.
     schedule_offset = 1
+
+    #: What to set, by FlexibleRunner strategy, when the update cannot be
+    #: planned on the wrapped model.
+    wrap_fix = {
+        'FSDPStrategy': (
+            "strategy=dict(type='FSDPStrategy', model_wrapper=dict("
+            "type='MMFullyShardedDataParallel', auto_wrap_policy="
+            "'momentum_hook.mmpretrain.wrap_policy')), so that the online "
+            "backbone and neck and the teacher's copies of them are separate "
+            'FSDP units'
+        )
+    }
 
     def __init__(self, model, name, averaged):
         self.model, self.name, self.averaged = model, name, averaged
@@ -261,7 +303,7 @@ class AveragedTeacher:
         mmpretrain's first ``update_parameters`` call does.
 
         Raises:
-            ValueError: As :class:`~momentum_hook.ema.ModuleUpdatePlan`
+            ValueError: As :class:`~momentum_hook.ModuleUpdatePlan`
                 would, before anything is written.
         """
         plan = self._current_plan(collective=True)

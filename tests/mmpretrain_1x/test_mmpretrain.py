@@ -23,8 +23,11 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 from momentum_testing import (
-    free_port,
-    launch_ranks,  # noqa: E402
+    ZERO3_ON_GLOO,
+    free_port,  # noqa: E402
+    gather_zero3,
+    init_deepspeed_rank,
+    launch_ranks,
     set_rank_environment,
 )
 
@@ -442,59 +445,40 @@ def test_contradicting_hook_arguments_are_refused(hook, match, tmp_path):
     assert 'update_parameters' not in vars(runner.model.target_net)
 
 
-def _ddp_rank(rank, port, tmp_path, out_dir):
-    import torch.distributed as dist
-
-    set_rank_environment(rank, port)
-    dist.init_process_group('gloo', rank=rank, world_size=2)
-    try:
-        cfg = shrunk_config('byol', tmp_path, 'ddp', hooks=HOOK, batch=2)
-        # SyncBN (BYOL's backbone, and its necks' default) needs CUDA under
-        # DDP; BatchNorm is what Runner turns it into in one process.
-        cfg.model.backbone.norm_cfg = dict(type='BN')
-        for neck in (cfg.model.neck, cfg.model.head.predictor):
-            neck.norm_cfg = dict(type='BN1d')
-        cfg.launcher = 'pytorch'
-        # Runner's default wrapper asks for device_ids=[LOCAL_RANK], a GPU.
-        cfg.model_wrapper_cfg = dict(
-            type='MMDistributedDataParallel',
-            device_ids=None,
-            broadcast_buffers=False,
-        )
-        runner = Runner.from_cfg(cfg)
-        recorder = Recorder(MODELS['byol'][1])
-        runner.register_hook(recorder)
-        runner.train()
-        averaged = unwrapped(runner).target_net
-        torch.save(
-            dict(
-                wrapper=type(runner.model).__name__,
-                max_iters=runner.max_iters,
-                start=recorder.start,
-                online=recorder.online,
-                teacher=recorder.teacher,
-                params=[key for key, _ in averaged.module.named_parameters()],
-                steps=int(averaged.steps),
-            ),
-            out_dir / f'rank{rank}.pth',
-        )
-    finally:
-        dist.destroy_process_group()
+def distributed_byol(tmp_path, work, hooks):
+    """BYOL's config shrunk for 2 ranks on the CPU (2 images per rank and
+    batch), launched by ``pytorch`` in the gloo group the test joined."""
+    cfg = shrunk_config('byol', tmp_path, work, hooks=hooks, batch=2)
+    # SyncBN (BYOL's backbone, and its necks' default) needs CUDA when
+    # distributed; BatchNorm is what Runner turns it into in one process.
+    cfg.model.backbone.norm_cfg = dict(type='BN')
+    for neck in (cfg.model.neck, cfg.model.head.predictor):
+        neck.norm_cfg = dict(type='BN1d')
+    cfg.launcher = 'pytorch'
+    return cfg
 
 
-def test_byol_on_two_ddp_ranks(tmp_path):
-    """MMDistributedDataParallel on 2 gloo ranks: on each rank the teacher
-    is the replay of that rank's online network (identical parameters
-    across ranks, the ranks' own BatchNorm statistics)."""
+def launch_byol(rank_function, tmp_path, *args):
+    """``rank_function(rank, port, tmp_path, out_dir, *args)`` on 2 spawned
+    ranks; what each saved."""
     random_images(tmp_path / 'images')
     out_dir = tmp_path / 'out'
     out_dir.mkdir()
-    ranks = launch_ranks(
-        _ddp_rank, (free_port(), tmp_path, out_dir), out_dir, 'spawn'
+    return launch_ranks(
+        rank_function,
+        (free_port(), tmp_path, out_dir, *args),
+        out_dir,
+        'spawn',
     )
+
+
+def assert_ranks_follow_replay(ranks, tmp_path):
+    """On each rank the teacher after every iteration is the float64 replay
+    of that rank's online network (identical parameters across ranks, the
+    ranks' own BatchNorm statistics), and its ``steps`` counts the copy and
+    the 4 updates."""
     mu, mu_end = _momenta('byol', shrunk_config('byol', tmp_path, 'x').model)
     for result in ranks:
-        assert result['wrapper'] == 'MMDistributedDataParallel'
         assert result['max_iters'] == 4  # 8 images, 2 per rank and batch
         recorder = SimpleNamespace(**result)
         for k, expected in enumerate(
@@ -506,6 +490,65 @@ def test_byol_on_two_ddp_ranks(tmp_path):
         torch.testing.assert_close(
             ranks[0]['teacher'][-1][key], ranks[1]['teacher'][-1][key]
         )
+
+
+def save_record(runner, recorder, averaged, path, **extra):
+    """Save what ``recorder`` saw in ``runner`` and the teacher's parameter
+    names (without FSDP's ``_fsdp_wrapped_module.``) and ``steps``."""
+    torch.save(
+        dict(
+            wrapper=type(runner.model).__name__,
+            max_iters=runner.max_iters,
+            start=recorder.start,
+            online=recorder.online,
+            teacher=recorder.teacher,
+            params=[
+                key.replace('_fsdp_wrapped_module.', '')
+                for key, _ in averaged.module.named_parameters()
+            ],
+            steps=int(averaged.steps),
+            **extra,
+        ),
+        path,
+    )
+
+
+def _ddp_rank(rank, port, tmp_path, out_dir):
+    import torch.distributed as dist
+
+    set_rank_environment(rank, port)
+    dist.init_process_group('gloo', rank=rank, world_size=2)
+    try:
+        cfg = distributed_byol(tmp_path, 'ddp', HOOK)
+        # Runner's default wrapper asks for device_ids=[LOCAL_RANK], a GPU.
+        cfg.model_wrapper_cfg = dict(
+            type='MMDistributedDataParallel',
+            device_ids=None,
+            broadcast_buffers=False,
+        )
+        runner = Runner.from_cfg(cfg)
+        recorder = Recorder(MODELS['byol'][1])
+        runner.register_hook(recorder)
+        runner.train()
+        save_record(
+            runner,
+            recorder,
+            unwrapped(runner).target_net,
+            out_dir / f'rank{rank}.pth',
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_byol_on_two_ddp_ranks(tmp_path):
+    """MMDistributedDataParallel on 2 gloo ranks: on each rank the teacher
+    is the replay of that rank's online network (identical parameters
+    across ranks, the ranks' own BatchNorm statistics)."""
+    ranks = launch_byol(_ddp_rank, tmp_path)
+    assert {result['wrapper'] for result in ranks} == {
+        'MMDistributedDataParallel'
+    }
+    assert_ranks_follow_replay(ranks, tmp_path)
 
 
 class Interrupt(Exception):
@@ -550,3 +593,194 @@ def test_resume_is_bit_for_bit(tmp_path, monkeypatch):
     for index in expected:
         for name, value in expected[index].items():
             assert torch.equal(actual[index][name], value), (index, name)
+
+
+def _named_tensors(module):
+    """The parameters and buffers of ``module`` by their names without
+    FSDP's ``_fsdp_wrapped_module.``, as float64 copies."""
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    return {
+        name.replace('_fsdp_wrapped_module.', ''): value.detach().to(
+            torch.float64, copy=True
+        )
+        for name, value in tensors
+    }
+
+
+class FSDPRecorder(Recorder):
+    """:class:`Recorder` under FSDP1: the networks' whole parameters,
+    gathered by ``summon_full_params`` (the BatchNorm buffers are
+    per rank)."""
+
+    def _networks(self, runner):
+        from torch import nn
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        model = unwrapped(runner)
+        with FSDP.summon_full_params(runner.model, writeback=False):
+            return (
+                _named_tensors(nn.Sequential(model.backbone, model.neck)),
+                _named_tensors(getattr(model, self.attribute).module),
+            )
+
+    def before_train(self, runner):
+        self.start = self._networks(runner)
+
+    def after_train_iter(
+        self, runner, batch_idx, data_batch=None, outputs=None
+    ):
+        online, teacher = self._networks(runner)
+        self.online.append(online)
+        self.teacher.append(teacher)
+
+
+def _fsdp_rank(rank, port, tmp_path, out_dir):
+    import torch.distributed as dist
+    from mmengine.runner._flexible_runner import FlexibleRunner
+
+    set_rank_environment(rank, port)
+    # Before MMEngine's init_dist, which asks for a GPU.
+    dist.init_process_group('gloo', rank=rank, world_size=2)
+    cfg = distributed_byol(tmp_path, 'fsdp', HOOK)
+    wrapper = dict(type='MMFullyShardedDataParallel', device_id='cpu')
+    try:
+        # Without a policy, one unit for the whole model: refused.
+        cfg.strategy = dict(type='FSDPStrategy', model_wrapper=wrapper)
+        runner = FlexibleRunner.from_cfg(cfg.copy())
+        recorder = FSDPRecorder(MODELS['byol'][1])
+        runner.register_hook(recorder)
+        try:
+            runner.train()
+            refusal = None
+        except ValueError as error:
+            refusal = (str(error), len(recorder.online))
+        # The online backbone and neck and the teacher's copies of them are
+        # FSDP1 units of their own.
+        cfg.strategy = dict(
+            type='FSDPStrategy',
+            model_wrapper=dict(
+                wrapper,
+                auto_wrap_policy='momentum_hook.mmpretrain.wrap_policy',
+            ),
+        )
+        runner = FlexibleRunner.from_cfg(cfg)
+        recorder = FSDPRecorder(MODELS['byol'][1])
+        runner.register_hook(recorder)
+        runner.train()
+        save_record(
+            runner,
+            recorder,
+            unwrapped(runner).target_net,
+            out_dir / f'rank{rank}.pth',
+            refusal=refusal,
+        )
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_byol_in_flexible_runner_with_fsdp(tmp_path):
+    """FlexibleRunner with FSDPStrategy on 2 gloo ranks, the online backbone
+    and neck and the teacher's copies in FSDP1 units of their own
+    (``momentum_hook.mmpretrain.wrap_policy``): the teacher, gathered, is
+    the replay of the online network once per optimizer step. Without a
+    policy, the run is refused before iteration 1, naming that policy."""
+    ranks = launch_byol(_fsdp_rank, tmp_path)
+    for result in ranks:
+        assert result['wrapper'] == 'MMFullyShardedDataParallel'
+        message, iterations = result['refusal']
+        assert iterations == 0  # before iteration 1
+        assert "'0.conv1.weight' is flattened into an FSDP1 unit" in message
+        assert message.endswith(
+            'In this FlexibleRunner with FSDPStrategy, set strategy=dict('
+            "type='FSDPStrategy', model_wrapper=dict(type='MMFullyShardedData"
+            "Parallel', auto_wrap_policy='momentum_hook.mmpretrain.wrap_"
+            "policy')), so that the online backbone and neck and the "
+            "teacher's copies of them are separate FSDP units"
+        )
+    assert_ranks_follow_replay(ranks, tmp_path)
+
+
+class ZeRO3Recorder(FSDPRecorder):
+    """:class:`Recorder` under DeepSpeed ZeRO-3: each parameter gathered
+    alone (``gather_zero3``), the buffers as they are (not partitioned)."""
+
+    def _networks(self, runner):
+        from torch import nn
+
+        model = runner.model.model.module  # MMDeepSpeedEngineWrapper
+        networks = []
+        for network in (
+            nn.Sequential(model.backbone, model.neck),
+            getattr(model, self.attribute).module,
+        ):
+            names, params = zip(*network.named_parameters())
+            tensors = dict(zip(names, gather_zero3(params)))
+            tensors.update(network.named_buffers())
+            networks.append(
+                {
+                    name: value.detach().to(torch.float64, copy=True)
+                    for name, value in tensors.items()
+                }
+            )
+        return tuple(networks)
+
+
+def _zero3_rank(rank, port, tmp_path, out_dir, hook):
+    from mmengine.runner._flexible_runner import FlexibleRunner
+
+    init_deepspeed_rank(rank, port)
+    cfg = distributed_byol(tmp_path, f'zero3_{hook}', HOOK if hook else ())
+    cfg.optim_wrapper.type = 'DeepSpeedOptimWrapper'
+    cfg.optim_wrapper.pop('accumulative_counts')
+    # Every parameter partitioned (the default keeps small ones whole).
+    cfg.strategy = dict(
+        type='DeepSpeedStrategy',
+        config=dict(zero_allow_untested_optimizer=True),
+        zero_optimization=dict(
+            ZERO3_ON_GLOO, stage=3, stage3_param_persistence_threshold=0
+        ),
+        gradient_accumulation_steps=1,
+        train_micro_batch_size_per_gpu=2,
+    )
+    runner = FlexibleRunner.from_cfg(cfg)
+    recorder = ZeRO3Recorder(MODELS['byol'][1])
+    runner.register_hook(recorder)
+    runner.train()
+    averaged = runner.model.model.module.target_net
+    save_record(
+        runner,
+        recorder,
+        averaged,
+        out_dir / f'rank{rank}.pth',
+        partitioned=all(
+            param.numel() == 0 for param in averaged.module.parameters()
+        ),
+    )
+
+
+@pytest.mark.parametrize('hook', [True, False], ids=['hook', 'alone'])
+def test_byol_in_flexible_runner_with_zero3(hook, tmp_path):
+    """FlexibleRunner with DeepSpeedStrategy, ZeRO-3, every parameter
+    partitioned, 2 gloo ranks: with the hook the teacher, gathered, is the
+    replay of the online network once per optimizer step; mmpretrain alone
+    averages the 0-element placeholders of the partitioned parameters, and
+    its teacher never moves from its own random start."""
+    ranks = launch_byol(_zero3_rank, tmp_path, hook)
+    assert all(result['partitioned'] for result in ranks)
+    if hook:
+        assert_ranks_follow_replay(ranks, tmp_path)
+        return
+    for result in ranks:
+        assert result['max_iters'] == 4
+        # mmpretrain's first call copies 0-element placeholders: the
+        # teacher keeps its own random start, never the online network's,
+        # and its later averages leave it there.
+        online_start, teacher_start = result['start']
+        assert not torch.equal(
+            teacher_start['0.conv1.weight'], online_start['0.conv1.weight']
+        )
+        for key in result['params']:
+            for teacher in result['teacher']:
+                assert torch.equal(teacher[key], teacher_start[key]), key
+        assert result['steps'] == 4
