@@ -539,15 +539,7 @@ def launch_each(rank_main, base, launches, start_method='spawn'):
 def init_deepspeed_rank(rank, port):
     """Make this process rank ``rank`` of a two-rank DeepSpeed run on the
     CPU (``DS_ACCELERATOR=cpu``, gloo)."""
-    torch.set_num_threads(1)
-    os.environ.update(
-        DS_ACCELERATOR='cpu',
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(SHARDED_WORLD_SIZE),
-        MASTER_ADDR='127.0.0.1',
-        MASTER_PORT=str(port),
-    )
+    set_rank_environment(rank, port)
     import deepspeed
 
     deepspeed.init_distributed(

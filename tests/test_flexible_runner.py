@@ -20,7 +20,6 @@ other test modules ran in this process, they hang.
 """
 
 import functools
-import os
 import os.path as osp
 from datetime import timedelta
 
@@ -39,6 +38,7 @@ from momentum_testing import (
     reference_momentum,
     replay_ema,
     run_scenarios,
+    set_rank_environment,
 )
 from torch import nn
 from torch.utils.data import Dataset
@@ -468,16 +468,7 @@ def launches(out_dir):
 
 
 def rank_main(rank, port, out_dir, launch):
-    torch.set_num_threads(1)
-    os.environ.update(
-        DS_ACCELERATOR='cpu',
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(SHARDED_WORLD_SIZE),
-        MASTER_ADDR='127.0.0.1',
-        MASTER_PORT=str(port),
-        TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD='1',
-    )
+    set_rank_environment(rank, port, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD='1')
     import deepspeed
 
     import momentum_hook.mmengine_strategies  # noqa: F401, registers it
