@@ -45,6 +45,7 @@ from torch import nn
 
 from .masters import TargetMasters
 from .plan import ModuleUpdatePlan
+from .registration import qualified_name
 from .updater import CONTRACT
 from .validation import check_momentum, check_positive_int
 
@@ -73,10 +74,6 @@ TEACHER_CLASSES = {_COSINE: 'cosine', _EMA: 'constant'}
 ONLINE = ('backbone', 'neck')
 
 
-def _qualified(cls):
-    return f'{cls.__module__}.{cls.__qualname__}'
-
-
 def find_teacher(model):
     """The ``(name, averaged model)`` of an mmpretrain teacher of ``model``.
 
@@ -94,7 +91,7 @@ def find_teacher(model):
     """
     found, foreign = [], []
     for name, child in model.named_children():
-        mro = [_qualified(cls) for cls in type(child).__mro__]
+        mro = [qualified_name(cls) for cls in type(child).__mro__]
         if mro[0] in TEACHER_CLASSES:
             found.append((name, child))
         elif _BASE in mro:
@@ -138,7 +135,7 @@ def wrap_policy(module, recurse, nonwrapped_numel):
     """
     if recurse:
         return True
-    mro = [_qualified(cls) for cls in type(module).__mro__]
+    mro = [qualified_name(cls) for cls in type(module).__mro__]
     return _BACKBONE in mro or mro[0].startswith(_NECKS)
 
 
@@ -198,7 +195,7 @@ class AveragedTeacher:
     def __init__(self, model, name, averaged):
         self.model, self.name, self.averaged = model, name, averaged
         self.label = f'{type(model).__name__}.{name}'
-        self.schedule = TEACHER_CLASSES[_qualified(type(averaged))]
+        self.schedule = TEACHER_CLASSES[qualified_name(type(averaged))]
         # MMEngine's momenta are small (0.01): no warning for them here.
         mu = check_momentum(
             averaged.momentum, f'{self.label}.momentum', warn_small=False
