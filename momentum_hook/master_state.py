@@ -26,6 +26,12 @@ FSDP1, local state dict     the unit's rank-local flat master, under the
 DeepSpeed ZeRO-3            this rank's partition, in this rank's own file
 ==========================  ==============================================
 
+:func:`local_masters` and :func:`load_local_masters` keep them instead as
+each rank holds them, by the names in
+:class:`~momentum_hook.masters.TargetMasters`, for a checkpoint that each
+rank writes and reads for itself, outside the model's state dict (the
+mmpretrain teachers': :mod:`momentum_hook.mmpretrain`).
+
 Loading takes any of these back into the current layout: a whole master is
 cut to this rank's part (as FSDP2 and FSDP1 shard a parameter), so that a
 checkpoint saved on one world size loads on another. The state dict lists a
@@ -42,10 +48,17 @@ import torch
 
 from ._compat import torch as torch_internals
 from .local_shards import local_shards
-from .masters import is_low_precision
+from .masters import is_low_precision, rounds_to
 from .wrappers import loaded as _loaded
 
-__all__ = ['MASTER_KEY', 'save_masters', 'take_masters', 'place_masters']
+__all__ = [
+    'MASTER_KEY',
+    'save_masters',
+    'take_masters',
+    'place_masters',
+    'local_masters',
+    'load_local_masters',
+]
 
 #: The state-dict key prefix, after the model's own, of the float32 masters
 #: of a low-precision target: ``<prefix>momentum_target_master.<name>``.
@@ -345,3 +358,48 @@ def _dtensor_local(param, value):
         param.placements,
         src_data_rank=None,
     ).to_local()
+
+
+# --- Rank-local ------------------------------------------------------------
+
+
+def local_masters(target, masters):
+    """This rank's masters of ``target``'s low-precision tensors, as
+    copies, by their names in ``masters``: each as
+    :meth:`~momentum_hook.masters.TargetMasters.current` gives it. No
+    collective.
+
+    Args:
+        target (nn.Module): The target network, as it sits in the model.
+        masters (TargetMasters): Its masters.
+
+    Returns:
+        dict[str, Tensor]: Empty for a float32 or float64 target.
+    """
+    return {
+        slot.name: masters.current(slot.name, slot.local).detach().clone()
+        for slot in _slots(target)
+    }
+
+
+def load_local_masters(target, masters, saved):
+    """Keep, for the next update, the masters in ``saved`` (from
+    :func:`local_masters`) that round to ``target``'s tensors now.
+
+    A master that does not (saved by another rank or world size, for
+    another target, or missing) is left out: that tensor's master restarts
+    from the target's values.
+
+    Returns:
+        list[str]: The names of the low-precision tensors whose master
+        restarts, in order.
+    """
+    fits, restart = {}, []
+    for slot in _slots(target):
+        value = saved.get(slot.name)
+        if value is not None and rounds_to(value, slot.local):
+            fits[slot.name] = value
+        else:
+            restart.append(slot.name)
+    masters.load(fits)
+    return restart

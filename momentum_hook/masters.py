@@ -15,6 +15,7 @@ __all__ = [
     'TargetMasters',
     'is_low_precision',
     'refuse_low_precision',
+    'rounds_to',
 ]
 
 #: The target dtypes that get a float32 master.
@@ -25,7 +26,7 @@ def is_low_precision(tensor):
     return tensor.dtype in LOW_PRECISION
 
 
-def _rounds_to(master, target):
+def rounds_to(master, target):
     """Whether ``target`` holds ``master`` rounded to its dtype."""
     return master.shape == target.shape and torch.equal(
         master.to(target.device, target.dtype), target
@@ -65,7 +66,7 @@ class TargetMasters:
         for name, target in zip(names, targets):
             master = None
             for candidate in (self.loaded.get(name), self.tensors.get(name)):
-                if candidate is not None and _rounds_to(candidate, target):
+                if candidate is not None and rounds_to(candidate, target):
                     master = candidate.to(target.device)
                     break
             if master is None:
@@ -79,9 +80,9 @@ class TargetMasters:
         """Re-check bound masters in place after their targets changed."""
         for name, target in zip(names, targets):
             master, loaded = self.tensors[name], self.loaded.get(name)
-            if loaded is not None and _rounds_to(loaded, target):
+            if loaded is not None and rounds_to(loaded, target):
                 master.copy_(loaded)
-            elif not _rounds_to(master, target):
+            elif not rounds_to(master, target):
                 master.copy_(target)
         self.loaded, self.stale = {}, False
 
@@ -102,7 +103,7 @@ class TargetMasters:
                 masters.append(None)
                 continue
             master = self._copies.get(copy.data_ptr())
-            if master is not None and not _rounds_to(master, copy):
+            if master is not None and not rounds_to(master, copy):
                 master = None
             if master is None:
                 master = copy.to(torch.float32, copy=True)
@@ -118,7 +119,7 @@ class TargetMasters:
         else a float32 copy of ``target``, where the next update would
         start."""
         for candidate in (self.loaded.get(name), self.tensors.get(name)):
-            if candidate is not None and _rounds_to(candidate, target):
+            if candidate is not None and rounds_to(candidate, target):
                 return candidate
         return target.detach().to(torch.float32, copy=True)
 

@@ -20,7 +20,7 @@ from .ledger import (
     OptimizerSteps,
     check_one_momentum_hook,
 )
-from .mmpretrain import teacher_of
+from .mmpretrain import MASTERS_KEY, MasterSnapshot, teacher_of
 from .registration import register_hook_class
 from .updater import LOG_KEY, HookOptions
 from .wrappers import loaded, unwrap, wrapper_chain
@@ -249,8 +249,14 @@ class MomentumUpdateHook(HookOptions, Hook):
                 owner=self,
             )
         )
-        self._check_target(runner)
         hub = runner.message_hub
+        if self._teacher is not None and runner.iter:
+            message = self._teacher.load_master_state(
+                hub.get_info(MASTERS_KEY)
+            )
+            if message:
+                runner.logger.warning(message)
+        self._check_target(runner)
         for message in (
             self.updater.resume_messages(
                 hub.get_info(RECORD_KEY),
@@ -269,6 +275,7 @@ class MomentumUpdateHook(HookOptions, Hook):
         )
         self._steps = _step_watch(runner, engine)
         if self._teacher is not None:
+            hub.update_info(MASTERS_KEY, MasterSnapshot(self._teacher))
             self._teacher.take_over()
             runner.logger.info(
                 f'momentum_hook takes over {self._teacher.describe()}: the '

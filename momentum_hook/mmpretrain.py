@@ -35,14 +35,27 @@ hook makes the same update after iteration :math:`k = s - 1`, once the
 optimizer stepped (:attr:`AveragedTeacher.schedule_offset`: the schedule
 reads :math:`k + 1`), and the copy before iteration 0.
 
+Checkpoints. The teacher's parameters, buffers and ``steps`` travel in the
+model's state dict, as without the hook. The float32 masters of a
+float16/bfloat16 teacher (a DeepSpeed ``bf16``/``fp16`` engine) travel in
+the run's ``MessageHub``, as runtime info :data:`MASTERS_KEY` that MMEngine
+saves in every checkpoint and restores on resume: each rank's own
+(:func:`~momentum_hook.master_state.local_masters`), written by that rank
+where each rank writes its own file (DeepSpeed ZeRO-3), else by rank 0.
+A resumed teacher takes back every master that rounds to it; the others
+restart from the teacher's values, with a warning (a checkpoint from
+another number of ranks, or one saved without the hook).
+
 This module imports neither mmengine nor mmpretrain: it recognises their
 classes by qualified name.
 """
 
 import math
+import operator
 
 from torch import nn
 
+from .master_state import load_local_masters, local_masters
 from .masters import TargetMasters
 from .plan import ModuleUpdatePlan
 from .registration import qualified_name
@@ -57,7 +70,13 @@ __all__ = [
     'TEACHER_CLASSES',
     'ONLINE',
     'wrap_policy',
+    'MASTERS_KEY',
+    'MasterSnapshot',
 ]
+
+#: The ``MessageHub`` runtime info that carries the float32 masters of a
+#: low-precision teacher through MMEngine's checkpoints.
+MASTERS_KEY = 'momentum_hook.teacher_masters'
 
 _EMA = 'mmengine.model.averaged_model.ExponentialMovingAverage'
 _COSINE = 'mmpretrain.models.utils.ema.CosineEMA'
@@ -152,6 +171,24 @@ class SkippedUpdate:
         self.calls += 1
 
 
+class MasterSnapshot:
+    """The value of :data:`MASTERS_KEY` in the run's ``MessageHub`` while
+    the hook trains: MMEngine deep-copies runtime info into each
+    checkpoint, and a copy of this is the teacher's masters at that moment
+    (:meth:`AveragedTeacher.master_state`), so that every checkpoint holds
+    the masters of its own iteration.
+
+    Args:
+        teacher (AveragedTeacher): The teacher whose masters it copies.
+    """
+
+    def __init__(self, teacher):
+        self.teacher = teacher
+
+    def __deepcopy__(self, memo):
+        return self.teacher.master_state()
+
+
 class AveragedTeacher:
     """The hook's contract for a model with an mmpretrain teacher.
 
@@ -221,6 +258,7 @@ class AveragedTeacher:
         self.log_name = self.label
         self._masters = TargetMasters()
         self._plan = None
+        self._planned_on = ()  # the modules the plan was made on
         self._online()  # refuse a model without the online network now
 
     def describe(self):
@@ -280,11 +318,28 @@ class AveragedTeacher:
             )
         return online
 
+    def _modules(self):
+        """What ``averaged.module``, ``model.backbone`` and ``model.neck``
+        hold now."""
+        return (
+            getattr(self.averaged, 'module', None),
+            *(getattr(self.model, name, None) for name in ONLINE),
+        )
+
     def _current_plan(self, collective=False):
-        """The kept plan while it is current, else a new one: checked with
-        every rank before the run (``collective``), on this rank alone
-        after the start, where the ranks need not be at the same point."""
-        if collective or self._plan is None or not self._plan.is_current():
+        """The kept plan while it is current and made on the modules the
+        model holds now (a module assigned in place of the backbone, the
+        neck or the teacher's copy is planned anew), else a new one:
+        checked with every rank before the run (``collective``), on this
+        rank alone after the start, where the ranks need not be at the same
+        point."""
+        modules = self._modules()
+        if (
+            collective
+            or self._plan is None
+            or any(map(operator.is_not, modules, self._planned_on))
+            or not self._plan.is_current()
+        ):
             self._plan = ModuleUpdatePlan(
                 self.averaged.module,
                 self._online(),
@@ -292,7 +347,39 @@ class AveragedTeacher:
                 self._masters,
                 collective=collective,
             )
+            self._planned_on = modules
         return self._plan
+
+    def master_state(self):
+        """This rank's float32 masters of the teacher's low-precision
+        tensors, as copies, by name (empty for a float32 teacher)."""
+        return {
+            'teacher': self.label,
+            'masters': local_masters(self.averaged.module, self._masters),
+        }
+
+    def load_master_state(self, state):
+        """Take back the masters of :meth:`master_state` from a resumed
+        checkpoint (None: it holds none) that round to the teacher now.
+
+        Returns:
+            str or None: A warning naming the masters that restart from the
+            teacher's values instead, or None if none does.
+        """
+        saved = state.get('masters', {}) if isinstance(state, dict) else {}
+        restart = load_local_masters(
+            self.averaged.module, self._masters, saved
+        )
+        if not restart:
+            return None
+        return (
+            f'momentum_hook: {len(restart)} low-precision tensors of '
+            f'{self.label} (first {restart[0]!r}) have no float32 master in '
+            'the resumed checkpoint that rounds to them (a checkpoint saved '
+            'without the momentum hook, or on another number of ranks): '
+            "their masters restart from the teacher's values, so the "
+            'resumed teacher rounds differently from an uninterrupted run'
+        )
 
     def check_momentum_target(self):
         """Plan the update now; the first time in a run (the teacher's

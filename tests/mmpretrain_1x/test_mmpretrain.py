@@ -43,7 +43,14 @@ MODELS = {
         'momentum_encoder',
     ),
     'mocov2': ('mocov2/mocov2_resnet50_8xb32-coslr-200e_in1k.py', 'encoder_k'),
+    'densecl': (
+        'densecl/densecl_resnet50_8xb32-coslr-200e_in1k.py',
+        'encoder_k',
+    ),
 }
+#: The models whose teacher is an ExponentialMovingAverage of a constant
+#: momentum, a queue of negative keys and no predictor.
+QUEUED = ('mocov2', 'densecl')
 IMAGE = 32  # pixels, RandomResizedCrop's scale (224 in the configs)
 WIDTH = 16  # the necks' and heads' widths (256 to 4096 in the configs)
 
@@ -92,7 +99,7 @@ def _shrink_model(name, model):
     model.neck.update(
         in_channels=in_channels, hid_channels=WIDTH, out_channels=WIDTH
     )
-    if name == 'mocov2':
+    if name in QUEUED:
         model.update(queue_len=16, feat_dim=WIDTH)
     else:
         model.head.predictor.update(
@@ -260,7 +267,7 @@ def assert_close(actual, expected, keys=None):
 
 
 def _momenta(name, model_cfg):
-    if name == 'mocov2':
+    if name in QUEUED:
         return model_cfg.momentum, model_cfg.momentum
     return model_cfg.base_momentum, 0.0
 
@@ -445,10 +452,13 @@ def test_contradicting_hook_arguments_are_refused(hook, match, tmp_path):
     assert 'update_parameters' not in vars(runner.model.target_net)
 
 
-def distributed_byol(tmp_path, work, hooks):
+def distributed_byol(tmp_path, work, hooks, workers=0):
     """BYOL's config shrunk for 2 ranks on the CPU (2 images per rank and
-    batch), launched by ``pytorch`` in the gloo group the test joined."""
-    cfg = shrunk_config('byol', tmp_path, work, hooks=hooks, batch=2)
+    batch), launched by ``pytorch`` in the gloo group the test joined
+    (``workers``: see :func:`shrunk_config`)."""
+    cfg = shrunk_config(
+        'byol', tmp_path, work, hooks=hooks, batch=2, workers=workers
+    )
     # SyncBN (BYOL's backbone, and its necks' default) needs CUDA when
     # distributed; BatchNorm is what Runner turns it into in one process.
     cfg.model.backbone.norm_cfg = dict(type='BN')
@@ -458,11 +468,11 @@ def distributed_byol(tmp_path, work, hooks):
     return cfg
 
 
-def launch_byol(rank_function, tmp_path, *args):
+def launch_byol(rank_function, tmp_path, *args, out=None):
     """``rank_function(rank, port, tmp_path, out_dir, *args)`` on 2 spawned
-    ranks; what each saved."""
+    ranks; what each saved (in ``out``, by default ``tmp_path / 'out'``)."""
     random_images(tmp_path / 'images')
-    out_dir = tmp_path / 'out'
+    out_dir = out or tmp_path / 'out'
     out_dir.mkdir()
     return launch_ranks(
         rank_function,
@@ -784,3 +794,108 @@ def test_byol_in_flexible_runner_with_zero3(hook, tmp_path):
             for teacher in result['teacher']:
                 assert torch.equal(teacher[key], teacher_start[key]), key
         assert result['steps'] == 4
+
+
+@pytest.mark.parametrize('replaced', ['backbone', 'neck', 'teacher'])
+def test_a_replaced_module_is_followed_not_its_ghost(replaced, tmp_path):
+    """A module assigned in place of the online backbone or neck, or of the
+    teacher's copy, between two updates: the next update averages what the
+    model holds now (checked against a float64 replay), not the module it
+    replaced."""
+    import copy
+
+    from mmpretrain.registry import MODELS as REGISTRY
+
+    from momentum_hook.mmpretrain import AveragedTeacher, find_teacher
+
+    model = REGISTRY.build(shrunk_config('byol', tmp_path, 'x').model)
+    teacher = AveragedTeacher(model, *find_teacher(model))
+    teacher.check_momentum_target()  # the copy
+    teacher.momentum = 0.5
+    teacher.momentum_update()  # planned, and kept
+    averaged = model.target_net
+    holder, attribute = (
+        (averaged, 'module') if replaced == 'teacher' else (model, replaced)
+    )
+    new = copy.deepcopy(getattr(holder, attribute))
+    with torch.no_grad():
+        for param in new.parameters():
+            param.add_(1.0)
+    setattr(holder, attribute, new)
+    before, online = teacher_of(model, 'target_net'), online_of(model)
+    teacher.momentum_update()
+    after = teacher_of(model, 'target_net')
+    params = [key for key, _ in averaged.module.named_parameters()]
+    assert_close(
+        after, {key: 0.5 * before[key] + 0.5 * online[key] for key in params}
+    )
+
+
+def test_bf16_masters_are_taken_back_only_where_they_round_to_the_teacher(
+    tmp_path,
+):
+    """The float32 masters of a bfloat16 teacher, as a checkpoint's message
+    hub keeps them (a deep copy of ``MasterSnapshot``), are taken back by a
+    copy of the model whose teacher they round to: it then updates as the
+    original does, bit for bit. Without them (a checkpoint saved without
+    the hook) or for a teacher changed since, they restart from the
+    teacher's values, with a warning naming them."""
+    import copy
+
+    from mmpretrain.registry import MODELS as REGISTRY
+
+    from momentum_hook.mmpretrain import (
+        AveragedTeacher,
+        MasterSnapshot,
+        find_teacher,
+    )
+
+    model = REGISTRY.build(shrunk_config('byol', tmp_path, 'x').model)
+    model.to(torch.bfloat16)
+    teacher = AveragedTeacher(model, *find_teacher(model))
+    teacher.check_momentum_target()
+    teacher.momentum = 0.99
+
+    def step(model, teacher):
+        with torch.no_grad():
+            for param in model.backbone.parameters():
+                param.add_(0.01 * torch.sin(param.float()).bfloat16())
+        teacher.momentum_update()
+
+    for _ in range(3):
+        step(model, teacher)
+    state = copy.deepcopy(MasterSnapshot(teacher))
+    saved_model = copy.deepcopy(model)
+    assert state['teacher'] == 'BYOL.target_net' and state['masters']
+    copies = []
+    for saved in (state, None):
+        twin = copy.deepcopy(model)
+        twin_teacher = AveragedTeacher(twin, *find_teacher(twin))
+        message = twin_teacher.load_master_state(saved)
+        copies.append((twin, twin_teacher, message))
+    for _ in range(3):
+        for twin, twin_teacher, _ in [(model, teacher, None), *copies]:
+            step(twin, twin_teacher)
+    expected = teacher_of(model, 'target_net')
+    resumed, restarted = (
+        teacher_of(twin, 'target_net') for twin, *_ in copies
+    )
+    assert copies[0][2] is None
+    for key, value in expected.items():
+        assert torch.equal(resumed[key], value), key
+    assert any(not torch.equal(restarted[k], v) for k, v in expected.items())
+    count = len(state['masters'])
+    assert copies[1][2].startswith(
+        f'momentum_hook: {count} low-precision tensors of BYOL.target_net '
+        "(first '0.conv1.weight') have no float32 master in the resumed "
+        'checkpoint that rounds to them'
+    )
+    # A teacher written since the save rounds none of them.
+    with torch.no_grad():
+        saved_model.target_net.module[0].conv1.weight.add_(1.0)
+    message = AveragedTeacher(
+        saved_model, *find_teacher(saved_model)
+    ).load_master_state(state)
+    assert "1 low-precision tensors of BYOL.target_net (first '0.conv1" in (
+        message
+    )

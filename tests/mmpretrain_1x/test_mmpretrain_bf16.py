@@ -1,0 +1,190 @@
+"""mmpretrain's BYOL with a bfloat16 teacher: FlexibleRunner with a
+DeepSpeed ``bf16`` engine on 2 gloo ranks, from mmpretrain's own config.
+
+With the hook, the teacher is the float64 replay of the bfloat16 online
+network to within one bfloat16 rounding (its float32 masters carry the
+small steps), and a run resumed from a checkpoint ends bit for bit equal
+to the uninterrupted one: the masters travel in the checkpoint's message
+hub, each rank's in its own file under ZeRO-3. mmpretrain alone (ZeRO-2,
+whose parameters are whole on every rank) lerps the bfloat16 teacher
+itself, and rounding leaves it away from that replay.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip('mmpretrain')
+pytest.importorskip('deepspeed')
+
+from test_mmpretrain import (  # noqa: E402
+    HOOK,
+    MODELS,
+    ZERO3_ON_GLOO,
+    ZeRO3Recorder,
+    _momenta,
+    distributed_byol,
+    init_deepspeed_rank,
+    launch_byol,
+    replay,
+    shrunk_config,
+)
+
+from momentum_hook.mmpretrain import MASTERS_KEY  # noqa: E402
+
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.deepspeed,
+    pytest.mark.mmengine,
+    pytest.mark.slow,
+]
+
+BF16 = torch.bfloat16
+
+
+def _bf16_rank(rank, port, tmp_path, out_dir, hook, stage, resume):
+    """One rank of a bf16 BYOL run: the whole run (``resume`` False,
+    saving a checkpoint after each epoch), or a new run resumed from the
+    whole run's checkpoint of epoch 1."""
+    from mmengine.runner._flexible_runner import FlexibleRunner
+
+    init_deepspeed_rank(rank, port)
+    work = f'bf16_{stage}_{hook}'
+    # A data worker: augmentations seeded per epoch, the same on resume.
+    cfg = distributed_byol(tmp_path, work, HOOK if hook else (), workers=1)
+    cfg.optim_wrapper.type = 'DeepSpeedOptimWrapper'
+    cfg.optim_wrapper.pop('accumulative_counts')
+    cfg.strategy = dict(
+        type='DeepSpeedStrategy',
+        # DeepSpeed 0.19.6 keeps buffers in float32 unless told, and
+        # BatchNorm needs its running statistics in the input's dtype.
+        config=dict(
+            zero_allow_untested_optimizer=True,
+            data_types=dict(buffer_dtype='bf16'),
+        ),
+        bf16=dict(enabled=True),
+        inputs_to_half=['inputs'],
+        zero_optimization=dict(
+            ZERO3_ON_GLOO, stage=stage, stage3_param_persistence_threshold=0
+        ),
+        gradient_accumulation_steps=1,
+        train_micro_batch_size_per_gpu=2,
+    )
+    if resume:
+        cfg.work_dir = str(tmp_path / f'{work}_resumed')
+        cfg.resume = True
+        cfg.load_from = str(tmp_path / work / 'epoch_1.pth')
+    runner = FlexibleRunner.from_cfg(cfg)
+    recorder = ZeRO3Recorder(MODELS['byol'][1])
+    runner.register_hook(recorder)
+    runner.train()
+    model = runner.model.model.module
+    local = {
+        name: getattr(param, 'ds_tensor', param).detach().clone()
+        for name, param in model.named_parameters()
+    }
+    masters = runner.message_hub.state_dict()['runtime_info'].get(MASTERS_KEY)
+    torch.save(
+        dict(
+            start=recorder.start,
+            online=recorder.online,
+            teacher=recorder.teacher,
+            params=[
+                key for key, _ in model.target_net.module.named_parameters()
+            ],
+            dtype=model.target_net.module[0].conv1.weight.dtype,
+            local=local,
+            masters=masters,
+            steps=int(model.target_net.steps),
+            iter=runner.iter,
+        ),
+        out_dir / f'rank{rank}.pth',
+    )
+
+
+def _launch(tmp_path, hook, stage, resume=False):
+    out = tmp_path / f'out_{hook}_{stage}_{int(resume)}'
+    return launch_byol(_bf16_rank, tmp_path, hook, stage, resume, out=out)
+
+
+def ulps_off(actual, expected):
+    """How many bfloat16 ulps (of ``expected``) ``actual`` is from it."""
+    ulp = torch.finfo(BF16).eps * torch.exp2(
+        torch.floor(torch.log2(expected.abs().clamp_min(2.0**-100)))
+    )
+    return (actual - expected).abs() / ulp
+
+
+def replay_distance(result, tmp_path, late=0):
+    """The largest distance, in bfloat16 ulps, of the teacher after each
+    iteration from the float64 replay of the online network, and the
+    fraction of the teacher's parameter elements, over all iterations,
+    that are more than half an ulp from it (not the replay rounded). With ``late=1`` the teacher after iteration
+    ``k + 1`` is compared with the replay after ``k`` (mmpretrain alone
+    updates at the start of the next iteration)."""
+    mu, mu_end = _momenta('byol', shrunk_config('byol', tmp_path, 'x').model)
+    recorder = SimpleNamespace(**result)
+    worst, off_count, count = 0.0, 0, 0
+    replayed = replay(recorder, result['params'], 4, mu, mu_end)
+    for k, expected in enumerate(replayed[: len(replayed) - late]):
+        teacher = recorder.teacher[k + late]
+        off = torch.cat(
+            [
+                ulps_off(teacher[key], expected[key]).flatten()
+                for key in result['params']
+            ]
+        )
+        worst = max(worst, float(off.max()))
+        off_count += int((off > 0.5 + 2**-8).sum())  # beyond float32 noise
+        count += off.numel()
+    return worst, off_count / count
+
+
+def test_bf16_teacher_under_zero3_follows_replay_and_resumes_bit_for_bit(
+    tmp_path,
+):
+    """ZeRO-3, every parameter partitioned, bf16: the teacher stays within
+    one bfloat16 rounding of the float64 replay, and a run resumed at
+    epoch 1 ends with each rank's partitions and masters of the whole
+    run, bit for bit."""
+    whole = _launch(tmp_path, True, 3)
+    resumed = _launch(tmp_path, True, 3, resume=True)
+    for rank, (straight, again) in enumerate(zip(whole, resumed)):
+        assert straight['dtype'] == BF16
+        assert straight['iter'] == again['iter'] == 4
+        assert straight['steps'] == again['steps'] == 5
+        worst, rounded_off = replay_distance(straight, tmp_path)
+        assert worst <= 1.0 and rounded_off == 0, (rank, worst, rounded_off)
+        masters = straight['masters']['masters']
+        assert masters and masters.keys() == again['masters']['masters'].keys()
+        for name, master in masters.items():
+            assert master.dtype == torch.float32
+            assert torch.equal(master, again['masters']['masters'][name])
+        assert straight['local'].keys() == again['local'].keys()
+        for name, value in straight['local'].items():
+            assert torch.equal(value, again['local'][name]), (rank, name)
+
+
+@pytest.mark.parametrize('stage', [2, 3])
+def test_mmpretrain_alone_leaves_a_bf16_teacher_off_the_replay(
+    stage, tmp_path
+):
+    """bf16 without the hook: under ZeRO-2 (whole parameters on each rank)
+    mmpretrain lerps the bfloat16 teacher itself, and rounding leaves it
+    further from the float64 replay than one rounding; under ZeRO-3 it
+    averages 0-element placeholders, as in float32, and the teacher stays
+    at its random start. With the hook, within one rounding under both."""
+    alone = _launch(tmp_path, False, stage)
+    hooked = _launch(tmp_path, True, stage)
+    for result in alone:
+        assert result['dtype'] == BF16 and result['masters'] is None
+        # mmpretrain updates at the start of the next iteration: its
+        # teacher after iteration k + 1 is the replay's after k.
+        worst, rounded_off = replay_distance(result, tmp_path, late=1)
+        print(f'alone: worst {worst:.1f} ulps, {rounded_off:.3%} rounded off')
+        assert worst > 1.0
+    for result in hooked:
+        worst, rounded_off = replay_distance(result, tmp_path)
+        print(f'hook: worst {worst:.1f} ulps, {rounded_off:.3%} rounded off')
+        assert worst <= 1.0 and rounded_off == 0
