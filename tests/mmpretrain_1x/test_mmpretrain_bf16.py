@@ -120,9 +120,10 @@ def replay_distance(result, tmp_path, late=0):
     """The largest distance, in bfloat16 ulps, of the teacher after each
     iteration from the float64 replay of the online network, and the
     fraction of the teacher's parameter elements, over all iterations,
-    that are more than half an ulp from it (not the replay rounded). With ``late=1`` the teacher after iteration
-    ``k + 1`` is compared with the replay after ``k`` (mmpretrain alone
-    updates at the start of the next iteration)."""
+    that are more than half an ulp from it (not the replay rounded). With
+    ``late=1`` the teacher after iteration ``k + 1`` is compared with the
+    replay after ``k`` (mmpretrain alone updates at the start of the next
+    iteration)."""
     mu, mu_end = _momenta('byol', shrunk_config('byol', tmp_path, 'x').model)
     recorder = SimpleNamespace(**result)
     worst, off_count, count = 0.0, 0, 0
