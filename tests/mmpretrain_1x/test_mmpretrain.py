@@ -711,6 +711,83 @@ def test_byol_in_flexible_runner_with_fsdp(tmp_path):
     assert_ranks_follow_replay(ranks, tmp_path)
 
 
+def _fsdp_resume_rank(rank, port, tmp_path, out_dir, resume):
+    """One rank of BYOL under FSDPResumeStrategy with the wrap policy: the
+    whole run (checkpoints after each epoch), or a new run resumed from its
+    checkpoint of epoch 1. Saves the final networks, gathered, and this
+    rank's flat shards and optimizer state."""
+    import torch.distributed as dist
+    from mmengine.runner._flexible_runner import FlexibleRunner
+
+    # What custom_imports of a config file would import (Config.fromfile
+    # imports them; this config is changed in code after loading).
+    import momentum_hook.mmengine_strategies  # noqa: F401
+
+    set_rank_environment(rank, port, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD='1')
+    dist.init_process_group('gloo', rank=rank, world_size=2)
+    try:
+        # A data worker: augmentations seeded per epoch, the same on resume.
+        cfg = distributed_byol(tmp_path, 'fsdp_resume', HOOK, workers=1)
+        cfg.strategy = dict(
+            type='momentum_hook.FSDPResumeStrategy',
+            model_wrapper=dict(
+                type='MMFullyShardedDataParallel',
+                device_id='cpu',
+                auto_wrap_policy='momentum_hook.mmpretrain.wrap_policy',
+            ),
+        )
+        if resume:
+            cfg.work_dir = str(tmp_path / 'fsdp_resumed')
+            cfg.resume = True
+            cfg.load_from = str(tmp_path / 'fsdp_resume' / 'epoch_1.pth')
+        runner = FlexibleRunner.from_cfg(cfg)
+        recorder = FSDPRecorder(MODELS['byol'][1])
+        runner.register_hook(recorder)
+        runner.train()
+        torch.save(
+            dict(
+                iter=runner.iter,
+                online=recorder.online[-1],
+                teacher=recorder.teacher[-1],
+                steps=int(unwrapped(runner).target_net.steps),
+                flat={
+                    name: param.detach().clone()
+                    for name, param in runner.model.named_parameters()
+                },
+                optimizer=runner.optim_wrapper.optimizer.state_dict()['state'],
+            ),
+            out_dir / f'rank{rank}.pth',
+        )
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_byol_fsdp_resume_is_bit_for_bit(tmp_path):
+    """FlexibleRunner with FSDPResumeStrategy and the wrap policy on 2 gloo
+    ranks: a run resumed from its checkpoint of epoch 1 ends with the
+    teacher, its ``steps``, the online network, each rank's shards and
+    optimizer state of the uninterrupted run, bit for bit."""
+    whole = launch_byol(
+        _fsdp_resume_rank, tmp_path, False, out=tmp_path / 'whole'
+    )
+    resumed = launch_byol(
+        _fsdp_resume_rank, tmp_path, True, out=tmp_path / 'resumed'
+    )
+    for straight, again in zip(whole, resumed):
+        assert straight['iter'] == again['iter'] == 4
+        assert straight['steps'] == again['steps'] == 5
+        for part in ('online', 'teacher', 'flat'):
+            assert straight[part].keys() == again[part].keys()
+            for key, value in straight[part].items():
+                assert torch.equal(value, again[part][key]), (part, key)
+        assert straight['optimizer'].keys() == again['optimizer'].keys()
+        assert straight['optimizer']
+        for index, state in straight['optimizer'].items():
+            for name, value in state.items():
+                assert torch.equal(again['optimizer'][index][name], value)
+
+
 class ZeRO3Recorder(FSDPRecorder):
     """:class:`Recorder` under DeepSpeed ZeRO-3: each parameter gathered
     alone (``gather_zero3``), the buffers as they are (not partitioned)."""
@@ -736,20 +813,22 @@ class ZeRO3Recorder(FSDPRecorder):
         return tuple(networks)
 
 
-def _zero3_rank(rank, port, tmp_path, out_dir, hook):
+def _zero3_rank(rank, port, tmp_path, out_dir, hook, threshold=0):
     from mmengine.runner._flexible_runner import FlexibleRunner
 
     init_deepspeed_rank(rank, port)
     cfg = distributed_byol(tmp_path, f'zero3_{hook}', HOOK if hook else ())
     cfg.optim_wrapper.type = 'DeepSpeedOptimWrapper'
     cfg.optim_wrapper.pop('accumulative_counts')
-    # Every parameter partitioned (the default keeps small ones whole).
+    # threshold=0: every parameter partitioned; None: DeepSpeed's default,
+    # which keeps parameters below 1e5 elements whole on every rank.
+    zero = dict(ZERO3_ON_GLOO, stage=3)
+    if threshold is not None:
+        zero['stage3_param_persistence_threshold'] = threshold
     cfg.strategy = dict(
         type='DeepSpeedStrategy',
         config=dict(zero_allow_untested_optimizer=True),
-        zero_optimization=dict(
-            ZERO3_ON_GLOO, stage=3, stage3_param_persistence_threshold=0
-        ),
+        zero_optimization=zero,
         gradient_accumulation_steps=1,
         train_micro_batch_size_per_gpu=2,
     )
@@ -766,6 +845,9 @@ def _zero3_rank(rank, port, tmp_path, out_dir, hook):
         partitioned=all(
             param.numel() == 0 for param in averaged.module.parameters()
         ),
+        persistent=all(
+            param.ds_persist for param in averaged.module.parameters()
+        ),
     )
 
 
@@ -778,6 +860,7 @@ def test_byol_in_flexible_runner_with_zero3(hook, tmp_path):
     its teacher never moves from its own random start."""
     ranks = launch_byol(_zero3_rank, tmp_path, hook)
     assert all(result['partitioned'] for result in ranks)
+    assert not any(result['persistent'] for result in ranks)
     if hook:
         assert_ranks_follow_replay(ranks, tmp_path)
         return
@@ -899,3 +982,13 @@ def test_bf16_masters_are_taken_back_only_where_they_round_to_the_teacher(
     assert "1 low-precision tensors of BYOL.target_net (first '0.conv1" in (
         message
     )
+
+
+def test_byol_in_flexible_runner_with_zero3_s_default_persistence(tmp_path):
+    """ZeRO-3 with DeepSpeed's default stage3_param_persistence_threshold:
+    the shrunk model's parameters are all below it, so DeepSpeed keeps
+    each whole on every rank (persistent) and the hook updates those
+    copies; the teacher is the replay once per optimizer step."""
+    ranks = launch_byol(_zero3_rank, tmp_path, True, None)
+    assert all(result['persistent'] for result in ranks)
+    assert_ranks_follow_replay(ranks, tmp_path)
