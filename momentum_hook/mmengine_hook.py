@@ -134,7 +134,10 @@ class MomentumUpdateHook(HookOptions, Hook):
     MoCo v2, DenseCL) is taken over (:mod:`momentum_hook.mmpretrain`): the
     schedule comes from the teacher, ``end_momentum`` and
     ``update_interval`` default to the teacher's, and the model's own
-    ``update_parameters`` calls do nothing until ``after_train``.
+    ``update_parameters`` calls do nothing until ``after_train`` (after an
+    exception, :func:`momentum_hook.mmpretrain.release` gives the method
+    back). The float32 masters of a bfloat16/float16 teacher travel in the
+    checkpoint's ``MessageHub`` (:data:`momentum_hook.mmpretrain.MASTERS_KEY`).
 
     The target follows the optimizer's real steps (``on_skipped_step=
     'hold'``, see :class:`~momentum_hook.ledger.Ledger`), read from each

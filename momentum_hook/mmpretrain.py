@@ -72,6 +72,7 @@ __all__ = [
     'wrap_policy',
     'MASTERS_KEY',
     'MasterSnapshot',
+    'release',
 ]
 
 #: The ``MessageHub`` runtime info that carries the float32 masters of a
@@ -169,6 +170,35 @@ class SkippedUpdate:
 
     def __call__(self, model):
         self.calls += 1
+
+    def __repr__(self):
+        return (
+            f'<update_parameters taken over by momentum_hook ({self.calls} '
+            'calls counted, none applied): momentum_hook.mmpretrain.release'
+            '(model) gives it back>'
+        )
+
+
+def release(model):
+    """Give every averaged teacher of ``model`` its own
+    ``update_parameters`` back.
+
+    The hook does so in ``after_train``; MMEngine calls no hook when
+    training stops with an exception, so call this before using such a
+    model without the hook.
+
+    Args:
+        model (nn.Module): The model, or a wrapper of it.
+
+    Returns:
+        list[str]: The names of the teachers given their method back.
+    """
+    released = []
+    for name, module in model.named_modules():
+        if isinstance(vars(module).get('update_parameters'), SkippedUpdate):
+            del vars(module)['update_parameters']
+            released.append(name)
+    return released
 
 
 class MasterSnapshot:

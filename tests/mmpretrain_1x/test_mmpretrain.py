@@ -992,3 +992,36 @@ def test_byol_in_flexible_runner_with_zero3_s_default_persistence(tmp_path):
     ranks = launch_byol(_zero3_rank, tmp_path, True, None)
     assert all(result['persistent'] for result in ranks)
     assert_ranks_follow_replay(ranks, tmp_path)
+
+
+def test_release_gives_update_parameters_back_after_an_exception(tmp_path):
+    """A run stopped by an exception leaves the model's update_parameters
+    taken over (MMEngine calls no after_train); ``release`` gives it back,
+    and the model's own call then updates the teacher again."""
+    from momentum_hook.mmpretrain import release
+
+    class Fail(Hook):
+        priority = 'LOWEST'
+
+        def after_train_iter(
+            self, runner, batch_idx, data_batch=None, outputs=None
+        ):
+            raise Interrupt
+
+    runner = Runner.from_cfg(shrunk_config('byol', tmp_path, 'x', hooks=HOOK))
+    runner.register_hook(Fail())
+    with pytest.raises(Interrupt):
+        runner.train()
+    model = runner.model
+    skipped = vars(model.target_net)['update_parameters']
+    assert repr(skipped).startswith(
+        '<update_parameters taken over by momentum_hook (1 calls counted'
+    )
+    assert release(model) == ['target_net']
+    assert 'update_parameters' not in vars(model.target_net)
+    assert release(model) == []
+    steps = int(model.target_net.steps)
+    model.target_net.update_parameters(
+        torch.nn.Sequential(model.backbone, model.neck)
+    )
+    assert int(model.target_net.steps) == steps + 1
