@@ -315,6 +315,11 @@ class MomentumUpdateHook(HookOptions, Hook):
             self._steps.close()
         self._steps = None
         if self._teacher is not None:
+            # A copy, not the live snapshot: MessageHub instances are global,
+            # and the snapshot would keep the model alive with them.
+            runner.message_hub.update_info(
+                MASTERS_KEY, self._teacher.master_state()
+            )
             self._teacher.release()
 
 

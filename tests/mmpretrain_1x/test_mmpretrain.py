@@ -31,7 +31,7 @@ from momentum_testing import (
     set_rank_environment,
 )
 
-from momentum_hook.mmpretrain import SkippedUpdate  # noqa: E402
+from momentum_hook.mmpretrain import MASTERS_KEY, SkippedUpdate  # noqa: E402
 
 CONFIGS = Path(mmpretrain.__file__).parent / '.mim' / 'configs'
 
@@ -299,6 +299,12 @@ def test_teacher_follows_float64_replay(name, tmp_path):
     # The model's own update ran on no call; its method is back.
     assert 'update_parameters' not in vars(averaged)
     assert int(averaged.steps) == 1 + max_iters
+    # The message hub (a global instance) keeps the masters, a float32
+    # teacher's none, not a view of the model.
+    assert runner.message_hub.get_info(MASTERS_KEY) == {
+        'teacher': f'{type(runner.model).__name__}.{attribute}',
+        'masters': {},
+    }
 
 
 def test_replay_is_mmpretrain_alone(tmp_path):
