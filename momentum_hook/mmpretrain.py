@@ -490,12 +490,7 @@ class AveragedTeacher:
                 f'multiple of {self.interval}, or remove it from the hook'
             )
         updater.end_momentum = self.end_momentum
-        _set_interval(updater, interval)
-
-
-def _set_interval(updater, interval):
-    """The updater's ``update_interval``, and its ledger's."""
-    updater.update_interval = updater.ledger.update_interval = interval
+        updater.update_interval = interval
 
 
 def teacher_of(model, updater, given, accumulation):
@@ -517,7 +512,7 @@ def teacher_of(model, updater, given, accumulation):
     """
     # The user's values, whatever an earlier run's teacher set.
     updater.end_momentum = float(given.get('end_momentum', 1.0))
-    _set_interval(updater, given.get('update_interval', 1))
+    updater.update_interval = given.get('update_interval', 1)
     if all(hasattr(model, name) for name in CONTRACT):
         return None
     found = find_teacher(model)

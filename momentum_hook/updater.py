@@ -163,9 +163,7 @@ class MomentumUpdater:
         on_skipped_step: str = 'hold',
     ) -> None:
         self.end_momentum = check_momentum(end_momentum, 'end_momentum')
-        self.update_interval = check_positive_int(
-            update_interval, 'update_interval'
-        )
+        interval = check_positive_int(update_interval, 'update_interval')
         if not isinstance(reach_end_momentum, bool):
             raise TypeError(
                 'reach_end_momentum must be a bool, got '
@@ -198,9 +196,9 @@ class MomentumUpdater:
                 f'on_skipped_step must be one of {SKIPPED_STEP_POLICIES}, '
                 f'got {on_skipped_step!r}'
             )
-        self.on_skipped_step = on_skipped_step
-        #: Which iterations update the target, and the run's counts.
-        self.ledger = Ledger(self.update_interval, on_skipped_step)
+        #: Which iterations update the target, and the run's counts; it
+        #: keeps ``update_interval`` and ``on_skipped_step`` for both.
+        self.ledger = Ledger(interval, on_skipped_step)
         #: The run's samples per update and S / base_batch_size, known from
         #: the start of the run on (None without base_batch_size).
         self.samples_per_update: int | None = None
@@ -212,6 +210,20 @@ class MomentumUpdater:
         #: declares ``schedule_offset = 1`` (an mmpretrain teacher, see
         #: :mod:`momentum_hook.mmpretrain`), read at :meth:`check_run`.
         self.schedule_offset = 0
+
+    @property
+    def update_interval(self) -> int:
+        """Iterations per target update (the ledger's)."""
+        return self.ledger.update_interval
+
+    @update_interval.setter
+    def update_interval(self, value: int) -> None:
+        self.ledger.update_interval = value
+
+    @property
+    def on_skipped_step(self) -> str:
+        """What follows a skipped optimizer step (the ledger's)."""
+        return self.ledger.on_skipped_step
 
     def check_run(self, model: Any, max_iters: int | None) -> None:
         """Check the model's contract and the run length once, before a run,
