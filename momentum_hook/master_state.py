@@ -363,43 +363,50 @@ def _dtensor_local(param, value):
 # --- Rank-local ------------------------------------------------------------
 
 
-def local_masters(target, masters):
-    """This rank's masters of ``target``'s low-precision tensors, as
-    copies, by their names in ``masters``: each as
-    :meth:`~momentum_hook.masters.TargetMasters.current` gives it. No
-    collective.
+def local_masters(targets, masters):
+    """This rank's masters of ``targets``, as float32 copies on the CPU.
 
     Args:
-        target (nn.Module): The target network, as it sits in the model.
-        masters (TargetMasters): Its masters.
+        targets (Iterable[tuple[str, Tensor]]): The rank-local low-precision
+            target tensors by their names in ``masters``
+            (:meth:`~momentum_hook.ModuleUpdatePlan.master_targets`).
+        masters (TargetMasters): Their masters.
 
     Returns:
-        dict[str, Tensor]: Empty for a float32 or float64 target.
+        dict[str, Tensor]: Each master as
+        :meth:`~momentum_hook.masters.TargetMasters.current` gives it.
     """
     return {
-        slot.name: masters.current(slot.name, slot.local).detach().clone()
-        for slot in _slots(target)
+        name: masters.current(name, tensor).detach().to('cpu', copy=True)
+        for name, tensor in targets
     }
 
 
-def load_local_masters(target, masters, saved):
+def load_local_masters(targets, masters, saved):
     """Keep, for the next update, the masters in ``saved`` (from
-    :func:`local_masters`) that round to ``target``'s tensors now.
+    :func:`local_masters`) that round to ``targets`` now.
 
-    A master that does not (saved by another rank or world size, for
-    another target, or missing) is left out: that tensor's master restarts
-    from the target's values.
+    A master that does not (saved by another rank, on another world size,
+    for another target, or missing) is left out: that tensor's master
+    restarts from the target's values.
+
+    Args:
+        targets (Iterable[tuple[str, Tensor]]): As for
+            :func:`local_masters`.
+        masters (TargetMasters): Where the kept masters go
+            (:meth:`~momentum_hook.masters.TargetMasters.load`).
+        saved (dict[str, Tensor]): The saved masters by name.
 
     Returns:
-        list[str]: The names of the low-precision tensors whose master
-        restarts, in order.
+        list[str]: The names of the target tensors whose master restarts,
+        in order.
     """
     fits, restart = {}, []
-    for slot in _slots(target):
-        value = saved.get(slot.name)
-        if value is not None and rounds_to(value, slot.local):
-            fits[slot.name] = value
+    for name, tensor in targets:
+        value = saved.get(name)
+        if value is not None and rounds_to(value, tensor):
+            fits[name] = value
         else:
-            restart.append(slot.name)
+            restart.append(name)
     masters.load(fits)
     return restart

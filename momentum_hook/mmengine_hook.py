@@ -252,14 +252,16 @@ class MomentumUpdateHook(HookOptions, Hook):
                 owner=self,
             )
         )
+        self._check_target(runner)
         hub = runner.message_hub
         if self._teacher is not None and runner.iter:
+            # After the check, which plans on every rank at once: the
+            # masters then follow the plan's own list of them.
             message = self._teacher.load_master_state(
                 hub.get_info(MASTERS_KEY)
             )
             if message:
                 runner.logger.warning(message)
-        self._check_target(runner)
         for message in (
             self.updater.resume_messages(
                 hub.get_info(RECORD_KEY),

@@ -40,11 +40,13 @@ model's state dict, as without the hook. The float32 masters of a
 float16/bfloat16 teacher (a DeepSpeed ``bf16``/``fp16`` engine) travel in
 the run's ``MessageHub``, as runtime info :data:`MASTERS_KEY` that MMEngine
 saves in every checkpoint and restores on resume: each rank's own
-(:func:`~momentum_hook.master_state.local_masters`), written by that rank
-where each rank writes its own file (DeepSpeed ZeRO-3), else by rank 0.
-A resumed teacher takes back every master that rounds to it; the others
-restart from the teacher's values, with a warning (a checkpoint from
-another number of ranks, or one saved without the hook).
+(:func:`~momentum_hook.master_state.local_masters`, buffers averaged with
+``update_buffers=True`` included), in each rank's own file where each rank
+writes one (DeepSpeed ZeRO-3, FSDP with ``state_dict_cfg='local'``), else
+rank 0's in the one file every rank reads: right for a teacher whole on
+every rank (DDP, ZeRO-1/2), not for another rank's shards. A resumed
+teacher takes back every master that rounds to it; the others restart from
+the teacher's values, with a warning that says why.
 
 This module imports neither mmengine nor mmpretrain: it recognises their
 classes by qualified name.
@@ -58,6 +60,7 @@ from torch import nn
 from .master_state import load_local_masters, local_masters
 from .masters import TargetMasters
 from .plan import ModuleUpdatePlan
+from .ranks import rank
 from .registration import qualified_name
 from .updater import CONTRACT
 from .validation import check_momentum, check_positive_int
@@ -173,8 +176,8 @@ class SkippedUpdate:
 
     def __repr__(self):
         return (
-            f'<update_parameters taken over by momentum_hook ({self.calls} '
-            'calls counted, none applied): momentum_hook.mmpretrain.release'
+            '<update_parameters taken over by momentum_hook (calls counted, '
+            f'none applied: {self.calls}); momentum_hook.mmpretrain.release'
             '(model) gives it back>'
         )
 
@@ -195,8 +198,9 @@ def release(model):
     """
     released = []
     for name, module in model.named_modules():
-        if isinstance(vars(module).get('update_parameters'), SkippedUpdate):
-            del vars(module)['update_parameters']
+        state = module.__dict__
+        if isinstance(state.get('update_parameters'), SkippedUpdate):
+            del state['update_parameters']
             released.append(name)
     return released
 
@@ -217,6 +221,10 @@ class MasterSnapshot:
 
     def __deepcopy__(self, memo):
         return self.teacher.master_state()
+
+    def __reduce__(self):
+        # Pickled as the masters, never as the model it refers to.
+        return dict, (self.teacher.master_state(),)
 
 
 class AveragedTeacher:
@@ -382,32 +390,62 @@ class AveragedTeacher:
 
     def master_state(self):
         """This rank's float32 masters of the teacher's low-precision
-        tensors, as copies, by name (empty for a float32 teacher)."""
+        tensors, as a checkpoint keeps them.
+
+        Returns:
+            dict: ``teacher`` (its label), ``rank`` (this process's rank in
+            the default process group, 0 without one) and ``masters`` (the
+            masters by name, float32 copies on the CPU; empty for a float32
+            teacher, or before the update is planned).
+        """
+        planned = self._plan is not None
+        targets = self._current_plan().master_targets() if planned else []
         return {
             'teacher': self.label,
-            'masters': local_masters(self.averaged.module, self._masters),
+            'rank': rank(),
+            'masters': local_masters(targets, self._masters),
         }
 
     def load_master_state(self, state):
-        """Take back the masters of :meth:`master_state` from a resumed
-        checkpoint (None: it holds none) that round to the teacher now.
+        """Take back, from a resumed checkpoint, the masters of
+        :meth:`master_state` that round to the teacher now; the others
+        restart from the teacher's values at the next update.
+
+        Args:
+            state (dict or None): What :meth:`master_state` returned when
+                the checkpoint was saved; None if it holds nothing.
 
         Returns:
-            str or None: A warning naming the masters that restart from the
-            teacher's values instead, or None if none does.
+            str or None: A warning naming the masters that restart and why,
+            or None if none does.
         """
-        saved = state.get('masters', {}) if isinstance(state, dict) else {}
+        saved = state if isinstance(state, dict) else {}
+        targets = self._current_plan().master_targets()
         restart = load_local_masters(
-            self.averaged.module, self._masters, saved
+            targets, self._masters, saved.get('masters', {})
         )
         if not restart:
             return None
+        saver, here = saved.get('rank', rank()), rank()
+        if not saved:
+            cause = 'it holds none (it was saved without the momentum hook)'
+        elif saver != here:
+            cause = (
+                f'it holds the masters of rank {saver}, read here on rank '
+                f'{here}: one rank wrote the checkpoint for all (e.g. '
+                "FSDPStrategy with state_dict_cfg='full'; "
+                "state_dict_cfg='local' keeps each rank's)"
+            )
+        else:
+            cause = (
+                'it was saved on another number of ranks, or for another '
+                'teacher'
+            )
         return (
-            f'momentum_hook: {len(restart)} low-precision tensors of '
-            f'{self.label} (first {restart[0]!r}) have no float32 master in '
-            'the resumed checkpoint that rounds to them (a checkpoint saved '
-            'without the momentum hook, or on another number of ranks): '
-            "their masters restart from the teacher's values, so the "
+            'momentum_hook: no float32 master in the resumed checkpoint '
+            f'rounds to {len(restart)} of the {len(targets)} low-precision '
+            f'tensors of {self.label} (first {restart[0]!r}): {cause}. '
+            "Their masters restart from the teacher's values, so the "
             'resumed teacher rounds differently from an uninterrupted run'
         )
 

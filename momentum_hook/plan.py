@@ -349,6 +349,11 @@ class ModuleUpdatePlan:
         )
         self._sizes = list(map(len, self._slots))
 
+    def master_targets(self):
+        """``(name, tensor)`` of each rank-local target tensor (parameter or
+        averaged buffer) that the update keeps a float32 master of."""
+        return list(zip(self._master_names, self._master_targets))
+
     def is_current(self):
         """Whether the plan still matches the modules (see the class doc)."""
         try:

@@ -8,19 +8,33 @@ here imports ``torch.distributed``.
 
 import sys
 
-__all__ = ['world_size', 'group_position', 'agree_across_ranks']
+__all__ = ['rank', 'world_size', 'group_position', 'agree_across_ranks']
 
 
-def world_size():
-    """The default process group's size, or 1 without one (no import)."""
+def _initialized():
+    """``torch.distributed`` if a default process group exists, else None
+    (no import)."""
     distributed = sys.modules.get('torch.distributed')
     if (
         distributed is None
         or not distributed.is_available()
         or not distributed.is_initialized()
     ):
-        return 1
-    return distributed.get_world_size()
+        return None
+    return distributed
+
+
+def world_size():
+    """The default process group's size, or 1 without one (no import)."""
+    distributed = _initialized()
+    return 1 if distributed is None else distributed.get_world_size()
+
+
+def rank():
+    """This process's rank in the default process group, or 0 without one
+    (no import)."""
+    distributed = _initialized()
+    return 0 if distributed is None else distributed.get_rank()
 
 
 def _ranks(ranks):

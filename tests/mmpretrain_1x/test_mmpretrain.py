@@ -303,6 +303,7 @@ def test_teacher_follows_float64_replay(name, tmp_path):
     # teacher's none, not a view of the model.
     assert runner.message_hub.get_info(MASTERS_KEY) == {
         'teacher': f'{type(runner.model).__name__}.{attribute}',
+        'rank': 0,
         'masters': {},
     }
 
@@ -920,16 +921,20 @@ def test_a_replaced_module_is_followed_not_its_ghost(replaced, tmp_path):
     )
 
 
+@pytest.mark.parametrize('update_buffers', [False, True])
 def test_bf16_masters_are_taken_back_only_where_they_round_to_the_teacher(
-    tmp_path,
+    update_buffers, tmp_path
 ):
-    """The float32 masters of a bfloat16 teacher, as a checkpoint's message
-    hub keeps them (a deep copy of ``MasterSnapshot``), are taken back by a
-    copy of the model whose teacher they round to: it then updates as the
-    original does, bit for bit. Without them (a checkpoint saved without
-    the hook) or for a teacher changed since, they restart from the
-    teacher's values, with a warning naming them."""
+    """The float32 masters of a bfloat16 teacher (with ``update_buffers=
+    True``, its averaged BatchNorm statistics' too), as a checkpoint's
+    message hub keeps them (a deep copy or a pickle of ``MasterSnapshot``),
+    are taken back by a copy of the model whose teacher they round to: it
+    then updates as the original does, bit for bit. Without them (a
+    checkpoint saved without the hook), from another rank, or for a
+    teacher changed since, they restart from the teacher's values, with a
+    warning that names them and why."""
     import copy
+    import pickle
 
     from mmpretrain.registry import MODELS as REGISTRY
 
@@ -941,21 +946,32 @@ def test_bf16_masters_are_taken_back_only_where_they_round_to_the_teacher(
 
     model = REGISTRY.build(shrunk_config('byol', tmp_path, 'x').model)
     model.to(torch.bfloat16)
+    model.target_net.update_buffers = update_buffers
     teacher = AveragedTeacher(model, *find_teacher(model))
     teacher.check_momentum_target()
     teacher.momentum = 0.99
 
     def step(model, teacher):
         with torch.no_grad():
-            for param in model.backbone.parameters():
-                param.add_(0.01 * torch.sin(param.float()).bfloat16())
+            online = [*model.backbone.parameters(), *model.backbone.buffers()]
+            for tensor in online:
+                if tensor.is_floating_point():
+                    tensor.add_(0.01 * torch.sin(tensor.float()).bfloat16())
         teacher.momentum_update()
 
     for _ in range(3):
         step(model, teacher)
     state = copy.deepcopy(MasterSnapshot(teacher))
+    pickled = pickle.loads(pickle.dumps(MasterSnapshot(teacher)))
+    assert pickled.keys() == state.keys()
+    assert pickled['masters'].keys() == state['masters'].keys()
+    for name, master in state['masters'].items():
+        assert torch.equal(pickled['masters'][name], master), name
     saved_model = copy.deepcopy(model)
-    assert state['teacher'] == 'BYOL.target_net' and state['masters']
+    assert state['teacher'] == 'BYOL.target_net' and state['rank'] == 0
+    masters = state['masters']
+    assert all(master.dtype == torch.float32 for master in masters.values())
+    assert ('0.bn1.running_mean' in masters) == update_buffers
     copies = []
     for saved in (state, None):
         twin = copy.deepcopy(model)
@@ -973,21 +989,38 @@ def test_bf16_masters_are_taken_back_only_where_they_round_to_the_teacher(
     for key, value in expected.items():
         assert torch.equal(resumed[key], value), key
     assert any(not torch.equal(restarted[k], v) for k, v in expected.items())
-    count = len(state['masters'])
-    assert copies[1][2].startswith(
-        f'momentum_hook: {count} low-precision tensors of BYOL.target_net '
-        "(first '0.conv1.weight') have no float32 master in the resumed "
-        'checkpoint that rounds to them'
+    count = len(masters)
+    assert copies[1][2] == (
+        'momentum_hook: no float32 master in the resumed checkpoint rounds '
+        f'to {count} of the {count} low-precision tensors of '
+        "BYOL.target_net (first '0.conv1.weight'): it holds none (it was "
+        'saved without the momentum hook). Their masters restart from the '
+        "teacher's values, so the resumed teacher rounds differently from "
+        'an uninterrupted run'
     )
+
+    def load(state, write=None):
+        twin = copy.deepcopy(saved_model)
+        if write is not None:
+            with torch.no_grad():
+                twin.get_parameter(write).add_(1.0)
+        return AveragedTeacher(twin, *find_teacher(twin)).load_master_state(
+            state
+        )
+
+    assert load(state) is None
     # A teacher written since the save rounds none of them.
-    with torch.no_grad():
-        saved_model.target_net.module[0].conv1.weight.add_(1.0)
-    message = AveragedTeacher(
-        saved_model, *find_teacher(saved_model)
-    ).load_master_state(state)
-    assert "1 low-precision tensors of BYOL.target_net (first '0.conv1" in (
-        message
-    )
+    assert (
+        f'rounds to 1 of the {count} low-precision tensors of '
+        "BYOL.target_net (first '0.conv1.weight'): it was saved on another "
+        'number of ranks, or for another teacher.'
+    ) in load(state, 'target_net.module.0.conv1.weight')
+    # Another rank's (one file written for all ranks): named as such.
+    assert (
+        'it holds the masters of rank 1, read here on rank 0: one rank '
+        'wrote the checkpoint for all (e.g. FSDPStrategy with state_dict_'
+        "cfg='full'; state_dict_cfg='local' keeps each rank's)."
+    ) in load(dict(state, rank=1), 'target_net.module.0.conv1.weight')
 
 
 def test_byol_in_flexible_runner_with_zero3_s_default_persistence(tmp_path):
@@ -1021,7 +1054,8 @@ def test_release_gives_update_parameters_back_after_an_exception(tmp_path):
     model = runner.model
     skipped = vars(model.target_net)['update_parameters']
     assert repr(skipped).startswith(
-        '<update_parameters taken over by momentum_hook (1 calls counted'
+        '<update_parameters taken over by momentum_hook (calls counted, none '
+        'applied: 1)'
     )
     assert release(model) == ['target_net']
     assert 'update_parameters' not in vars(model.target_net)

@@ -2,12 +2,13 @@
 DeepSpeed ``bf16`` engine on 2 gloo ranks, from mmpretrain's own config.
 
 With the hook, the teacher is the float64 replay of the bfloat16 online
-network to within one bfloat16 rounding (its float32 masters carry the
-small steps), and a run resumed from a checkpoint ends bit for bit equal
-to the uninterrupted one: the masters travel in the checkpoint's message
-hub, each rank's in its own file under ZeRO-3. mmpretrain alone (ZeRO-2,
-whose parameters are whole on every rank) lerps the bfloat16 teacher
-itself, and rounding leaves it away from that replay.
+network rounded to bfloat16 (its float32 masters carry the small steps),
+and a run resumed from a checkpoint ends bit for bit equal to the
+uninterrupted one: the masters travel in the checkpoint's message hub,
+each rank's in its own file under ZeRO-3, rank 0's under ZeRO-2.
+mmpretrain alone (ZeRO-2, whose parameters are whole on every rank) lerps
+the bfloat16 teacher itself, and rounding leaves it away from that
+replay.
 """
 
 from types import SimpleNamespace
@@ -142,15 +143,15 @@ def replay_distance(result, tmp_path, late=0):
     return worst, off_count / count
 
 
-def test_bf16_teacher_under_zero3_follows_replay_and_resumes_bit_for_bit(
-    tmp_path,
-):
-    """ZeRO-3, every parameter partitioned, bf16: the teacher stays within
-    one bfloat16 rounding of the float64 replay, and a run resumed at
-    epoch 1 ends with each rank's partitions and masters of the whole
-    run, bit for bit."""
-    whole = _launch(tmp_path, True, 3)
-    resumed = _launch(tmp_path, True, 3, resume=True)
+@pytest.mark.parametrize('stage', [2, 3])
+def test_bf16_teacher_follows_replay_and_resumes_bit_for_bit(stage, tmp_path):
+    """bf16 under ZeRO-2 (rank 0 writes the one checkpoint every rank
+    reads) and ZeRO-3 with every parameter partitioned (each rank its own):
+    the teacher is the float64 replay rounded to bfloat16, and a run
+    resumed at epoch 1 ends with each rank's parameters (ZeRO-3: its
+    partitions) and masters of the whole run, bit for bit."""
+    whole = _launch(tmp_path, True, stage)
+    resumed = _launch(tmp_path, True, stage, resume=True)
     for rank, (straight, again) in enumerate(zip(whole, resumed)):
         assert straight['dtype'] == BF16
         assert straight['iter'] == again['iter'] == 4
