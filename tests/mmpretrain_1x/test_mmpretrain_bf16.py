@@ -6,9 +6,9 @@ network rounded to bfloat16 (its float32 masters carry the small steps),
 and a run resumed from a checkpoint ends bit for bit equal to the
 uninterrupted one: the masters travel in the checkpoint's message hub,
 each rank's in its own file under ZeRO-3, rank 0's under ZeRO-2.
-mmpretrain alone (ZeRO-2, whose parameters are whole on every rank) lerps
-the bfloat16 teacher itself, and rounding leaves it away from that
-replay.
+mmpretrain alone (ZeRO-2, whose parameters are whole on every rank)
+averages the bfloat16 teacher in bfloat16, and rounding leaves it away
+from that replay.
 """
 
 from types import SimpleNamespace
@@ -173,7 +173,7 @@ def test_mmpretrain_alone_leaves_a_bf16_teacher_off_the_replay(
     stage, tmp_path
 ):
     """bf16 without the hook: under ZeRO-2 (whole parameters on each rank)
-    mmpretrain lerps the bfloat16 teacher itself, and rounding leaves it
+    mmpretrain averages the bfloat16 teacher itself, and rounding leaves it
     further from the float64 replay than one rounding; under ZeRO-3 it
     averages 0-element placeholders, as in float32, and the teacher stays
     at its random start. With the hook, within one rounding under both."""
