@@ -21,6 +21,7 @@ from .ledger import (
     check_one_momentum_hook,
 )
 from .mmpretrain import MASTERS_KEY, MasterSnapshot, teacher_of
+from .ranks import agree_across_ranks
 from .registration import register_hook_class
 from .updater import LOG_KEY, HookOptions
 from .wrappers import loaded, unwrap, wrapper_chain
@@ -235,6 +236,23 @@ class MomentumUpdateHook(HookOptions, Hook):
         ):
             check_zero_config(config)
 
+    def _resume_masters(self, runner):
+        """Take back the teacher's masters from the resumed checkpoint's
+        message hub, after the check (which plans on every rank at once)
+        so that they follow the plan's own list; every rank's warning is
+        logged on rank 0, whose log the run shows (a collective)."""
+        teacher, state = (
+            self._teacher,
+            runner.message_hub.get_info(MASTERS_KEY),
+        )
+        _, messages = agree_across_ranks(
+            lambda: None, lambda: teacher.load_master_state(state)
+        )
+        for index, message in enumerate(messages):
+            if message:
+                prefix = f'rank {index}: ' if len(messages) > 1 else ''
+                runner.logger.warning(prefix + message)
+
     def before_train(self, runner):
         self._check_strategy(runner)
         check_one_momentum_hook(runner.hooks, MomentumUpdateHook)
@@ -255,13 +273,7 @@ class MomentumUpdateHook(HookOptions, Hook):
         self._check_target(runner)
         hub = runner.message_hub
         if self._teacher is not None and runner.iter:
-            # After the check, which plans on every rank at once: the
-            # masters then follow the plan's own list of them.
-            message = self._teacher.load_master_state(
-                hub.get_info(MASTERS_KEY)
-            )
-            if message:
-                runner.logger.warning(message)
+            self._resume_masters(runner)
         for message in (
             self.updater.resume_messages(
                 hub.get_info(RECORD_KEY),

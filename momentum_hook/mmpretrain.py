@@ -54,6 +54,7 @@ classes by qualified name.
 
 import math
 import operator
+import weakref
 
 from torch import nn
 
@@ -217,14 +218,25 @@ class MasterSnapshot:
     """
 
     def __init__(self, teacher):
-        self.teacher = teacher
+        # A weak reference: MessageHub instances are global, and a run
+        # stopped by an exception never replaces this value.
+        self._teacher = weakref.ref(teacher)
+        self._label = teacher.label
+
+    def master_state(self):
+        """The teacher's :meth:`AveragedTeacher.master_state`; without
+        masters once the teacher is gone."""
+        teacher = self._teacher()
+        if teacher is None:
+            return {'teacher': self._label, 'rank': rank(), 'masters': {}}
+        return teacher.master_state()
 
     def __deepcopy__(self, memo):
-        return self.teacher.master_state()
+        return self.master_state()
 
     def __reduce__(self):
         # Pickled as the masters, never as the model it refers to.
-        return dict, (self.teacher.master_state(),)
+        return dict, (self.master_state(),)
 
 
 class AveragedTeacher:
@@ -398,8 +410,11 @@ class AveragedTeacher:
             masters by name, float32 copies on the CPU; empty for a float32
             teacher, or before the update is planned).
         """
-        planned = self._plan is not None
-        targets = self._current_plan().master_targets() if planned else []
+        # The plan as it is, not a new one: a checkpoint may be saved on
+        # one rank alone, and the update after each optimizer step keeps
+        # the plan current.
+        plan = self._plan
+        targets = [] if plan is None else plan.master_targets()
         return {
             'teacher': self.label,
             'rank': rank(),
@@ -431,9 +446,9 @@ class AveragedTeacher:
             cause = 'it holds none (it was saved without the momentum hook)'
         elif saver != here:
             cause = (
-                f'it holds the masters of rank {saver}, read here on rank '
-                f'{here}: one rank wrote the checkpoint for all (e.g. '
-                "FSDPStrategy with state_dict_cfg='full'; "
+                f"it holds rank {saver}'s masters, read on rank {here} (one "
+                'file written for all ranks by one of them, e.g. by '
+                "FSDPStrategy with state_dict_cfg='full': "
                 "state_dict_cfg='local' keeps each rank's)"
             )
         else:

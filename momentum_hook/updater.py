@@ -218,7 +218,9 @@ class MomentumUpdater:
 
     @update_interval.setter
     def update_interval(self, value: int) -> None:
-        self.ledger.update_interval = value
+        self.ledger.update_interval = check_positive_int(
+            value, 'update_interval'
+        )
 
     @property
     def on_skipped_step(self) -> str:

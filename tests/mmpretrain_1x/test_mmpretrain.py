@@ -934,6 +934,7 @@ def test_bf16_masters_are_taken_back_only_where_they_round_to_the_teacher(
     teacher changed since, they restart from the teacher's values, with a
     warning that names them and why."""
     import copy
+    import gc
     import pickle
 
     from mmpretrain.registry import MODELS as REGISTRY
@@ -976,8 +977,15 @@ def test_bf16_masters_are_taken_back_only_where_they_round_to_the_teacher(
     for saved in (state, None):
         twin = copy.deepcopy(model)
         twin_teacher = AveragedTeacher(twin, *find_teacher(twin))
+        # The hook's order: the plan (no copy: steps > 0), then the load.
+        twin_teacher.check_momentum_target()
         message = twin_teacher.load_master_state(saved)
         copies.append((twin, twin_teacher, message))
+    # A checkpoint saved before the next update holds the loaded masters.
+    again = copies[0][1].master_state()['masters']
+    assert again.keys() == masters.keys()
+    for name, master in masters.items():
+        assert torch.equal(again[name], master), name
     for _ in range(3):
         for twin, twin_teacher, _ in [(model, teacher, None), *copies]:
             step(twin, twin_teacher)
@@ -1004,9 +1012,9 @@ def test_bf16_masters_are_taken_back_only_where_they_round_to_the_teacher(
         if write is not None:
             with torch.no_grad():
                 twin.get_parameter(write).add_(1.0)
-        return AveragedTeacher(twin, *find_teacher(twin)).load_master_state(
-            state
-        )
+        twin_teacher = AveragedTeacher(twin, *find_teacher(twin))
+        twin_teacher.check_momentum_target()
+        return twin_teacher.load_master_state(state)
 
     assert load(state) is None
     # A teacher written since the save rounds none of them.
@@ -1017,10 +1025,19 @@ def test_bf16_masters_are_taken_back_only_where_they_round_to_the_teacher(
     ) in load(state, 'target_net.module.0.conv1.weight')
     # Another rank's (one file written for all ranks): named as such.
     assert (
-        'it holds the masters of rank 1, read here on rank 0: one rank '
-        'wrote the checkpoint for all (e.g. FSDPStrategy with state_dict_'
-        "cfg='full'; state_dict_cfg='local' keeps each rank's)."
+        "it holds rank 1's masters, read on rank 0 (one file written for "
+        'all ranks by one of them, e.g. by FSDPStrategy with state_dict_'
+        "cfg='full': state_dict_cfg='local' keeps each rank's)."
     ) in load(dict(state, rank=1), 'target_net.module.0.conv1.weight')
+    # The message hub's value holds the teacher weakly: once the teacher
+    # is gone, it holds no masters (and keeps no model alive).
+    snapshot = MasterSnapshot(AveragedTeacher(model, *find_teacher(model)))
+    gc.collect()
+    assert copy.deepcopy(snapshot) == {
+        'teacher': 'BYOL.target_net',
+        'rank': 0,
+        'masters': {},
+    }
 
 
 def test_byol_in_flexible_runner_with_zero3_s_default_persistence(tmp_path):

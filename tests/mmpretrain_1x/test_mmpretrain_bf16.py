@@ -19,6 +19,7 @@ import torch
 pytest.importorskip('mmpretrain')
 pytest.importorskip('deepspeed')
 
+from mmengine.hooks import Hook  # noqa: E402
 from test_mmpretrain import (  # noqa: E402
     HOOK,
     MODELS,
@@ -47,7 +48,8 @@ BF16 = torch.bfloat16
 def _bf16_rank(rank, port, tmp_path, out_dir, hook, stage, resume):
     """One rank of a bf16 BYOL run: the whole run (``resume`` False,
     saving a checkpoint after each epoch), or a new run resumed from the
-    whole run's checkpoint of epoch 1."""
+    whole run's checkpoint of epoch 1 (``'without_rank_1'``: rank 1 finds
+    no masters in it)."""
     from mmengine.runner._flexible_runner import FlexibleRunner
 
     init_deepspeed_rank(rank, port)
@@ -73,12 +75,14 @@ def _bf16_rank(rank, port, tmp_path, out_dir, hook, stage, resume):
         train_micro_batch_size_per_gpu=2,
     )
     if resume:
-        cfg.work_dir = str(tmp_path / f'{work}_resumed')
+        cfg.work_dir = str(tmp_path / f'{work}_resumed_{resume}')
         cfg.resume = True
         cfg.load_from = str(tmp_path / work / 'epoch_1.pth')
     runner = FlexibleRunner.from_cfg(cfg)
     recorder = ZeRO3Recorder(MODELS['byol'][1])
     runner.register_hook(recorder)
+    if resume == 'without_rank_1' and rank == 1:
+        runner.register_hook(DropMasters(), priority='HIGHEST')
     runner.train()
     model = runner.model.model.module
     local = {
@@ -104,8 +108,16 @@ def _bf16_rank(rank, port, tmp_path, out_dir, hook, stage, resume):
     )
 
 
+class DropMasters(Hook):
+    """Before the momentum hook: the resumed message hub holds no masters
+    (as a checkpoint saved without the hook)."""
+
+    def before_train(self, runner):
+        runner.message_hub.pop_info(MASTERS_KEY)
+
+
 def _launch(tmp_path, hook, stage, resume=False):
-    out = tmp_path / f'out_{hook}_{stage}_{int(resume)}'
+    out = tmp_path / f'out_{hook}_{stage}_{resume}'
     return launch_byol(_bf16_rank, tmp_path, hook, stage, resume, out=out)
 
 
@@ -166,6 +178,20 @@ def test_bf16_teacher_follows_replay_and_resumes_bit_for_bit(stage, tmp_path):
         assert straight['local'].keys() == again['local'].keys()
         for name, value in straight['local'].items():
             assert torch.equal(value, again['local'][name]), (rank, name)
+    if stage == 2:
+        return
+    # Rank 1 finds no masters: rank 0's log says so for it.
+    _launch(tmp_path, True, stage, resume='without_rank_1')
+    log = next(
+        (tmp_path / 'bf16_3_True_resumed_without_rank_1').glob('*/*.log')
+    ).read_text()
+    count = len(whole[1]['masters']['masters'])
+    assert (
+        'rank 1: momentum_hook: no float32 master in the resumed checkpoint '
+        f'rounds to {count} of the {count} low-precision tensors of '
+        "BYOL.target_net (first '0.conv1.weight'): it holds none"
+    ) in log
+    assert 'rank 0: momentum_hook' not in log
 
 
 @pytest.mark.parametrize('stage', [2, 3])
