@@ -31,6 +31,7 @@ from torch import nn
 
 from ._compat import deepspeed as ds
 from .master_state import MASTER_KEY
+from .ranks import rank
 from .wrappers import loaded as _loaded
 from .wrappers import unwrap
 
@@ -45,15 +46,6 @@ def _user_model(model):
     )
 
 
-def _rank():
-    distributed = torch.distributed
-    return (
-        distributed.get_rank()
-        if distributed.is_available() and distributed.is_initialized()
-        else 0
-    )
-
-
 def _zero3_state_dict(model, keep):
     """Rank 0's CPU copy of ``model``'s state dict, ZeRO-3 parameters
     gathered one by one; only the keys for which ``keep(key)`` holds.
@@ -62,15 +54,15 @@ def _zero3_state_dict(model, keep):
     each rank's are its partitions, which travel in its own checkpoint
     file, not whole tensors.
     """
-    state, rank = {}, _rank()
+    state, first = {}, rank() == 0
     for key, value in model.state_dict(keep_vars=True).items():
         if not keep(key) or MASTER_KEY in key:
             continue
         if ds.is_zero3_param(value):
             with ds.gathered_parameters([value]):
-                if rank == 0:
+                if first:
                     state[key] = value.detach().cpu().clone()
-        elif rank == 0:
+        elif first:
             state[key] = value.detach().cpu().clone()
     return state
 
@@ -128,7 +120,7 @@ def full_state_dict(
             for key, value in state.items()
             if keep(key)
         }
-        if _rank() == 0
+        if rank() == 0
         else {}
     )
 
@@ -168,7 +160,7 @@ def export_target(
         ) from None
     prefix = f'{target}.'
     state = full_state_dict(model, prefix)
-    if _rank() != 0:
+    if rank() != 0:
         return None
     state = {key[len(prefix) :]: value for key, value in state.items()}
     torch.save(state, path)
