@@ -215,10 +215,16 @@ def unwrapped(runner):
     return getattr(runner.model, 'module', runner.model)
 
 
-def train(cfg, attribute):
-    runner = Runner.from_cfg(cfg)
-    recorder = Recorder(attribute)
-    runner.register_hook(recorder)
+def train(
+    cfg, attribute, runner_type=Runner, recorder_type=Recorder, hooks=()
+):
+    """Build ``runner_type`` from ``cfg`` with a ``recorder_type`` of the
+    teacher ``attribute`` and ``hooks``, and train it; the runner and the
+    recorder."""
+    runner = runner_type.from_cfg(cfg)
+    recorder = recorder_type(attribute)
+    for hook in (recorder, *hooks):
+        runner.register_hook(hook)
     runner.train()
     return runner, recorder
 
@@ -353,11 +359,7 @@ def test_accumulation_updates_once_per_optimizer_step(tmp_path):
                 skipped.calls if isinstance(skipped, SkippedUpdate) else None
             )
 
-    runner = Runner.from_cfg(cfg)
-    recorder = Recorder(attribute)
-    runner.register_hook(recorder)
-    runner.register_hook(CountCalls())
-    runner.train()
+    runner, recorder = train(cfg, attribute, hooks=[CountCalls()])
     averaged = getattr(runner.model, attribute)
     params = [key for key, _ in averaged.module.named_parameters()]
     assert runner.max_iters == 8
@@ -475,6 +477,28 @@ def distributed_byol(tmp_path, work, hooks, workers=0):
     return cfg
 
 
+def deepspeed_byol(
+    tmp_path, work, hooks, zero_optimization, workers=0, config=(), **strategy
+):
+    """:func:`distributed_byol` for ``FlexibleRunner`` with
+    ``DeepSpeedStrategy``: its optimizer wrapper, 2 images per rank and
+    step, ``zero_optimization`` (with what ZeRO-3 needs on gloo); ``config``
+    adds to DeepSpeed's config, ``strategy`` to the strategy's
+    arguments."""
+    cfg = distributed_byol(tmp_path, work, hooks, workers=workers)
+    cfg.optim_wrapper.type = 'DeepSpeedOptimWrapper'
+    cfg.optim_wrapper.pop('accumulative_counts')
+    cfg.strategy = dict(
+        type='DeepSpeedStrategy',
+        config=dict(zero_allow_untested_optimizer=True, **dict(config)),
+        zero_optimization=dict(ZERO3_ON_GLOO, **zero_optimization),
+        gradient_accumulation_steps=1,
+        train_micro_batch_size_per_gpu=2,
+        **strategy,
+    )
+    return cfg
+
+
 def launch_byol(rank_function, tmp_path, *args, out=None):
     """``rank_function(rank, port, tmp_path, out_dir, *args)`` on 2 spawned
     ranks; what each saved (in ``out``, by default ``tmp_path / 'out'``)."""
@@ -543,10 +567,7 @@ def _ddp_rank(rank, port, tmp_path, out_dir):
             device_ids=None,
             broadcast_buffers=False,
         )
-        runner = Runner.from_cfg(cfg)
-        recorder = Recorder(MODELS['byol'][1])
-        runner.register_hook(recorder)
-        runner.train()
+        runner, recorder = train(cfg, MODELS['byol'][1])
         save_record(
             runner,
             recorder,
@@ -680,10 +701,9 @@ def _fsdp_rank(rank, port, tmp_path, out_dir):
                 auto_wrap_policy='momentum_hook.mmpretrain.wrap_policy',
             ),
         )
-        runner = FlexibleRunner.from_cfg(cfg)
-        recorder = FSDPRecorder(MODELS['byol'][1])
-        runner.register_hook(recorder)
-        runner.train()
+        runner, recorder = train(
+            cfg, MODELS['byol'][1], FlexibleRunner, FSDPRecorder
+        )
         save_record(
             runner,
             recorder,
@@ -747,10 +767,9 @@ def _fsdp_resume_rank(rank, port, tmp_path, out_dir, resume):
             cfg.work_dir = str(tmp_path / 'fsdp_resumed')
             cfg.resume = True
             cfg.load_from = str(tmp_path / 'fsdp_resume' / 'epoch_1.pth')
-        runner = FlexibleRunner.from_cfg(cfg)
-        recorder = FSDPRecorder(MODELS['byol'][1])
-        runner.register_hook(recorder)
-        runner.train()
+        runner, recorder = train(
+            cfg, MODELS['byol'][1], FlexibleRunner, FSDPRecorder
+        )
         torch.save(
             dict(
                 iter=runner.iter,
@@ -824,25 +843,15 @@ def _zero3_rank(rank, port, tmp_path, out_dir, hook, threshold=0):
     from mmengine.runner._flexible_runner import FlexibleRunner
 
     init_deepspeed_rank(rank, port)
-    cfg = distributed_byol(tmp_path, f'zero3_{hook}', HOOK if hook else ())
-    cfg.optim_wrapper.type = 'DeepSpeedOptimWrapper'
-    cfg.optim_wrapper.pop('accumulative_counts')
     # threshold=0: every parameter partitioned; None: DeepSpeed's default,
     # which keeps parameters below 1e5 elements whole on every rank.
-    zero = dict(ZERO3_ON_GLOO, stage=3)
+    zero = dict(stage=3)
     if threshold is not None:
         zero['stage3_param_persistence_threshold'] = threshold
-    cfg.strategy = dict(
-        type='DeepSpeedStrategy',
-        config=dict(zero_allow_untested_optimizer=True),
-        zero_optimization=zero,
-        gradient_accumulation_steps=1,
-        train_micro_batch_size_per_gpu=2,
+    cfg = deepspeed_byol(tmp_path, f'zero3_{hook}', HOOK if hook else (), zero)
+    runner, recorder = train(
+        cfg, MODELS['byol'][1], FlexibleRunner, ZeRO3Recorder
     )
-    runner = FlexibleRunner.from_cfg(cfg)
-    recorder = ZeRO3Recorder(MODELS['byol'][1])
-    runner.register_hook(recorder)
-    runner.train()
     averaged = runner.model.model.module.target_net
     save_record(
         runner,

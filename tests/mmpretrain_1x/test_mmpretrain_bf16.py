@@ -23,14 +23,15 @@ from mmengine.hooks import Hook  # noqa: E402
 from test_mmpretrain import (  # noqa: E402
     HOOK,
     MODELS,
-    ZERO3_ON_GLOO,
     ZeRO3Recorder,
     _momenta,
-    distributed_byol,
+    deepspeed_byol,
     init_deepspeed_rank,
     launch_byol,
     replay,
+    save_record,
     shrunk_config,
+    train,
 )
 
 from momentum_hook.mmpretrain import MASTERS_KEY  # noqa: E402
@@ -54,63 +55,54 @@ def _bf16_rank(rank, port, tmp_path, out_dir, hook, stage, resume):
 
     init_deepspeed_rank(rank, port)
     work = f'bf16_{stage}_{hook}'
-    # A data worker: augmentations seeded per epoch, the same on resume.
-    cfg = distributed_byol(tmp_path, work, HOOK if hook else (), workers=1)
-    cfg.optim_wrapper.type = 'DeepSpeedOptimWrapper'
-    cfg.optim_wrapper.pop('accumulative_counts')
-    cfg.strategy = dict(
-        type='DeepSpeedStrategy',
+    cfg = deepspeed_byol(
+        tmp_path,
+        work,
+        HOOK if hook else (),
+        dict(stage=stage, stage3_param_persistence_threshold=0),
+        # A data worker: augmentations seeded per epoch, the same on resume.
+        workers=1,
         # DeepSpeed 0.19.6 keeps buffers in float32 unless told, and
         # BatchNorm needs its running statistics in the input's dtype.
-        config=dict(
-            zero_allow_untested_optimizer=True,
-            data_types=dict(buffer_dtype='bf16'),
-        ),
+        config=dict(data_types=dict(buffer_dtype='bf16')),
         bf16=dict(enabled=True),
         inputs_to_half=['inputs'],
-        zero_optimization=dict(
-            ZERO3_ON_GLOO, stage=stage, stage3_param_persistence_threshold=0
-        ),
-        gradient_accumulation_steps=1,
-        train_micro_batch_size_per_gpu=2,
     )
     if resume:
         cfg.work_dir = str(tmp_path / f'{work}_resumed_{resume}')
         cfg.resume = True
         cfg.load_from = str(tmp_path / work / 'epoch_1.pth')
-    runner = FlexibleRunner.from_cfg(cfg)
-    recorder = ZeRO3Recorder(MODELS['byol'][1])
-    runner.register_hook(recorder)
-    if resume == 'without_rank_1' and rank == 1:
-        runner.register_hook(DropMasters(), priority='HIGHEST')
-    runner.train()
+    drop = resume == 'without_rank_1' and rank == 1
+    runner, recorder = train(
+        cfg,
+        MODELS['byol'][1],
+        FlexibleRunner,
+        ZeRO3Recorder,
+        [DropMasters()] if drop else [],
+    )
     model = runner.model.model.module
-    local = {
-        name: getattr(param, 'ds_tensor', param).detach().clone()
-        for name, param in model.named_parameters()
-    }
-    masters = runner.message_hub.state_dict()['runtime_info'].get(MASTERS_KEY)
-    torch.save(
-        dict(
-            start=recorder.start,
-            online=recorder.online,
-            teacher=recorder.teacher,
-            params=[
-                key for key, _ in model.target_net.module.named_parameters()
-            ],
-            dtype=model.target_net.module[0].conv1.weight.dtype,
-            local=local,
-            masters=masters,
-            steps=int(model.target_net.steps),
-            iter=runner.iter,
-        ),
+    save_record(
+        runner,
+        recorder,
+        model.target_net,
         out_dir / f'rank{rank}.pth',
+        dtype=model.target_net.module[0].conv1.weight.dtype,
+        local={
+            name: getattr(param, 'ds_tensor', param).detach().clone()
+            for name, param in model.named_parameters()
+        },
+        masters=runner.message_hub.state_dict()['runtime_info'].get(
+            MASTERS_KEY
+        ),
+        iter=runner.iter,
     )
 
 
 class DropMasters(Hook):
     """Before the momentum hook: the resumed message hub holds no masters
     (as a checkpoint saved without the hook)."""
+
+    priority = 'HIGHEST'
 
     def before_train(self, runner):
         runner.message_hub.pop_info(MASTERS_KEY)
